@@ -1,0 +1,48 @@
+"""exgra-jax: ExGra-Med (multi-graph alignment for medical VLMs) in JAX/Flax.
+
+Version ranges are the ones this project is tested with; see README "Dependencies"
+for why some are pinned exactly.
+"""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10,<0.11",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.12,<0.13",
+    "grain==0.2.18",            # iterator-state format is saved in our checkpoints
+    "array_record>=0.8",
+    "clu==0.0.12",              # metric writers; needs tensorflow-cpu + tensorboard
+    "tensorflow-cpu>=2.18",
+    "tensorboard>=2.18",
+    "ml-collections>=1.0",
+    "jraph==0.0.6.dev0",        # only GraphsTuple + segment ops are used (see README)
+    "transformers>=5,<6",       # configs, tokenizers, HF layout; torch not needed at run time
+    "tokenizers>=0.21",
+    "tensorflow-datasets>=4.9",
+    "safetensors>=0.4",
+    "numpy>=1.26",
+    "scipy>=1.11",
+    "numba>=0.60",
+    "pillow>=10",
+    "pydicom>=3.0",
+    "nltk>=3.8",
+    "absl-py>=2.0",
+    "etils[epath]>=1.7",
+]
+
+setup(
+    name="exgra_jax",
+    version="0.1.0",
+    description="ExGra-Med: extended-context multi-graph alignment for medical VLMs, in JAX/Flax",
+    packages=find_packages(include=["exgra_jax", "exgra_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "cuda": ["jax[cuda12]>=0.10,<0.11"],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
+        # torch is the reference implementation in parity tests only; 2.13.0 is the
+        # CPU build available offline on the project machines.
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "pygmtools>=0.5"],
+    },
+)
