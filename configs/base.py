@@ -120,8 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.data = -1                  # data-parallel axis size (-1 = fill with devices)
   c.mesh.fsdp = 1                   # fully-sharded data-parallel axis size
   c.mesh.tensor = 1                 # tensor-parallel axis size
-  # logical axis name -> mesh axes (MaxText vocabulary); None = replicated.
-  c.logical_axis_rules = (
+  c.logical_axis_rules = (  # logical axis -> mesh axes (MaxText vocabulary); None = replicated
       ("batch", ("data", "fsdp")),
       ("length", None),
       ("embed", "fsdp"),

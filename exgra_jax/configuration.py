@@ -1,0 +1,304 @@
+"""Loading, overriding and validating configs (the `--config=FILE[:ARG]` flag).
+
+Config files live in `configs/` and import their siblings as `configs.<name>`; the loader
+puts the folder above the config file's folder on `sys.path` so that this works from any
+working directory and for every tool, not only `python -m` from the repository root.
+
+Validation happens once, at start-up, and reports *every* problem in one error:
+unknown keys and wrong types are caught by the locked ConfigDict while the overrides are
+parsed (the message names the closest valid keys); `validate` then checks allowed values
+and the relations between fields (batch vs. mesh divisibility, connector vs. projector
+widths, head counts, lengths) and explains each failure.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+
+CHOICES = {
+    "model.connector": ("none", "dci", "sci", "sti"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "align.imle_noise": ("gumbel", "sum_of_gamma", "none"),
+    "align.grouping": ("per_device", "fixed", "global"),
+    "align.text_pool": ("masked", "padded"),
+    "data.label_mode": ("per_turn", "release"),
+    "data.demo_world": ("", "small", "medium"),
+    "optim.schedule": ("cosine", "constant"),
+    "eval.template": ("simple", "train", "none"),
+    "export.layout": ("llava", "release"),
+}
+STAGE_CHOICES = {
+    "trainable": ("projector_and_new_tokens", "all_but_vision"),
+}
+STAGE_NAMES = ("stage1", "stage2", "finetune")
+MESH_AXES = ("data", "fsdp", "tensor")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+_PROJECTOR = re.compile(r"^(linear|identity|mlp(\d+)x_gelu)$")
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message lists every problem found."""
+
+
+def closest(name: str, options: Sequence[str]) -> str:
+  """'did you mean' text for an unknown `name` among `options`."""
+  near = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
+  return f"did you mean {', '.join(repr(n) for n in near)}?" if near else (
+      f"valid: {', '.join(sorted(options))}")
+
+
+def _add_config_root_to_path(argv: Sequence[str]) -> None:
+  """Lets `configs/x.py` import `configs.base` wherever the program was started."""
+  for arg in argv:
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]
+      root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+      if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def define_config_flag(name: str = "config") -> flags.FlagHolder:
+  """Defines `--config=FILE[:ARG]` with `--config.a.b=value` overrides (locked config)."""
+  _add_config_root_to_path(sys.argv)
+  return config_flags.DEFINE_config_file(
+      name, None, "Config file, e.g. configs/demo.py or configs/pmc10.py:stage2.",
+      lock_config=True)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl `flags_parser` that turns override mistakes into one readable error and exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _exit_usage(str(e))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ConfigDict raises these for unknown keys (with "Did you mean") and wrong types.
+    _exit_usage(f"invalid config override: {_unwrap(e)}")
+
+
+def _unwrap(e: BaseException) -> str:
+  text = str(e)
+  while text[:1] in "'\"" and text[-1:] == text[:1]:
+    text = text[1:-1].encode().decode("unicode_escape")
+  return text
+
+
+def _exit_usage(message: str) -> None:
+  sys.stderr.write(f"error: {message}\n")
+  sys.exit(2)
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `FILE[:ARG]` and applies `a.b=value` overrides exactly as the command line does.
+
+  For programs and tests that do not go through absl's global flags.
+  """
+  fv = flags.FlagValues()
+  _add_config_root_to_path([f"--config={spec}"])
+  argv = ["exgra_jax", f"--config={spec}"] + [f"--config.{o}" for o in overrides]
+  saved = sys.argv
+  sys.argv = argv  # config_flags decides which override flags exist from sys.argv.
+  try:
+    holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
+                                             lock_config=True)
+    fv(argv)
+  finally:
+    sys.argv = saved
+  return holder.value
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def projector_input_width(model: ml_collections.ConfigDict) -> int:
+  """Channels entering the projector: 3x the ViT width for dci / sci, else the ViT width."""
+  width = model.vision.hidden_size
+  return 3 * width if model.connector in ("dci", "sci") else width
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """Mesh axis sizes with a single -1 filled in from the device count."""
+  sizes = {a: int(config.mesh[a]) for a in MESH_AXES}
+  unknown = [a for a, s in sizes.items() if s == -1]
+  if len(unknown) > 1:
+    raise ConfigError(f"mesh: at most one axis may be -1, got {unknown}")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if any(s == 0 or s < -1 for s in sizes.values()):
+    raise ConfigError(f"mesh: axis sizes must be positive or -1, got {sizes}")
+  if unknown:
+    if num_devices % known:
+      raise ConfigError(f"mesh: {num_devices} devices do not divide by the fixed axes "
+                        f"{ {a: s for a, s in sizes.items() if s != -1} }")
+    sizes[unknown[0]] = num_devices // known
+  if math.prod(sizes.values()) != num_devices:
+    raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, "
+                      f"have {num_devices}")
+  return sizes
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+             mode: str = "train") -> None:
+  """Raises ConfigError listing every inconsistency of a resolved config."""
+  problems: list[str] = []
+  for key, allowed in CHOICES.items():
+    value = _get(config, key)
+    if value not in allowed:
+      problems.append(f"{key}={value!r} is not one of {allowed} ({closest(str(value), allowed)})")
+  problems += _model_problems(config.model)
+  problems += _stage_problems(config, num_devices)
+  problems += _data_problems(config)
+  if mode == "train" and not config.init.random and not (
+      config.init.hf_dir or config.init.checkpoint or
+      (config.init.llm_dir and config.init.clip_dir) or
+      any(config[s].init_from for s in config.stages)):
+    problems.append("init: no weights given: set init.hf_dir, init.checkpoint or "
+                    "init.llm_dir + init.clip_dir (or init.random=True for a random model)")
+  if problems:
+    raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _model_problems(m: ml_collections.ConfigDict) -> list[str]:
+  out = []
+  v, l = m.vision, m.llm
+  if v.image_size % v.patch_size:
+    out.append(f"model.vision.image_size={v.image_size} is not a multiple of "
+               f"patch_size={v.patch_size}")
+  if v.hidden_size % v.num_heads:
+    out.append(f"model.vision.hidden_size={v.hidden_size} does not divide into "
+               f"num_heads={v.num_heads}")
+  if not -v.num_layers <= v.select_layer <= v.num_layers:
+    out.append(f"model.vision.select_layer={v.select_layer} outside the "
+               f"{v.num_layers + 1} hidden states")
+  if m.connector in ("sci", "sti") and any(
+      not 0 <= i <= v.num_layers for i in m.connector_layers):
+    out.append(f"model.connector_layers={tuple(m.connector_layers)} outside hidden states "
+               f"0..{v.num_layers} of the vision tower")
+  if m.connector == "sti":
+    tokens = (v.image_size // v.patch_size) ** 2
+    if tokens % 8:
+      out.append(f"model.connector='sti' pools 8 tokens at a time; {tokens} image tokens "
+                 "do not divide by 8")
+  if l.num_heads % l.num_kv_heads:
+    out.append(f"model.llm.num_heads={l.num_heads} is not a multiple of "
+               f"num_kv_heads={l.num_kv_heads}")
+  if not l.head_dim and l.hidden_size % l.num_heads:
+    out.append(f"model.llm.hidden_size={l.hidden_size} does not divide into "
+               f"num_heads={l.num_heads} (set model.llm.head_dim)")
+  match = _PROJECTOR.match(m.projector)
+  if not match:
+    out.append(f"model.projector={m.projector!r}: expected linear, identity or mlpNx_gelu")
+  elif m.projector == "identity" and projector_input_width(m) != l.hidden_size:
+    out.append(f"model.projector='identity' needs the connector width "
+               f"({projector_input_width(m)} with connector={m.connector!r}) to equal "
+               f"model.llm.hidden_size={l.hidden_size}")
+  if l.rope_scaling:
+    try:
+      scaling = json.loads(l.rope_scaling)
+      kind = scaling.get("rope_type", scaling.get("type"))
+      if kind not in ROPE_TYPES:
+        out.append(f"model.llm.rope_scaling type {kind!r} is not one of {ROPE_TYPES}")
+    except (json.JSONDecodeError, AttributeError):
+      out.append(f"model.llm.rope_scaling={l.rope_scaling!r} is not a JSON object")
+  return out
+
+
+def _stage_problems(config: ml_collections.ConfigDict, num_devices: int | None) -> list[str]:
+  out = []
+  for name in config.stages:
+    if name not in STAGE_NAMES:
+      out.append(f"stages: {name!r} is not a stage ({closest(name, STAGE_NAMES)})")
+  mesh = None
+  if num_devices is not None:
+    try:
+      mesh = mesh_shape(config, num_devices)
+    except ConfigError as e:
+      out.append(str(e))
+  for name in STAGE_NAMES:
+    s = config[name]
+    for key, allowed in STAGE_CHOICES.items():
+      if s[key] not in allowed:
+        out.append(f"{name}.{key}={s[key]!r} is not one of {allowed} "
+                   f"({closest(s[key], allowed)})")
+    if name not in config.stages:
+      continue
+    if s.global_batch <= 0 or s.micro_batches <= 0:
+      out.append(f"{name}: global_batch and micro_batches must be positive")
+      continue
+    if s.global_batch % s.micro_batches:
+      out.append(f"{name}.global_batch={s.global_batch} does not divide into "
+                 f"micro_batches={s.micro_batches}")
+      continue
+    micro = s.global_batch // s.micro_batches
+    if mesh is not None:
+      shards = mesh["data"] * mesh["fsdp"]
+      if micro % shards:
+        out.append(f"{name}: a micro-batch of {micro} samples (global_batch "
+                   f"{s.global_batch} / micro_batches {s.micro_batches}) does not divide "
+                   f"over the {shards} batch shards of the mesh (data x fsdp)")
+    if not 0.0 < s.subset_fraction <= 1.0:
+      out.append(f"{name}.subset_fraction={s.subset_fraction} must be in (0, 1]")
+    if s.align:
+      out += _group_problems(config, name, micro, mesh)
+  return out
+
+
+def _group_problems(config, stage: str, micro: int, mesh: dict[str, int] | None) -> list[str]:
+  a = config.align
+  if a.grouping == "fixed":
+    group = a.group_size
+    if group <= 0 or micro % group:
+      return [f"align.group_size={group} must divide the {stage} micro-batch of {micro}"]
+  elif a.grouping == "per_device" and mesh is not None:
+    group = micro // (mesh["data"] * mesh["fsdp"]) if micro % (
+        mesh["data"] * mesh["fsdp"]) == 0 else micro
+  else:
+    group = micro
+  if group <= a.num_neighbors:
+    return [f"{stage}: alignment groups of {group} samples cannot have "
+            f"align.num_neighbors={a.num_neighbors} neighbours each (need > k samples)"]
+  return []
+
+
+def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
+  out = []
+  d, m = config.data, config.model
+  buckets = tuple(d.length_buckets)
+  if not buckets or list(buckets) != sorted(buckets):
+    out.append(f"data.length_buckets={buckets} must be non-empty and increasing")
+  elif buckets[-1] != d.max_length:
+    out.append(f"data.length_buckets={buckets}: the last bucket must equal "
+               f"data.max_length={d.max_length}")
+  if d.max_length > m.llm.max_position_embeddings:
+    out.append(f"data.max_length={d.max_length} exceeds "
+               f"model.llm.max_position_embeddings={m.llm.max_position_embeddings}")
+  image_tokens = (m.vision.image_size // m.vision.patch_size) ** 2
+  if m.connector == "sti":
+    image_tokens += 2 * image_tokens // 8
+  if image_tokens + 2 >= d.max_length:
+    out.append(f"data.max_length={d.max_length} leaves no room for text after the "
+               f"{image_tokens + 2} image tokens")
+  if not 0.0 <= d.max_bad_fraction <= 1.0:
+    out.append(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
+  if not d.demo_world:
+    for name in config.stages:
+      if not config[name].records:
+        out.append(f"{name}.records is empty: point it at a record file "
+                   "(relative to data.root)")
+    if not d.root:
+      out.append("data.root is empty: set it to the dataset folder")
+  return out

@@ -1,0 +1,81 @@
+r"""exgra-jax entry point: train, evaluate, export or predict with one config.
+
+    python -m exgra_jax.main --config=configs/demo.py --workdir=/tmp/exgra_demo
+    python -m exgra_jax.main --config=configs/pmc10.py --workdir=gs://... \
+        --config.data.root=/data/llava_med --config.init.llm_dir=/weights/llama-7b \
+        --config.init.clip_dir=/weights/clip-vit-large-patch14
+
+Kept short on purpose (as the flax examples are): parse flags, load and validate the
+config, initialise distributed JAX, prepare the data root, dispatch on --mode.
+"""
+import json
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from etils import epath
+
+from exgra_jax import configuration
+
+_CONFIG = configuration.define_config_flag()
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).",
+                               required=True)
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "predict"],
+                          "train: run config.stages (then export if configured); "
+                          "eval: VQA evaluation of the newest checkpoint; "
+                          "export: write a Hugging Face directory; "
+                          "predict: answer --question about --image.")
+_IMAGE = flags.DEFINE_string("image", None, "predict: image file (DICOM too).")
+_QUESTION = flags.DEFINE_string("question", None, "predict: the question.")
+
+
+def prepare_data_root(config) -> None:
+  """Makes the demo world when the config asks for it (idempotent, atomic)."""
+  if config.data.demo_world:
+    from exgra_jax.data import demo_world  # pylint: disable=g-import-not-at-top
+    demo_world.make_demo_world(config.data.root, size=config.data.demo_world,
+                               seed=config.seed)
+
+
+def write_resolved_config(config, workdir: epath.Path) -> None:
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  from exgra_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(config)
+  try:
+    configuration.validate(config, num_devices=jax.device_count(), mode=_MODE.value)
+  except configuration.ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  workdir = epath.Path(_WORKDIR.value)
+  write_resolved_config(config, workdir)
+  prepare_data_root(config)
+  logging.info("mode=%s workdir=%s devices=%d processes=%d", _MODE.value, workdir,
+               jax.device_count(), jax.process_count())
+
+  if _MODE.value == "train":
+    from exgra_jax.train import loop  # pylint: disable=g-import-not-at-top
+    result = loop.train(config, workdir)
+  elif _MODE.value == "eval":
+    from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top
+    result = vqa.evaluate(config, workdir)
+  elif _MODE.value == "export":
+    from exgra_jax.hf import exporter  # pylint: disable=g-import-not-at-top
+    result = exporter.export_from_workdir(config, workdir)
+  else:
+    from exgra_jax import predict  # pylint: disable=g-import-not-at-top
+    result = predict.predict_from_workdir(config, workdir, image=_IMAGE.value,
+                                          question=_QUESTION.value)
+  if jax.process_index() == 0:
+    print(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=configuration.parse_flags)
