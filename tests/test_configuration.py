@@ -36,7 +36,7 @@ def test_every_base_field_is_documented():
   field = re.compile(r"^  [cs](\.\w+)+ = (?!ml_collections\.ConfigDict\(\)|stage_config|model_presets)")
   undocumented = [l for l in source if field.match(l) and "#" not in l]
   assert not undocumented, undocumented
-  assert sum(bool(field.match(l)) for l in source) > 80
+  assert sum(bool(field.match(l)) for l in source) > 70
 
 
 def test_overrides_are_typed_and_applied():
