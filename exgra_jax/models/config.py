@@ -1,0 +1,164 @@
+"""Typed, frozen model configuration built from `config.model` (configs/model_presets.py).
+
+Flax modules are dataclasses compared and hashed by value, so they take these frozen
+dataclasses rather than a mutable `ConfigDict`. `to_dict()` gives back the `config.model`
+tree (connector type included), which is what checkpoints save to be self-describing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+import ml_collections
+
+CONNECTORS = ("none", "dci", "sci", "sti")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+STI_POOL = 8  # tokens averaged per pooled token by the `sti` connector (window = stride)
+_PROJECTOR = re.compile(r"^(linear|identity|mlp(\d+)x_gelu)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """CLIP vision tower (ViT with quick-GELU, pre-LN and a pre-layernorm)."""
+  image_size: int = 224
+  patch_size: int = 14
+  hidden_size: int = 1024
+  num_layers: int = 24
+  num_heads: int = 16
+  intermediate_size: int = 4096
+  layer_norm_eps: float = 1e-5
+  select_layer: int = -2
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class LlmConfig:
+  """LLaMA-family decoder. `rope_scaling` is "" or the JSON of an HF rope_scaling dict."""
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 0
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: str = ""
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = False
+
+  @property
+  def resolved_head_dim(self) -> int:
+    """Width of one attention head (`head_dim`, or hidden_size // num_heads when 0)."""
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  def rope_scaling_dict(self) -> dict[str, Any]:
+    """The parsed rope_scaling dict with its type under `rope_type` ({} when unset)."""
+    if not self.rope_scaling:
+      return {}
+    scaling = json.loads(self.rope_scaling)
+    scaling.setdefault("rope_type", scaling.get("type", "default"))
+    return scaling
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+  """Vision tower + connector + projector + LLM, as `config.model` describes them."""
+  vision: VisionConfig = VisionConfig()
+  llm: LlmConfig = LlmConfig()
+  connector: str = "none"
+  connector_layers: tuple[int, int] = (7, 15)
+  projector: str = "mlp2x_gelu"
+  name: str = "custom"
+
+  def __post_init__(self):
+    problems = []
+    if self.connector not in CONNECTORS:
+      problems.append(f"connector={self.connector!r} is not one of {CONNECTORS}")
+    if not _PROJECTOR.match(self.projector):
+      problems.append(f"projector={self.projector!r}: expected linear, identity or mlpNx_gelu")
+    elif self.projector == "identity" and projector_input_width(self) != self.llm.hidden_size:
+      problems.append(f"projector='identity' needs the connector width "
+                      f"{projector_input_width(self)} to equal llm.hidden_size="
+                      f"{self.llm.hidden_size}")
+    if self.connector in ("sci", "sti") and any(
+        not 0 <= i <= self.vision.num_layers for i in self.connector_layers):
+      problems.append(f"connector_layers={self.connector_layers} outside hidden states "
+                      f"0..{self.vision.num_layers}")
+    if self.connector == "sti" and self.vision.num_patches % STI_POOL:
+      problems.append(f"connector='sti' pools {STI_POOL} tokens at a time; "
+                      f"{self.vision.num_patches} patches do not divide")
+    if self.llm.num_heads % self.llm.num_kv_heads:
+      problems.append(f"llm.num_heads={self.llm.num_heads} is not a multiple of "
+                      f"num_kv_heads={self.llm.num_kv_heads}")
+    kind = self.llm.rope_scaling_dict().get("rope_type", "default")
+    if kind not in ROPE_TYPES:
+      problems.append(f"llm.rope_scaling type {kind!r} is not one of {ROPE_TYPES}")
+    if self.llm.remat not in ("none", "full", "dots"):
+      problems.append(f"remat={self.llm.remat!r} is not one of none, full, dots")
+    if problems:
+      raise ValueError("invalid model config: " + "; ".join(problems))
+
+  @classmethod
+  def from_config(cls, model: ml_collections.ConfigDict) -> LlavaConfig:
+    """Builds the typed config from the `config.model` sub-tree."""
+    dtypes = dict(dtype=model.dtype, param_dtype=model.param_dtype)
+    vision = VisionConfig(**_fields(VisionConfig, model.vision), **dtypes)
+    llm = LlmConfig(**_fields(LlmConfig, model.llm), **dtypes, remat=model.remat,
+                    scan_layers=bool(model.scan_layers))
+    return cls(vision=vision, llm=llm, connector=model.connector,
+               connector_layers=tuple(int(i) for i in model.connector_layers),
+               projector=model.projector, name=model.name)
+
+  def to_dict(self) -> dict[str, Any]:
+    """The `config.model` tree (plain JSON-able dict) this config was built from."""
+    runtime = ("dtype", "param_dtype", "remat", "scan_layers")
+    vision = {k: v for k, v in dataclasses.asdict(self.vision).items() if k not in runtime}
+    llm = {k: v for k, v in dataclasses.asdict(self.llm).items() if k not in runtime}
+    return dict(name=self.name, vision=vision, llm=llm, connector=self.connector,
+                connector_layers=list(self.connector_layers), projector=self.projector,
+                dtype=self.llm.dtype, param_dtype=self.llm.param_dtype,
+                remat=self.llm.remat, scan_layers=self.llm.scan_layers)
+
+
+def _fields(kind: type, node: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The entries of `node` that are fields of the dataclass `kind` (runtime ones excluded)."""
+  names = {f.name for f in dataclasses.fields(kind)} - {
+      "dtype", "param_dtype", "remat", "scan_layers"}
+  unknown = set(node.keys()) - names
+  if unknown:
+    raise ValueError(f"unknown {kind.__name__} fields in config: {sorted(unknown)}")
+  return {k: node[k] for k in node.keys()}
+
+
+def num_image_tokens(cfg: LlavaConfig | ml_collections.ConfigDict) -> int:
+  """Image tokens per image fed to the LLM: 256 at 224px/14, 320 with `sti`."""
+  cfg = _typed(cfg)
+  patches = cfg.vision.num_patches
+  return patches + 2 * patches // STI_POOL if cfg.connector == "sti" else patches
+
+
+def projector_input_width(cfg: LlavaConfig | ml_collections.ConfigDict) -> int:
+  """Channels entering the projector: 3x the ViT width for dci / sci, else the ViT width."""
+  cfg = _typed(cfg) if isinstance(cfg, ml_collections.ConfigDict) else cfg
+  width = cfg.vision.hidden_size
+  return 3 * width if cfg.connector in ("dci", "sci") else width
+
+
+def _typed(cfg: LlavaConfig | ml_collections.ConfigDict) -> LlavaConfig:
+  return LlavaConfig.from_config(cfg) if isinstance(cfg, ml_collections.ConfigDict) else cfg

@@ -1,0 +1,201 @@
+"""LLaMA-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, KV cache.
+
+Same math as transformers' `LlamaForCausalLM` (parity-tested at 1e-4 in fp32). Design:
+- one attention code path for training, prefill and decode: queries at `positions` [B, T]
+  attend keys at key index s where s <= position and the key is real. Without a cache the
+  keys are this call's tokens and `attention_mask` marks the real ones (right padding);
+  with a cache the keys are the cache slots, the new K/V are written at `positions[:, 0]`
+  of each sample, and every slot <= position holds a real token (prompt or generated),
+  so shapes stay fixed while decoding one token per step;
+- optional `nn.scan` over layers (one compiled layer, params stacked on a `layers` axis)
+  and rematerialisation (none / full / dots) from the config;
+- logical axis names on every parameter and on the main activations (configs/base.py).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from exgra_jax.models.config import LlmConfig
+from exgra_jax.models.rope import apply_rope, rope_cos_sin
+
+_INIT = nn.initializers.normal(0.02)
+Cache = dict[str, jax.Array]  # {"k", "v"}: [layers, B, S, kv_heads, head_dim]
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _dense(features: int | tuple[int, ...], axes: tuple[str, ...], cfg: LlmConfig, name: str,
+           axis: int | tuple[int, ...] = -1) -> nn.DenseGeneral:
+  return nn.DenseGeneral(features, axis=axis, use_bias=False, dtype=cfg.dtype,
+                         param_dtype=cfg.param_dtype,
+                         kernel_init=nn.with_logical_partitioning(_INIT, axes), name=name)
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, computed in float32 and cast back as HF does."""
+  eps: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                             ("embed",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def attention_mask_for(positions: jax.Array, key_mask: jax.Array) -> jax.Array:
+  """Boolean [B, T, S]: query at positions[b, t] may see key s iff s <= it and key_mask[b, s]."""
+  keys = jnp.arange(key_mask.shape[1])
+  return (keys[None, None, :] <= positions[:, :, None]) & key_mask[:, None, :].astype(bool)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention; kv_heads < heads shares each K/V head with a group."""
+  cfg: LlmConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               write_index: jax.Array, cache: tuple[jax.Array, jax.Array] | None
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    c = self.cfg
+    hd, heads, kv_heads = c.resolved_head_dim, c.num_heads, c.num_kv_heads
+    q = _dense((heads, hd), ("embed", "heads", "head_dim"), c, "q_proj")(x)
+    k = _dense((kv_heads, hd), ("embed", "kv_heads", "head_dim"), c, "k_proj")(x)
+    v = _dense((kv_heads, hd), ("embed", "kv_heads", "head_dim"), c, "v_proj")(x)
+    q = nn.with_logical_constraint(apply_rope(q, cos, sin),
+                                   ("batch", "length", "heads", "head_dim"))
+    k = nn.with_logical_constraint(apply_rope(k, cos, sin),
+                                   ("batch", "length", "kv_heads", "head_dim"))
+    if cache is not None:
+      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (i, 0, 0)))
+      k = write(cache[0], k.astype(cache[0].dtype), write_index)
+      v = write(cache[1], v.astype(cache[1].dtype), write_index)
+      cache = (k, v)
+    batch, length = q.shape[:2]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * hd ** -0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, heads, hd)
+    out = _dense(c.hidden_size, ("heads", "head_dim", "embed"), c, "o_proj", axis=(-2, -1))(out)
+    return out, cache
+
+
+class Mlp(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  cfg: LlmConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.cfg
+    gate = _dense(c.intermediate_size, ("embed", "mlp"), c, "gate_proj")(x)
+    up = _dense(c.intermediate_size, ("embed", "mlp"), c, "up_proj")(x)
+    hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return _dense(c.hidden_size, ("mlp", "embed"), c, "down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block; signature (carry, *broadcast, scanned) -> (carry, out) so it scans."""
+  cfg: LlmConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, write_index, cache):
+    c = self.cfg
+    norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
+    attn, cache = Attention(c, name="self_attn")(norm("input_layernorm")(x), cos, sin, mask,
+                                                 write_index, cache)
+    x = x + attn
+    x = x + Mlp(c, name="mlp")(norm("post_attention_layernorm")(x))
+    return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
+
+
+def init_cache(cfg: LlmConfig, batch: int, length: int) -> Cache:
+  """Zeroed KV cache for `length` positions (prompt + new tokens), compute dtype."""
+  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+  return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+
+
+class Llama(nn.Module):
+  """LlamaForCausalLM. Params: embed_tokens, layers_i (or scanned `layers`), norm, lm_head."""
+  cfg: LlmConfig
+
+  def setup(self):
+    c = self.cfg
+    self.embed_tokens = nn.Embed(
+        c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+        embedding_init=nn.with_logical_partitioning(_INIT, ("vocab", "embed")))
+    layer = DecoderLayer
+    if c.remat != "none":
+      layer = nn.remat(layer, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      self.layers = nn.scan(
+          layer, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+          length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(c)
+    else:
+      self.layers = [layer(c) for _ in range(c.num_layers)]
+    self.norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
+    if not c.tie_word_embeddings:
+      self.lm_head = _dense(c.vocab_size, ("embed", "vocab"), c, None)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """[B, T] int -> [B, T, D] token embeddings (compute dtype)."""
+    return self.embed_tokens(input_ids)
+
+  def hidden_states(self, embeds: jax.Array, attention_mask: jax.Array,
+                    positions: jax.Array | None = None, cache: Cache | None = None
+                    ) -> tuple[jax.Array, Cache | None]:
+    """embeds [B, T, D] -> (final-normed hidden [B, T, D], updated cache or None).
+
+    positions default to 0..T-1 (right padding). With a cache, `attention_mask` is unused:
+    the new tokens go to slots positions[:, 0] .. + T - 1 and attend to every slot <= their
+    position.
+    """
+    c = self.cfg
+    batch, length = embeds.shape[:2]
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    if cache is None:
+      key_mask = attention_mask
+    else:
+      key_mask = jnp.ones(cache["k"].shape[1:3], bool)
+    mask = attention_mask_for(positions, key_mask)
+    cos, sin = rope_cos_sin(c, positions)
+    write_index = positions[:, 0]
+    x = nn.with_logical_constraint(embeds.astype(c.dtype), ("batch", "length", "embed"))
+    if c.scan_layers:
+      layer_cache = None if cache is None else (cache["k"], cache["v"])
+      x, layer_cache = self.layers(x, cos, sin, mask, write_index, layer_cache)
+    else:
+      updated = []
+      for i, layer in enumerate(self.layers):
+        x, kv = layer(x, cos, sin, mask, write_index,
+                      None if cache is None else (cache["k"][i], cache["v"][i]))
+        updated.append(kv)
+      layer_cache = None if cache is None else (jnp.stack([kv[0] for kv in updated]),
+                                                jnp.stack([kv[1] for kv in updated]))
+    new_cache = None if cache is None else {"k": layer_cache[0], "v": layer_cache[1]}
+    return self.norm(x), new_cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """[..., D] -> float32 logits [..., V]."""
+    if self.cfg.tie_word_embeddings:
+      out = self.embed_tokens.attend(hidden)
+    else:
+      out = self.lm_head(hidden)
+    return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """[B, T] ids and 0/1 mask -> float32 logits [B, T, V]."""
+    hidden, _ = self.hidden_states(self.embed(input_ids), attention_mask)
+    return self.logits(hidden)

@@ -1,0 +1,125 @@
+"""LLaVA(-Med) model: frozen CLIP tower -> connector + projector -> LLaMA.
+
+Top-level parameter collections: `vision` (always frozen: its output goes through
+`stop_gradient`, so it gets zero gradients whatever the optimizer masks), `projector`,
+`llm`. The N projector outputs of a sample replace, in order, the embeddings at the N
+positions where `image_mask` is True (the `<im_patch>` tokens).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from exgra_jax.models.config import LlavaConfig
+from exgra_jax.models.connector import Projector, connector_features
+from exgra_jax.models.llama import Cache, Llama
+from exgra_jax.models.vit import ClipVisionTower
+
+TEXT_POOLS = ("masked", "padded")
+
+
+def merge_image_embeddings(embeds: jax.Array, image_mask: jax.Array,
+                           image_features: jax.Array) -> jax.Array:
+  """embeds [B, T, D] with the k-th True of image_mask[b] replaced by image_features[b, k].
+
+  A sample must mark exactly N = image_features.shape[1] positions (the data pipeline's
+  contract); with fewer, the last features are unused; with more, the extra positions
+  repeat feature N-1.
+  """
+  slot = jnp.clip(jnp.cumsum(image_mask, axis=1) - 1, 0, image_features.shape[1] - 1)
+  gathered = jnp.take_along_axis(image_features, slot[..., None], axis=1)
+  return jnp.where(image_mask[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+def _check_tokens(input_ids: jax.Array, attention_mask: jax.Array,
+                  image_mask: jax.Array | None) -> None:
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+  if attention_mask.shape != input_ids.shape:
+    raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape "
+                     f"{input_ids.shape}")
+  if image_mask is not None and image_mask.shape != input_ids.shape:
+    raise ValueError(f"image_mask shape {image_mask.shape} != input_ids shape "
+                     f"{input_ids.shape}")
+
+
+class LlavaModel(nn.Module):
+  """See docs/interfaces.md ("Model")."""
+  cfg: LlavaConfig
+
+  def setup(self):
+    self.vision = ClipVisionTower(self.cfg.vision)
+    self.projector = Projector(self.cfg)
+    self.llm = Llama(self.cfg.llm)
+
+  def image_features(self, pixel_values: jax.Array) -> jax.Array:
+    """pixels [B, S, S, 3] -> projector output [B, N, d_llm] (no gradient into the tower)."""
+    hidden_states = jax.lax.stop_gradient(self.vision(pixel_values))
+    return self.projector(connector_features(hidden_states, self.cfg))
+
+  def _embed(self, input_ids, image_mask, pixel_values):
+    embeds = self.llm.embed(input_ids)
+    if pixel_values is None:
+      return embeds, None
+    if pixel_values.shape[0] != input_ids.shape[0]:
+      raise ValueError(f"pixel_values has {pixel_values.shape[0]} images for "
+                       f"{input_ids.shape[0]} token rows")
+    features = self.image_features(pixel_values)
+    return merge_image_embeddings(embeds, image_mask, features), features
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, image_mask: jax.Array,
+               pixel_values: jax.Array, *, deterministic: bool = True) -> dict[str, jax.Array]:
+    """-> dict(logits [B, T, V] float32, image_features [B, N, d_llm]).
+
+    `deterministic` is accepted for the interface; the model has no dropout.
+    """
+    del deterministic
+    _check_tokens(input_ids, attention_mask, image_mask)
+    embeds, features = self._embed(input_ids, image_mask, pixel_values)
+    hidden, _ = self.llm.hidden_states(embeds, attention_mask)
+    return {"logits": self.llm.logits(hidden), "image_features": features}
+
+  def text_features(self, ids: jax.Array, mask: jax.Array, *, pool: str = "masked"
+                    ) -> jax.Array:
+    """[B, T] text -> [B, d_llm]: final-normed LLM states (no image) mean-pooled.
+
+    `masked` averages the real tokens; `padded` averages all T positions, padding
+    included, as the release does.
+    """
+    if pool not in TEXT_POOLS:
+      raise ValueError(f"pool={pool!r} is not one of {TEXT_POOLS}")
+    _check_tokens(ids, mask, None)
+    hidden, _ = self.llm.hidden_states(self.llm.embed(ids), mask)
+    hidden = hidden.astype(jnp.float32)
+    if pool == "padded":
+      return hidden.mean(axis=1)
+    weights = mask.astype(jnp.float32)[..., None]
+    return (hidden * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+
+  def prefill(self, input_ids: jax.Array, attention_mask: jax.Array, image_mask: jax.Array,
+              pixel_values: jax.Array | None, cache: Cache
+              ) -> tuple[jax.Array, Cache, jax.Array]:
+    """Runs the right-padded prompt into `cache` (from `llama.init_cache`, length >= T).
+
+    Returns (logits of each sample's last real token [B, V], cache, lengths [B]): the next
+    token of sample b goes to position lengths[b].
+    """
+    _check_tokens(input_ids, attention_mask, image_mask)
+    if cache["k"].shape[2] < input_ids.shape[1]:
+      raise ValueError(f"cache holds {cache['k'].shape[2]} positions, prompt has "
+                       f"{input_ids.shape[1]}")
+    embeds, _ = self._embed(input_ids, image_mask, pixel_values)
+    hidden, cache = self.llm.hidden_states(embeds, attention_mask, cache=cache)
+    lengths = attention_mask.astype(jnp.int32).sum(axis=1)
+    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
+    return self.llm.logits(last)[:, 0], cache, lengths
+
+  def decode_step(self, tokens: jax.Array, positions: jax.Array, cache: Cache
+                  ) -> tuple[jax.Array, Cache]:
+    """One new token per sample: tokens [B] at positions [B] -> (logits [B, V], cache)."""
+    embeds = self.llm.embed(tokens[:, None])
+    ones = jnp.ones((tokens.shape[0], 1), jnp.int32)
+    hidden, cache = self.llm.hidden_states(embeds, ones, positions=positions[:, None],
+                                           cache=cache)
+    return self.llm.logits(hidden)[:, 0], cache
