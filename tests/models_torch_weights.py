@@ -5,8 +5,10 @@ handles the unscanned layout; tests of the scanned layout stack the per-layer tr
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 import torch
+import transformers
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -91,3 +93,44 @@ def llava_params(sd: dict[str, torch.Tensor], cfg) -> dict:
                     "linear_1": _linear(sd, "model.multi_modal_projector.linear_2")},
       "llm": llama_params(sd, cfg.llm, "model.language_model."),
   }
+
+
+def hf_llama_config(cfg, **extra) -> transformers.LlamaConfig:
+  """The transformers LlamaConfig with the same shapes as our `LlmConfig`."""
+  return transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+      intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      head_dim=cfg.resolved_head_dim, max_position_embeddings=cfg.max_position_embeddings,
+      rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+      rope_scaling=cfg.rope_scaling_dict() or None,
+      tie_word_embeddings=cfg.tie_word_embeddings, **extra)
+
+
+def hf_clip_config(cfg, **extra) -> transformers.CLIPVisionConfig:
+  """The transformers CLIPVisionConfig with the same shapes as our `VisionConfig`."""
+  return transformers.CLIPVisionConfig(
+      hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      image_size=cfg.image_size, patch_size=cfg.patch_size, layer_norm_eps=cfg.layer_norm_eps,
+      hidden_act="quick_gelu", **extra)
+
+
+def hf_llava_config(cfg, image_token_id: int, **extra) -> transformers.LlavaConfig:
+  """transformers LlavaConfig matching our `LlavaConfig` (connector none, mlp2x_gelu)."""
+  if cfg.connector != "none" or cfg.projector != "mlp2x_gelu":
+    raise ValueError("transformers' Llava has no dense connector and an mlp2x_gelu projector")
+  return transformers.LlavaConfig(
+      vision_config=hf_clip_config(cfg.vision, **extra),
+      text_config=hf_llama_config(cfg.llm, **extra), image_token_index=image_token_id,
+      projector_hidden_act="gelu", vision_feature_layer=cfg.vision.select_layer,
+      vision_feature_select_strategy="default", image_seq_length=cfg.vision.num_patches,
+      multimodal_projector_bias=True)
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """Unscanned `layers_i` subtrees -> one `layers` subtree stacked on axis 0 (scan layout)."""
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  per_layer = [params[f"layers_{i}"] for i in range(num_layers)]
+  out["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
+  return out
