@@ -61,7 +61,7 @@ def _norm(sd, name):
   return {"scale": _np(sd[name + ".weight"]), "bias": _np(sd[name + ".bias"])}
 
 
-def clip_params(sd: dict[str, torch.Tensor], cfg, prefix: str = "vision_model.") -> dict:
+def clip_params(sd: dict[str, torch.Tensor], cfg, prefix: str = "") -> dict:
   """CLIPVisionModel state dict -> `ClipVisionTower` params."""
   e = prefix + "embeddings."
   p = {"patch_embedding": {"kernel": _np(sd[e + "patch_embedding.weight"]).transpose(2, 3, 1, 0)},
