@@ -12,7 +12,7 @@ from flax import linen as nn
 
 from configs import base
 from exgra_jax.models.config import LlmConfig
-from exgra_jax.models.llama import Llama, init_cache
+from exgra_jax.models.llama import CAUSAL_BLOCK, Llama, init_cache
 from models_torch_weights import hf_llama_config, llama_params, stack_layers
 
 LOGIT_TOL = 1e-4   # max-abs on logits of real tokens
@@ -79,6 +79,18 @@ def test_logits_match_transformers_for_head_layouts(change):
                              rtol=0)
 
 
+def test_logits_match_transformers_across_causal_query_blocks():
+  """300 tokens = blocks of 128, 128 and 44 queries, with a padded row."""
+  assert 2 * CAUSAL_BLOCK < 300 < 3 * CAUSAL_BLOCK
+  model, params = _torch_pair(CFG, seed=5)
+  ids, mask = _batch(CFG.vocab_size, length=300)
+  mask[1, 150:] = 0
+  ours = np.asarray(Llama(CFG).apply({"params": params}, ids, mask))
+  real = mask.astype(bool)
+  np.testing.assert_allclose(ours[real], _torch_logits(model, ids, mask)[real], atol=LOGIT_TOL,
+                             rtol=0)
+
+
 def lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """HF causal-LM loss: position t predicts labels[t + 1]; -100 ignored; token mean."""
   logits, labels = logits[:, :-1], labels[:, 1:]
@@ -90,7 +102,7 @@ def lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def test_lm_loss_gradients_match_torch():
   model, params = _torch_pair(CFG, seed=2)
-  ids, mask = _batch(CFG.vocab_size)
+  ids, mask = _batch(CFG.vocab_size, length=CAUSAL_BLOCK + 32)  # two causal query blocks
   labels = np.where(mask == 1, ids, -100)
   labels[:, :5] = -100
   out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
