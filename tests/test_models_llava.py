@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import linen as nn
 
-from configs import model_presets
+from configs import base, model_presets
 from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig
 from exgra_jax.models.decode import greedy_decode
 from exgra_jax.models.llava import LlavaModel
@@ -170,3 +171,23 @@ def test_llava_med_7b_parameter_count_equals_transformers():
                           jnp.zeros((1, 8), bool), jnp.zeros((1, size, size, 3)))["params"]
   ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
   assert ours == _torch_parameter_count(cfg) == 7_062_607_872
+
+
+def test_logical_axes_map_onto_the_base_mesh_without_conflicts():
+  """Every parameter's logical names become a valid PartitionSpec under the base rules."""
+  for preset in ("tiny", "llava_med_7b"):
+    cfg = LlavaConfig.from_config(model_presets.get(preset))
+    size = cfg.vision.image_size
+    boxed = jax.eval_shape(LlavaModel(cfg).init, jax.random.key(0),
+                           jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32),
+                           jnp.zeros((1, 8), bool), jnp.zeros((1, size, size, 3)))["params"]
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
+                             ("data", "fsdp", "tensor"))
+    rules = base.get_config().logical_axis_rules
+    specs = nn.get_partition_spec(boxed)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    assert set(boxed) == {"vision", "projector", "llm"}
+    kernel = shardings["llm"]["layers"]["mlp"]["gate_proj"]["kernel"] if cfg.llm.scan_layers \
+        else shardings["llm"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
+    assert kernel.spec == jax.sharding.PartitionSpec(
+        *(((None,) if cfg.llm.scan_layers else ()) + ("fsdp", "tensor")))
