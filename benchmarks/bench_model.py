@@ -1,6 +1,6 @@
 """One LLaMA training step (forward + backward, fp32, CPU): Flax vs transformers' PyTorch.
 
-Same config, same batch, same process. Prints step time of each, the throughput ratio,
+Same config, same batch, same process, steps interleaved. Prints step time of each, the throughput ratio,
 the achieved model FLOP/s of each and its fraction of the FLOP/s of an XLA f32 matmul
 measured in the same run (the largest matmul shape of the model: tokens x d x mlp).
 
@@ -35,21 +35,25 @@ flags.DEFINE_integer("mlp", 1376, "SwiGLU width")
 flags.DEFINE_integer("vocab", 32000, "vocabulary")
 flags.DEFINE_integer("seq", 512, "tokens per sample")
 flags.DEFINE_integer("batch", 4, "samples per step")
-flags.DEFINE_integer("steps", 5, "timed steps (median reported)")
+flags.DEFINE_integer("steps", 5, "timed rounds, each runs every step once (median reported)")
 flags.DEFINE_integer("warmup", 2, "untimed steps (compilation, allocator warm-up)")
 flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "Flax remat policy")
 flags.DEFINE_bool("scan", False, "scan the Flax decoder layers")
 
 
-def _median_seconds(fn, steps: int, warmup: int) -> float:
+def _interleaved_median_seconds(steps: dict, rounds: int, warmup: int) -> dict:
+  """Median seconds of each step function, run alternately so that load drift (the
+  machine is shared) hits every implementation alike."""
   for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for fn in steps.values():
+      fn()
+  times = {name: [] for name in steps}
+  for _ in range(rounds):
+    for name, fn in steps.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def model_flops(cfg: LlmConfig, batch: int, seq: int) -> float:
@@ -74,7 +78,8 @@ def lm_loss(logits: jax.Array, ids: jax.Array) -> jax.Array:
   return nll[:, :-1].mean()
 
 
-def flax_step_seconds(cfg: LlmConfig, params, ids: np.ndarray) -> float:
+def flax_step(cfg: LlmConfig, params, ids: np.ndarray):
+  """A callable running one jitted forward + backward of the Flax model to completion."""
   model = Llama(cfg)
   mask = jnp.ones_like(ids)
 
@@ -83,26 +88,26 @@ def flax_step_seconds(cfg: LlmConfig, params, ids: np.ndarray) -> float:
     return jax.value_and_grad(lambda q: lm_loss(model.apply({"params": q}, ids, mask), ids))(p)
 
   ids = jnp.asarray(ids)
-  return _median_seconds(lambda: jax.block_until_ready(step(params, ids)),
-                         FLAGS.steps, FLAGS.warmup)
+  return lambda: jax.block_until_ready(step(params, ids))
 
 
-def torch_step_seconds(model: torch.nn.Module, ids: np.ndarray) -> float:
+def torch_step(model: torch.nn.Module, ids: np.ndarray):
+  """A callable running one forward + backward of the PyTorch model."""
   ids = torch.tensor(ids)
 
   def step():
     model.zero_grad(set_to_none=True)
     model(input_ids=ids, labels=ids).loss.backward()
 
-  return _median_seconds(step, FLAGS.steps, FLAGS.warmup)
+  return step
 
 
-def matmul_flops_per_second(m: int, k: int, n: int) -> float:
+def matmul_step(m: int, k: int, n: int):
+  """A callable running one jitted f32 [m, k] x [k, n] matmul; and its FLOPs."""
   a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
   matmul = jax.jit(jnp.matmul)
-  seconds = _median_seconds(lambda: matmul(a, b).block_until_ready(), 10, 3)
-  return 2.0 * m * k * n / seconds
+  return lambda: matmul(a, b).block_until_ready(), 2.0 * m * k * n
 
 
 def main(argv):
@@ -122,10 +127,13 @@ def main(argv):
                                     np.ones((1, 8), np.int32))["params"])
 
   flops = model_flops(cfg, FLAGS.batch, FLAGS.seq)
-  matmul_rate = matmul_flops_per_second(FLAGS.batch * FLAGS.seq, cfg.hidden_size,
-                                        cfg.intermediate_size)
-  t_torch = torch_step_seconds(torch_model, ids)
-  t_flax = flax_step_seconds(cfg, params, ids)
+  matmul, matmul_flops = matmul_step(FLAGS.batch * FLAGS.seq, cfg.hidden_size,
+                                     cfg.intermediate_size)
+  seconds = _interleaved_median_seconds(
+      {"pytorch": torch_step(torch_model, ids), "flax": flax_step(cfg, params, ids),
+       "matmul": matmul}, FLAGS.steps, FLAGS.warmup)
+  matmul_rate = matmul_flops / seconds["matmul"]
+  t_torch = seconds["pytorch"]
   load = os.getloadavg()[0]
   print(f"LLaMA train step (fwd+bwd, fp32, CPU): layers={cfg.num_layers} d={cfg.hidden_size} "
         f"heads={cfg.num_heads}/{cfg.num_kv_heads} mlp={cfg.intermediate_size} "
@@ -137,10 +145,10 @@ def main(argv):
         f"[{FLAGS.batch * FLAGS.seq}x{cfg.hidden_size}]x[{cfg.hidden_size}x"
         f"{cfg.intermediate_size}]: {matmul_rate / 1e9:.1f} GFLOP/s")
   print(f"{'impl':<10}{'step s':>10}{'GFLOP/s':>10}{'of matmul':>11}{'speed vs torch':>16}")
-  for name, seconds in (("pytorch", t_torch), ("flax", t_flax)):
-    rate = flops / seconds
-    print(f"{name:<10}{seconds:>10.3f}{rate / 1e9:>10.1f}{rate / matmul_rate:>10.0%}"
-          f"{t_torch / seconds:>15.2f}x")
+  for name in ("pytorch", "flax"):
+    rate = flops / seconds[name]
+    print(f"{name:<10}{seconds[name]:>10.3f}{rate / 1e9:>10.1f}{rate / matmul_rate:>10.0%}"
+          f"{t_torch / seconds[name]:>15.2f}x")
 
 
 if __name__ == "__main__":
