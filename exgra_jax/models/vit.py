@@ -76,7 +76,8 @@ class VisionEncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + VisionAttention(self.cfg, name="self_attn")(_layer_norm(self.cfg, "layer_norm1")(x))
-    return x + VisionMlp(self.cfg, name="mlp")(_layer_norm(self.cfg, "layer_norm2")(x))
+    x = x + VisionMlp(self.cfg, name="mlp")(_layer_norm(self.cfg, "layer_norm2")(x))
+    return nn.with_logical_constraint(x, ("batch", "length", "vision_embed"))
 
 
 class ClipVisionTower(nn.Module):
