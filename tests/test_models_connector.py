@@ -1,4 +1,6 @@
 """Dense connectors and projectors: shapes and hand-worked values."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +8,7 @@ import pytest
 
 from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig, num_image_tokens
 from exgra_jax.models.connector import Projector, connector_features
+from exgra_jax.models.llava import LlavaModel
 
 # 4-layer tower, 16 patches (+ CLS), width 2; hs[i][b, t, :] = 100 i + t.
 VISION = VisionConfig(image_size=28, patch_size=7, hidden_size=2, num_layers=4, num_heads=1,
@@ -77,3 +80,22 @@ def test_identity_projector_has_no_parameters_and_passes_through():
   x = jnp.arange(6.0).reshape(1, 3, 2)
   assert Projector(cfg).init(jax.random.key(0), x) == {}
   np.testing.assert_array_equal(Projector(cfg).apply({}, x), x)
+
+
+@pytest.mark.parametrize("connector", ["none", "dci", "sci", "sti"])
+def test_llava_forward_with_each_connector(connector):
+  """End to end: N image tokens in the prompt, projector width from the connector."""
+  cfg = LlavaConfig(vision=dataclasses.replace(VISION, hidden_size=8, num_heads=2),
+                    llm=dataclasses.replace(LLM, hidden_size=16, num_heads=2, num_kv_heads=1),
+                    connector=connector, connector_layers=(1, 2), projector="mlp2x_gelu")
+  n = num_image_tokens(cfg)
+  ids = np.zeros((2, n + 4), np.int32)
+  image_mask = np.zeros_like(ids, bool)
+  image_mask[:, 2:2 + n] = True
+  args = (ids, np.ones_like(ids), image_mask, np.ones((2, 28, 28, 3), np.float32))
+  variables = LlavaModel(cfg).init(jax.random.key(0), *args)
+  out = LlavaModel(cfg).apply(variables, *args)
+  assert out["logits"].shape == (2, n + 4, 8)
+  assert out["image_features"].shape == (2, n, 16)
+  width = 24 if connector in ("dci", "sci") else 8
+  assert variables["params"]["projector"]["linear_0"]["kernel"].value.shape == (width, 16)
