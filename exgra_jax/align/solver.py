@@ -93,14 +93,13 @@ def _solve_checked(unary, quadratic, edges1, edges2, max_iterations, time_limit_
   n1 = unary.shape[0]
   labels = solver_kernels.lap_partial_matching(unary)
   seed_objective = solver_kernels.objective(unary, quadratic, edges1, edges2, labels)
-  solver_kernels.descend_to_local_optimum(unary, quadratic, edges1, edges2, labels)
   rng_state = np.array([_RNG_SEED], np.uint64)
   max_kick = max(2, n1 // 8)
   done = 0
   hit = False
   if time_limit_s <= 0.0:
-    solver_kernels.iterated_local_search(unary, quadratic, edges1, edges2, labels, rng_state,
-                                         max_iterations, max_kick)
+    solver_kernels.improve(unary, quadratic, edges1, edges2, labels, rng_state,
+                           max_iterations, max_kick)
     done = max_iterations
   else:
     while done < max_iterations:
@@ -108,8 +107,8 @@ def _solve_checked(unary, quadratic, edges1, edges2, max_iterations, time_limit_
         hit = True
         break
       rounds = min(_ROUNDS_PER_CLOCK_CHECK, max_iterations - done)
-      solver_kernels.iterated_local_search(unary, quadratic, edges1, edges2, labels,
-                                           rng_state, rounds, max_kick)
+      solver_kernels.improve(unary, quadratic, edges1, edges2, labels, rng_state, rounds,
+                             max_kick)
       done += rounds
   final_objective = solver_kernels.objective(unary, quadratic, edges1, edges2, labels)
   return labels, (final_objective, seed_objective, done, hit)

@@ -8,8 +8,13 @@ Data layout (n1, n2 nodes; E1, E2 edges; labels are right-node indices or -1 = u
 - `pair_first[a, b]`: the first graph-2 edge index with endpoints (a, b), -1 if none, and
   `pair_next[e]` the next one with the same endpoints (-1 ends the list), so duplicate
   edges are summed like the dense problem sums them.
-- `out_ptr / out_edge` and `in_ptr / in_edge`: CSR lists of the graph-1 edges leaving and
-  entering each node; a self loop (i, i) is listed as leaving only.
+- `out1_ptr / out1_edge`, `in1_ptr / in1_edge`: CSR lists of the graph-1 edges leaving and
+  entering each node (a self loop (i, i) is listed as leaving only); `out2 / in2` the same
+  for graph 2 (self loops in both); `adjacent[i, j]`: an edge joins i and j in graph 1.
+  `build_structures` returns them as one tuple, `graph`, in that order.
+- `local[i, x + 1]` (see `_shift_label`): the objective terms touching node i if it took
+  label x, the other labels fixed; kept up to date incrementally, so that every move's
+  delta is O(1) and a node's best move O(n2).
 The objective of a labelling L is
   sum_i U[i, L_i] [L_i >= 0] + sum_{e1 = (i, j)} sum_{e2 = (L_i, L_j)} Q[e1, e2],
 and it only depends on L, never on feasibility, which is what makes the move deltas below
@@ -18,7 +23,8 @@ exact: a compound move is evaluated as a sequence of single relabellings.
 import numpy as np
 from numba import njit
 
-_IMPROVEMENT_EPS = 1e-12
+# Smallest objective decrease a move must bring (guards against cycling on float noise).
+_IMPROVEMENT_EPS = 1e-9
 
 
 @njit(cache=True, nogil=True)
@@ -86,39 +92,45 @@ def lap_partial_matching(unary: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
+def _csr(count, keys, keep):
+  """For each node v < count, the indices e with keys[e] == v and keep[e] (CSR)."""
+  ptr = np.zeros(count + 1, np.int64)
+  for e in range(keys.shape[0]):
+    if keep[e]:
+      ptr[keys[e] + 1] += 1
+  for v in range(count):
+    ptr[v + 1] += ptr[v]
+  items = np.empty(ptr[count], np.int64)
+  fill = ptr[:-1].copy()
+  for e in range(keys.shape[0]):
+    if keep[e]:
+      items[fill[keys[e]]] = e
+      fill[keys[e]] += 1
+  return ptr, items
+
+
+@njit(cache=True, nogil=True)
 def build_structures(n1, n2, edges1, edges2):
-  """Edge lookup tables of one problem (layout in the module docstring)."""
-  e1_count = edges1.shape[0]
-  e2_count = edges2.shape[0]
+  """Sparse lookup tables of one problem (layout in the module docstring)."""
   pair_first = np.full((n2, n2), -1, np.int64)
-  pair_next = np.full(e2_count, -1, np.int64)
-  for e in range(e2_count - 1, -1, -1):
-    a = edges2[e, 0]
-    b = edges2[e, 1]
-    pair_next[e] = pair_first[a, b]
-    pair_first[a, b] = e
-  out_ptr = np.zeros(n1 + 1, np.int64)
-  in_ptr = np.zeros(n1 + 1, np.int64)
-  for e in range(e1_count):
-    out_ptr[edges1[e, 0] + 1] += 1
-    if edges1[e, 1] != edges1[e, 0]:
-      in_ptr[edges1[e, 1] + 1] += 1
-  for i in range(n1):
-    out_ptr[i + 1] += out_ptr[i]
-    in_ptr[i + 1] += in_ptr[i]
-  out_edge = np.empty(out_ptr[n1], np.int64)
-  in_edge = np.empty(in_ptr[n1], np.int64)
-  out_fill = out_ptr[:-1].copy()
-  in_fill = in_ptr[:-1].copy()
-  for e in range(e1_count):
-    i = edges1[e, 0]
-    j = edges1[e, 1]
-    out_edge[out_fill[i]] = e
-    out_fill[i] += 1
-    if i != j:
-      in_edge[in_fill[j]] = e
-      in_fill[j] += 1
-  return pair_first, pair_next, out_ptr, out_edge, in_ptr, in_edge
+  pair_next = np.full(edges2.shape[0], -1, np.int64)
+  for e in range(edges2.shape[0] - 1, -1, -1):
+    pair_next[e] = pair_first[edges2[e, 0], edges2[e, 1]]
+    pair_first[edges2[e, 0], edges2[e, 1]] = e
+  every1 = np.ones(edges1.shape[0], np.bool_)
+  not_loop1 = edges1[:, 0] != edges1[:, 1]
+  every2 = np.ones(edges2.shape[0], np.bool_)
+  out1_ptr, out1_edge = _csr(n1, edges1[:, 0], every1)
+  in1_ptr, in1_edge = _csr(n1, edges1[:, 1], not_loop1)
+  out2_ptr, out2_edge = _csr(n2, edges2[:, 0], every2)
+  in2_ptr, in2_edge = _csr(n2, edges2[:, 1], every2)
+  adjacent = np.zeros((n1, n1), np.bool_)
+  for e in range(edges1.shape[0]):
+    if not_loop1[e]:
+      adjacent[edges1[e, 0], edges1[e, 1]] = True
+      adjacent[edges1[e, 1], edges1[e, 0]] = True
+  return (edges1, out1_ptr, out1_edge, in1_ptr, in1_edge, adjacent, edges2, out2_ptr,
+          out2_edge, in2_ptr, in2_edge, pair_first, pair_next)
 
 
 @njit(cache=True, nogil=True)
@@ -135,29 +147,11 @@ def _edge_pair_cost(quadratic, pair_first, pair_next, e1, a, b):
 
 
 @njit(cache=True, nogil=True)
-def _local_cost(unary, quadratic, edges1, pair_first, pair_next, out_ptr, out_edge,
-                in_ptr, in_edge, labels, i, label):
-  """Objective terms touching node i if it took `label`, the other labels as they are."""
-  total = 0.0
-  if label >= 0:
-    total += unary[i, label]
-  for p in range(out_ptr[i], out_ptr[i + 1]):
-    e1 = out_edge[p]
-    j = edges1[e1, 1]
-    other = label if j == i else labels[j]
-    total += _edge_pair_cost(quadratic, pair_first, pair_next, e1, label, other)
-  for p in range(in_ptr[i], in_ptr[i + 1]):
-    e1 = in_edge[p]
-    total += _edge_pair_cost(quadratic, pair_first, pair_next, e1, labels[edges1[e1, 0]],
-                             label)
-  return total
-
-
-@njit(cache=True, nogil=True)
 def objective(unary, quadratic, edges1, edges2, labels):
   """Exact objective of a labelling [n1] (-1 = unmatched), in float64."""
   n2 = unary.shape[1]
-  pair_first, pair_next, _, _, _, _ = build_structures(unary.shape[0], n2, edges1, edges2)
+  graph = build_structures(unary.shape[0], n2, edges1, edges2)
+  pair_first, pair_next = graph[11], graph[12]
   total = 0.0
   for i in range(unary.shape[0]):
     if labels[i] >= 0:
@@ -168,96 +162,186 @@ def objective(unary, quadratic, edges1, edges2, labels):
   return total
 
 
-@njit(cache=True, nogil=True)
-def _move_delta(unary, quadratic, edges1, pair_first, pair_next, out_ptr, out_edge, in_ptr,
-                in_edge, labels, holder, i, label):
-  """Objective change of giving node i `label`; its holder (if any) takes i's old label."""
-  old = labels[i]
-  delta = (_local_cost(unary, quadratic, edges1, pair_first, pair_next, out_ptr, out_edge,
-                       in_ptr, in_edge, labels, i, label)
-           - _local_cost(unary, quadratic, edges1, pair_first, pair_next, out_ptr, out_edge,
-                         in_ptr, in_edge, labels, i, old))
-  if label >= 0 and holder[label] >= 0:
-    j = holder[label]
-    labels[i] = label
-    delta += (_local_cost(unary, quadratic, edges1, pair_first, pair_next, out_ptr, out_edge,
-                          in_ptr, in_edge, labels, j, old)
-              - _local_cost(unary, quadratic, edges1, pair_first, pair_next, out_ptr,
-                            out_edge, in_ptr, in_edge, labels, j, label))
-    labels[i] = old
-  return delta
 
 
 @njit(cache=True, nogil=True)
-def _apply_move(labels, holder, i, label):
-  """Give node i `label`; the label's previous holder takes i's old label. Returns it."""
+def _shift_label(local, quadratic, graph, node, old, new):
+  """Update `local` for `node` relabelled old -> new: only its graph-1 neighbours' rows move.
+
+  local[t, x + 1] holds the objective terms touching node t if t took label x (column 0:
+  unmatched, always 0). An edge e1 = (node, t) adds Q[e1, e2] to local[t, b + 1] for each
+  e2 = (label, b); an edge (s, node) adds Q[e1, e2] to local[s, a + 1] for e2 = (a, label).
+  Cost O(degree1 * degree2).
+  """
+  edges1, out1_ptr, out1_edge, in1_ptr, in1_edge = graph[0], graph[1], graph[2], graph[3], graph[4]
+  edges2, out2_ptr, out2_edge, in2_ptr, in2_edge = graph[6], graph[7], graph[8], graph[9], graph[10]
+  for p in range(out1_ptr[node], out1_ptr[node + 1]):
+    e1 = out1_edge[p]
+    t = edges1[e1, 1]
+    if t == node:
+      continue
+    if old >= 0:
+      for q in range(out2_ptr[old], out2_ptr[old + 1]):
+        e2 = out2_edge[q]
+        local[t, edges2[e2, 1] + 1] -= quadratic[e1, e2]
+    if new >= 0:
+      for q in range(out2_ptr[new], out2_ptr[new + 1]):
+        e2 = out2_edge[q]
+        local[t, edges2[e2, 1] + 1] += quadratic[e1, e2]
+  for p in range(in1_ptr[node], in1_ptr[node + 1]):
+    e1 = in1_edge[p]
+    s = edges1[e1, 0]
+    if old >= 0:
+      for q in range(in2_ptr[old], in2_ptr[old + 1]):
+        e2 = in2_edge[q]
+        local[s, edges2[e2, 0] + 1] -= quadratic[e1, e2]
+    if new >= 0:
+      for q in range(in2_ptr[new], in2_ptr[new + 1]):
+        e2 = in2_edge[q]
+        local[s, edges2[e2, 0] + 1] += quadratic[e1, e2]
+
+
+@njit(cache=True, nogil=True)
+def _local_costs(unary, quadratic, graph, labels):
+  """The [n1, n2 + 1] table of `_shift_label` for a labelling, built from scratch."""
+  n1, n2 = unary.shape
+  edges1, edges2 = graph[0], graph[6]
+  local = np.zeros((n1, n2 + 1))
+  local[:, 1:] = unary
+  for e1 in range(edges1.shape[0]):  # self loops (i, i): a static term of label a, e2 = (a, a)
+    i = edges1[e1, 0]
+    if edges1[e1, 1] == i:
+      for e2 in range(edges2.shape[0]):
+        if edges2[e2, 0] == edges2[e2, 1]:
+          local[i, edges2[e2, 0] + 1] += quadratic[e1, e2]
+  for j in range(n1):
+    if labels[j] >= 0:
+      _shift_label(local, quadratic, graph, j, -1, labels[j])
+  return local
+
+
+@njit(cache=True, nogil=True)
+def _swap_correction(quadratic, graph, i, j, a, b):
+  """Terms of edges between i and j that a swap (i: a -> b, j: b -> a) double-counts.
+
+  The swap delta is evaluated as i's relabel followed by j's; j's `local` row still has i
+  at a, so the edges (j, i) and (i, j) are re-evaluated here with i at b.
+  """
+  edges1, out1_ptr, out1_edge = graph[0], graph[1], graph[2]
+  pair_first, pair_next = graph[11], graph[12]
+  correction = 0.0
+  for p in range(out1_ptr[j], out1_ptr[j + 1]):
+    e1 = out1_edge[p]
+    if edges1[e1, 1] == i:
+      correction += (_edge_pair_cost(quadratic, pair_first, pair_next, e1, a, b)
+                     - _edge_pair_cost(quadratic, pair_first, pair_next, e1, a, a)
+                     - _edge_pair_cost(quadratic, pair_first, pair_next, e1, b, b)
+                     + _edge_pair_cost(quadratic, pair_first, pair_next, e1, b, a))
+  for p in range(out1_ptr[i], out1_ptr[i + 1]):
+    e1 = out1_edge[p]
+    if edges1[e1, 1] == j:
+      correction += (_edge_pair_cost(quadratic, pair_first, pair_next, e1, b, a)
+                     - _edge_pair_cost(quadratic, pair_first, pair_next, e1, a, a)
+                     - _edge_pair_cost(quadratic, pair_first, pair_next, e1, b, b)
+                     + _edge_pair_cost(quadratic, pair_first, pair_next, e1, a, b))
+  return correction
+
+
+@njit(cache=True, nogil=True)
+def _best_move(local, quadratic, graph, labels, holder, i):
+  """Best label for node i (its holder taking i's old label): (delta, label; -2 = none)."""
+  adjacent = graph[5]
+  a = labels[i]
+  here = local[i, a + 1]
+  best_delta = -_IMPROVEMENT_EPS
+  best_label = -2
+  for b in range(-1, local.shape[1] - 1):
+    if b == a:
+      continue
+    delta = local[i, b + 1] - here
+    if b >= 0:
+      j = holder[b]
+      if j >= 0:
+        delta += local[j, a + 1] - local[j, b + 1]
+        if adjacent[i, j]:
+          delta += _swap_correction(quadratic, graph, i, j, a, b)
+    if delta < best_delta:
+      best_delta = delta
+      best_label = b
+  return best_delta, best_label
+
+
+@njit(cache=True, nogil=True)
+def _relabel(local, quadratic, graph, labels, holder, node, new, log, log_len):
+  """Set one node's label, keeping `local` and `holder` in step; records it in `log`."""
+  old = labels[node]
+  if log_len < log.shape[0]:
+    log[log_len, 0] = node
+    log[log_len, 1] = old
+  log_len += 1
+  labels[node] = new
+  _shift_label(local, quadratic, graph, node, old, new)
+  if new >= 0:
+    holder[new] = node
+  if old >= 0 and holder[old] == node:
+    holder[old] = -1
+  return log_len
+
+
+@njit(cache=True, nogil=True)
+def _move(local, quadratic, graph, labels, holder, i, label, log, log_len):
+  """Give node i `label`; the label's holder (returned, -1 if none) takes i's old label."""
   old = labels[i]
   j = holder[label] if label >= 0 else -1
-  labels[i] = label
-  if label >= 0:
-    holder[label] = i
-  if old >= 0:
-    holder[old] = j
+  log_len = _relabel(local, quadratic, graph, labels, holder, i, label, log, log_len)
   if j >= 0:
-    labels[j] = old
-  return j
+    log_len = _relabel(local, quadratic, graph, labels, holder, j, old, log, log_len)
+  return j, log_len
 
 
 @njit(cache=True, nogil=True)
-def _activate(node, edges1, out_ptr, out_edge, in_ptr, in_edge, active, queue, queue_len):
+def _activate(node, graph, active, queue, queue_len):
   """Push a node and its graph-1 neighbours on the work stack (once each)."""
+  edges1, out1_ptr, out1_edge, in1_ptr, in1_edge = graph[0], graph[1], graph[2], graph[3], graph[4]
   if not active[node]:
     active[node] = True
     queue[queue_len] = node
     queue_len += 1
-  for p in range(out_ptr[node], out_ptr[node + 1]):
-    j = edges1[out_edge[p], 1]
-    if not active[j]:
-      active[j] = True
-      queue[queue_len] = j
+  for p in range(out1_ptr[node], out1_ptr[node + 1]):
+    t = edges1[out1_edge[p], 1]
+    if not active[t]:
+      active[t] = True
+      queue[queue_len] = t
       queue_len += 1
-  for p in range(in_ptr[node], in_ptr[node + 1]):
-    j = edges1[in_edge[p], 0]
-    if not active[j]:
-      active[j] = True
-      queue[queue_len] = j
+  for p in range(in1_ptr[node], in1_ptr[node + 1]):
+    s = edges1[in1_edge[p], 0]
+    if not active[s]:
+      active[s] = True
+      queue[queue_len] = s
       queue_len += 1
   return queue_len
 
 
 @njit(cache=True, nogil=True)
-def _descend(unary, quadratic, edges1, pair_first, pair_next, out_ptr, out_edge, in_ptr,
-             in_edge, labels, holder, active, queue, queue_len):
+def _descend(local, quadratic, graph, labels, holder, active, queue, queue_len, log, log_len):
   """Best-improvement descent over relabel / insert / remove / swap moves.
 
   Only the nodes on the stack are examined; an applied move re-activates the moved nodes
-  and their graph-1 neighbours (whose move deltas changed). Returns the objective change.
+  and their graph-1 neighbours (whose `local` rows changed). Returns (change, log_len).
   """
-  n2 = unary.shape[1]
   change = 0.0
   while queue_len > 0:
     queue_len -= 1
     i = queue[queue_len]
     active[i] = False
-    best_delta = -_IMPROVEMENT_EPS
-    best_label = -2
-    for label in range(-1, n2):
-      if label == labels[i]:
-        continue
-      delta = _move_delta(unary, quadratic, edges1, pair_first, pair_next, out_ptr,
-                          out_edge, in_ptr, in_edge, labels, holder, i, label)
-      if delta < best_delta:
-        best_delta = delta
-        best_label = label
-    if best_label != -2:
-      j = _apply_move(labels, holder, i, best_label)
-      change += best_delta
-      queue_len = _activate(i, edges1, out_ptr, out_edge, in_ptr, in_edge, active, queue,
-                            queue_len)
+    delta, label = _best_move(local, quadratic, graph, labels, holder, i)
+    if label != -2:
+      j, log_len = _move(local, quadratic, graph, labels, holder, i, label, log, log_len)
+      change += delta
+      queue_len = _activate(i, graph, active, queue, queue_len)
       if j >= 0:
-        queue_len = _activate(j, edges1, out_ptr, out_edge, in_ptr, in_edge, active, queue,
-                              queue_len)
-  return change
+        queue_len = _activate(j, graph, active, queue, queue_len)
+  return change, log_len
 
 
 @njit(cache=True, nogil=True)
@@ -271,27 +355,8 @@ def _holders(labels, n2):
 
 
 @njit(cache=True, nogil=True)
-def descend_to_local_optimum(unary, quadratic, edges1, edges2, labels):
-  """Sweep every node until no single move improves (in place): a true local optimum."""
-  n1, n2 = unary.shape
-  pair_first, pair_next, out_ptr, out_edge, in_ptr, in_edge = build_structures(
-      n1, n2, edges1, edges2)
-  holder = _holders(labels, n2)
-  active = np.zeros(n1, np.bool_)
-  queue = np.empty(n1, np.int64)
-  while True:
-    for i in range(n1 - 1, -1, -1):
-      active[i] = True
-      queue[n1 - 1 - i] = i
-    change = _descend(unary, quadratic, edges1, pair_first, pair_next, out_ptr, out_edge,
-                      in_ptr, in_edge, labels, holder, active, queue, n1)
-    if change == 0.0:
-      return
-
-
-@njit(cache=True, nogil=True)
 def _next_random(rng_state, bound):
-  """xorshift64* step; a uniform-ish integer in [0, bound). State lives in rng_state[0]."""
+  """xorshift64* step; an integer in [0, bound). The state lives in rng_state[0]."""
   x = rng_state[0]
   x ^= x >> np.uint64(12)
   x ^= x << np.uint64(25)
@@ -301,50 +366,63 @@ def _next_random(rng_state, bound):
 
 
 @njit(cache=True, nogil=True)
-def iterated_local_search(unary, quadratic, edges1, edges2, labels, rng_state, iterations,
-                          max_kick):
-  """`iterations` rounds of kick + local descent from the best labelling (in place).
+def improve(unary, quadratic, edges1, edges2, labels, rng_state, iterations, max_kick):
+  """Descend to a local optimum, then run `iterations` kick + descent rounds (in place).
 
-  A round relabels 1..max_kick random nodes (each to a random label or unmatched, swapping
-  with the holder), descends from the touched nodes, and keeps the result if it is no worse
-  than the best (sideways moves let it drift across plateaus), else restores the best.
-  Everything random comes from rng_state, so the result is a function of the inputs, the
-  seed and the iteration count. Returns the best labelling's objective change (<= 0).
+  The first descent sweeps every node until no move improves. A round then relabels
+  1..max_kick random nodes (each to a random label or unmatched, swapping with the
+  holder), descends from the touched nodes, and keeps the result if it is no worse than
+  the best (sideways moves let it drift across plateaus); otherwise it undoes the round's
+  relabellings from a log (or rebuilds from the best labels if the log overflowed).
+  Everything random comes from rng_state, so the result depends
+  only on the inputs, the seed and the iteration count.
   """
   n1, n2 = unary.shape
-  pair_first, pair_next, out_ptr, out_edge, in_ptr, in_edge = build_structures(
-      n1, n2, edges1, edges2)
+  graph = build_structures(n1, n2, edges1, edges2)
   holder = _holders(labels, n2)
-  best_labels = labels.copy()
+  local = _local_costs(unary, quadratic, graph, labels)
   active = np.zeros(n1, np.bool_)
   queue = np.empty(n1, np.int64)
-  best = 0.0
-  current = 0.0
+  log = np.empty((16 * n1 + 64, 2), np.int64)
+  no_log = np.empty((0, 2), np.int64)
+  while True:
+    for i in range(n1):
+      active[i] = True
+      queue[i] = n1 - 1 - i
+    change, _ = _descend(local, quadratic, graph, labels, holder, active, queue, n1, no_log, 0)
+    if change == 0.0:
+      break
+  best_labels = labels.copy()
   for _ in range(iterations):
+    current = 0.0
     queue_len = 0
+    log_len = 0
     kicks = 1 + _next_random(rng_state, max_kick)
     for _ in range(kicks):
       i = _next_random(rng_state, n1)
       label = _next_random(rng_state, n2 + 1) - 1
-      if label == labels[i]:
+      a = labels[i]
+      if label == a:
         continue
-      current += _move_delta(unary, quadratic, edges1, pair_first, pair_next, out_ptr,
-                             out_edge, in_ptr, in_edge, labels, holder, i, label)
-      j = _apply_move(labels, holder, i, label)
-      queue_len = _activate(i, edges1, out_ptr, out_edge, in_ptr, in_edge, active, queue,
-                            queue_len)
+      current += local[i, label + 1] - local[i, a + 1]
+      if label >= 0 and holder[label] >= 0:
+        j = holder[label]
+        current += local[j, a + 1] - local[j, label + 1]
+        if graph[5][i, j]:
+          current += _swap_correction(quadratic, graph, i, j, a, label)
+      j, log_len = _move(local, quadratic, graph, labels, holder, i, label, log, log_len)
+      queue_len = _activate(i, graph, active, queue, queue_len)
       if j >= 0:
-        queue_len = _activate(j, edges1, out_ptr, out_edge, in_ptr, in_edge, active, queue,
-                              queue_len)
-    current += _descend(unary, quadratic, edges1, pair_first, pair_next, out_ptr, out_edge,
-                        in_ptr, in_edge, labels, holder, active, queue, queue_len)
-    if current <= best + _IMPROVEMENT_EPS:
-      best = min(best, current)
-      current = best
+        queue_len = _activate(j, graph, active, queue, queue_len)
+    change, log_len = _descend(local, quadratic, graph, labels, holder, active, queue,
+                               queue_len, log, log_len)
+    current += change
+    if current <= _IMPROVEMENT_EPS:
       best_labels[:] = labels
+    elif log_len <= log.shape[0]:
+      for r in range(log_len - 1, -1, -1):
+        _relabel(local, quadratic, graph, labels, holder, log[r, 0], log[r, 1], no_log, 0)
     else:
       labels[:] = best_labels
       holder = _holders(labels, n2)
-      current = best
-  labels[:] = best_labels
-  return best
+      local = _local_costs(unary, quadratic, graph, labels)
