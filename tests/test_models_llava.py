@@ -14,7 +14,7 @@ from configs import base, model_presets
 from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig
 from exgra_jax.models.decode import greedy_decode
 from exgra_jax.models.llava import LlavaModel
-from models_torch_weights import hf_llava_config, llava_params
+from models_torch_weights import hf_llava_config, llava_params, stack_layers
 
 TOL = 1e-4  # max-abs on logits, image features and text features
 IMAGE_TOKEN = 63
@@ -191,3 +191,16 @@ def test_logical_axes_map_onto_the_base_mesh_without_conflicts():
         else shardings["llm"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
     assert kernel.spec == jax.sharding.PartitionSpec(
         *(((None,) if cfg.llm.scan_layers else ()) + ("fsdp", "tensor")))
+
+
+def test_greedy_decode_with_scanned_rematerialised_layers(pair):
+  """The 7B preset's layout (scan + remat) decodes the same tokens as the unscanned one."""
+  _, params = pair
+  ids, mask, pixels = _inputs((24, 20))
+  scanned = dataclasses.replace(CFG, llm=dataclasses.replace(CFG.llm, scan_layers=True,
+                                                             remat="full"))
+  stacked = dict(params, llm=stack_layers(params["llm"], CFG.llm.num_layers))
+  args = (ids, mask, ids == IMAGE_TOKEN, pixels.transpose(0, 2, 3, 1))
+  kw = dict(max_new_tokens=6, eos_id=-1, pad_id=0)
+  np.testing.assert_array_equal(greedy_decode(LlavaModel(scanned), stacked, *args, **kw),
+                                greedy_decode(LlavaModel(CFG), params, *args, **kw))
