@@ -1,0 +1,52 @@
+"""NamedShardings of the train state (from the params' logical axis names) and the batch."""
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def logical_rules(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
+  """`config.logical_axis_rules` as the tuple of pairs flax expects (lists -> tuples)."""
+  out = []
+  for rule in rules:
+    if len(rule) != 2:
+      raise ValueError(f"logical axis rule {rule!r} is not a (logical, mesh axes) pair")
+    name, axes = rule
+    out.append((name, tuple(axes) if isinstance(axes, list) else axes))
+  return tuple(out)
+
+
+def param_shardings(boxed_params: Any, mesh: jax.sharding.Mesh,
+                    rules: Sequence[Sequence[Any]]) -> Any:
+  """Tree of NamedShardings for a tree of `nn.LogicallyPartitioned` (or abstract) params.
+
+  Leaves without logical names are replicated.
+  """
+  specs = nn.get_partition_spec(boxed_params)
+  return nn.logical_to_mesh_sharding(specs, mesh, logical_rules(rules))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Leading (sample) axis split over data x fsdp; the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def shard_batch(batch: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """Host numpy batch (the global batch, same on every process) -> global jax.Arrays."""
+  sharding = batch_sharding(mesh)
+  size = mesh.shape["data"] * mesh.shape["fsdp"]
+  out = {}
+  for key, value in batch.items():
+    if value.shape[0] % size:
+      raise ValueError(f"batch[{key!r}] has {value.shape[0]} samples, not divisible by the "
+                       f"{size} data x fsdp shards")
+    out[key] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
+  return out
