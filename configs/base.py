@@ -135,6 +135,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       ("gnn", None),
   )
 
+  # --- multi-host start-up (jax.distributed.initialize) ---------------------------------
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.mode = "none"       # none | auto (TPU / SLURM detection) | explicit (fields below)
+  c.distributed.coordinator_address = ""  # explicit: "host:port" of process 0
+  c.distributed.num_processes = 1   # explicit: total processes
+  c.distributed.process_id = 0      # explicit: this process's index
+  c.distributed.cpu_collectives = "gloo"  # CPU-only runs: collectives implementation (gloo | mpi)
+
   # --- checkpoints, logs, dashboards ---------------------------------------------------
   c.train = ml_collections.ConfigDict()
   c.train.log_every = 10            # steps between scalar summaries
