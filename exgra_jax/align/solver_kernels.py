@@ -10,7 +10,8 @@ Data layout (n1, n2 nodes; E1, E2 edges; labels are right-node indices or -1 = u
   edges are summed like the dense problem sums them.
 - `out1_ptr / out1_edge`, `in1_ptr / in1_edge`: CSR lists of the graph-1 edges leaving and
   entering each node (a self loop (i, i) is listed as leaving only); `out2 / in2` the same
-  for graph 2 (self loops in both); `adjacent[i, j]`: an edge joins i and j in graph 1.
+  for graph 2 (self loops in both); `link_first[min(i, j), max(i, j)]` / `link_next`: the
+  graph-1 edges joining i and j (either direction), as a list like `pair_first`.
   `build_structures` returns them as one tuple, `graph`, in that order.
 - `local[i, x + 1]` (see `_shift_label`): the objective terms touching node i if it took
   label x, the other labels fixed; kept up to date incrementally, so that every move's
@@ -124,13 +125,16 @@ def build_structures(n1, n2, edges1, edges2):
   in1_ptr, in1_edge = _csr(n1, edges1[:, 1], not_loop1)
   out2_ptr, out2_edge = _csr(n2, edges2[:, 0], every2)
   in2_ptr, in2_edge = _csr(n2, edges2[:, 1], every2)
-  adjacent = np.zeros((n1, n1), np.bool_)
-  for e in range(edges1.shape[0]):
+  link_first = np.full((n1, n1), -1, np.int64)
+  link_next = np.full(edges1.shape[0], -1, np.int64)
+  for e in range(edges1.shape[0] - 1, -1, -1):
     if not_loop1[e]:
-      adjacent[edges1[e, 0], edges1[e, 1]] = True
-      adjacent[edges1[e, 1], edges1[e, 0]] = True
-  return (edges1, out1_ptr, out1_edge, in1_ptr, in1_edge, adjacent, edges2, out2_ptr,
-          out2_edge, in2_ptr, in2_edge, pair_first, pair_next)
+      low = min(edges1[e, 0], edges1[e, 1])
+      high = max(edges1[e, 0], edges1[e, 1])
+      link_next[e] = link_first[low, high]
+      link_first[low, high] = e
+  return (edges1, out1_ptr, out1_edge, in1_ptr, in1_edge, link_first, link_next, edges2,
+          out2_ptr, out2_edge, in2_ptr, in2_edge, pair_first, pair_next)
 
 
 @njit(cache=True, nogil=True)
@@ -151,7 +155,7 @@ def objective(unary, quadratic, edges1, edges2, labels):
   """Exact objective of a labelling [n1] (-1 = unmatched), in float64."""
   n2 = unary.shape[1]
   graph = build_structures(unary.shape[0], n2, edges1, edges2)
-  pair_first, pair_next = graph[11], graph[12]
+  pair_first, pair_next = graph[12], graph[13]
   total = 0.0
   for i in range(unary.shape[0]):
     if labels[i] >= 0:
@@ -174,7 +178,7 @@ def _shift_label(local, quadratic, graph, node, old, new):
   Cost O(degree1 * degree2).
   """
   edges1, out1_ptr, out1_edge, in1_ptr, in1_edge = graph[0], graph[1], graph[2], graph[3], graph[4]
-  edges2, out2_ptr, out2_edge, in2_ptr, in2_edge = graph[6], graph[7], graph[8], graph[9], graph[10]
+  edges2, out2_ptr, out2_edge, in2_ptr, in2_edge = graph[7], graph[8], graph[9], graph[10], graph[11]
   for p in range(out1_ptr[node], out1_ptr[node + 1]):
     e1 = out1_edge[p]
     t = edges1[e1, 1]
@@ -205,7 +209,7 @@ def _shift_label(local, quadratic, graph, node, old, new):
 def _local_costs(unary, quadratic, graph, labels):
   """The [n1, n2 + 1] table of `_shift_label` for a labelling, built from scratch."""
   n1, n2 = unary.shape
-  edges1, edges2 = graph[0], graph[6]
+  edges1, edges2 = graph[0], graph[7]
   local = np.zeros((n1, n2 + 1))
   local[:, 1:] = unary
   for e1 in range(edges1.shape[0]):  # self loops (i, i): a static term of label a, e2 = (a, a)
@@ -221,41 +225,23 @@ def _local_costs(unary, quadratic, graph, labels):
 
 
 @njit(cache=True, nogil=True)
-def _swap_correction(quadratic, graph, i, j, a, b):
-  """Terms of edges between i and j that a swap (i: a -> b, j: b -> a) double-counts.
+def _best_move(local, quadratic, graph, labels, holder, i, first, stop, threshold):
+  """Best label b in [first, stop) for node i, its holder j (if any) taking i's label a.
 
-  The swap delta is evaluated as i's relabel followed by j's; j's `local` row still has i
-  at a, so the edges (j, i) and (i, j) are re-evaluated here with i at b.
+  Returns (delta, b) for the lowest objective change below `threshold`, b = -2 if none.
+  Relabel / insert / remove deltas read `local` directly. A swap is i's relabel followed
+  by j's; j's `local` row still has i at a, so the edges e1 joining i and j (either
+  direction) are re-evaluated: each adds P(a, b) + P(b, a) - P(a, a) - P(b, b), where
+  P(x, y) = sum of Q[e1, e2] over e2 = (x, y). (Kept in one loop: a per-candidate helper
+  call costs more than the candidate itself.)
   """
-  edges1, out1_ptr, out1_edge = graph[0], graph[1], graph[2]
-  pair_first, pair_next = graph[11], graph[12]
-  correction = 0.0
-  for p in range(out1_ptr[j], out1_ptr[j + 1]):
-    e1 = out1_edge[p]
-    if edges1[e1, 1] == i:
-      correction += (_edge_pair_cost(quadratic, pair_first, pair_next, e1, a, b)
-                     - _edge_pair_cost(quadratic, pair_first, pair_next, e1, a, a)
-                     - _edge_pair_cost(quadratic, pair_first, pair_next, e1, b, b)
-                     + _edge_pair_cost(quadratic, pair_first, pair_next, e1, b, a))
-  for p in range(out1_ptr[i], out1_ptr[i + 1]):
-    e1 = out1_edge[p]
-    if edges1[e1, 1] == j:
-      correction += (_edge_pair_cost(quadratic, pair_first, pair_next, e1, b, a)
-                     - _edge_pair_cost(quadratic, pair_first, pair_next, e1, a, a)
-                     - _edge_pair_cost(quadratic, pair_first, pair_next, e1, b, b)
-                     + _edge_pair_cost(quadratic, pair_first, pair_next, e1, a, b))
-  return correction
-
-
-@njit(cache=True, nogil=True)
-def _best_move(local, quadratic, graph, labels, holder, i):
-  """Best label for node i (its holder taking i's old label): (delta, label; -2 = none)."""
-  adjacent = graph[5]
+  link_first, link_next = graph[5], graph[6]
+  pair_first, pair_next = graph[12], graph[13]
   a = labels[i]
   here = local[i, a + 1]
-  best_delta = -_IMPROVEMENT_EPS
+  best_delta = threshold
   best_label = -2
-  for b in range(-1, local.shape[1] - 1):
+  for b in range(first, stop):
     if b == a:
       continue
     delta = local[i, b + 1] - here
@@ -263,8 +249,15 @@ def _best_move(local, quadratic, graph, labels, holder, i):
       j = holder[b]
       if j >= 0:
         delta += local[j, a + 1] - local[j, b + 1]
-        if adjacent[i, j]:
-          delta += _swap_correction(quadratic, graph, i, j, a, b)
+        e1 = link_first[min(i, j), max(i, j)]
+        while e1 >= 0:
+          for x, y, sign in ((a, b, 1.0), (b, a, 1.0), (a, a, -1.0), (b, b, -1.0)):
+            if x >= 0 and y >= 0:
+              e2 = pair_first[x, y]
+              while e2 >= 0:
+                delta += sign * quadratic[e1, e2]
+                e2 = pair_next[e2]
+          e1 = link_next[e1]
     if delta < best_delta:
       best_delta = delta
       best_label = b
@@ -334,7 +327,8 @@ def _descend(local, quadratic, graph, labels, holder, active, queue, queue_len, 
     queue_len -= 1
     i = queue[queue_len]
     active[i] = False
-    delta, label = _best_move(local, quadratic, graph, labels, holder, i)
+    delta, label = _best_move(local, quadratic, graph, labels, holder, i, -1,
+                              local.shape[1] - 1, -_IMPROVEMENT_EPS)
     if label != -2:
       j, log_len = _move(local, quadratic, graph, labels, holder, i, label, log, log_len)
       change += delta
@@ -404,12 +398,9 @@ def improve(unary, quadratic, edges1, edges2, labels, rng_state, iterations, max
       a = labels[i]
       if label == a:
         continue
-      current += local[i, label + 1] - local[i, a + 1]
-      if label >= 0 and holder[label] >= 0:
-        j = holder[label]
-        current += local[j, a + 1] - local[j, label + 1]
-        if graph[5][i, j]:
-          current += _swap_correction(quadratic, graph, i, j, a, label)
+      delta, _ = _best_move(local, quadratic, graph, labels, holder, i, label, label + 1,
+                            np.inf)
+      current += delta
       j, log_len = _move(local, quadratic, graph, labels, holder, i, label, log, log_len)
       queue_len = _activate(i, graph, active, queue, queue_len)
       if j >= 0:
