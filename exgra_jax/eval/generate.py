@@ -1,0 +1,156 @@
+"""Batched text generation on top of the model's KV-cache entry points.
+
+Why the shapes are fixed: every distinct (batch, prompt length, max_new_tokens) is one
+XLA compilation, so prompts are right-padded to the smallest of a few length buckets and
+the last partial batch is filled with copies of its first prompt (their outputs are
+dropped). Greedy decoding is `models.decode.greedy_decode` (token-identical to
+transformers' `generate`); temperature sampling draws from softmax(logits / T) with JAX
+keys. The `###` stop string is applied to the decoded text, as the release's
+`KeywordsStoppingCriteria` does, together with its answer clean-up (`clean_answer`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from exgra_jax.models.decode import greedy_decode
+from exgra_jax.models.llama import init_cache
+from exgra_jax.models.llava import LlavaModel
+
+_LEADING_TAGS = ("###", "Assistant:", "Response:")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+  """Decoding settings (from config.eval): batch size, buckets, max_new_tokens, T, stop."""
+  batch_size: int
+  length_buckets: tuple[int, ...]
+  max_new_tokens: int
+  temperature: float = 0.0
+  stop: str = "###"
+
+  def __post_init__(self):
+    if self.batch_size < 1 or self.max_new_tokens < 1 or self.temperature < 0:
+      raise ValueError(f"invalid generation settings: {self}")
+    if not self.length_buckets or list(self.length_buckets) != sorted(self.length_buckets):
+      raise ValueError(f"length_buckets must be non-empty and ascending: {self.length_buckets}")
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket that holds `length` tokens."""
+  for bucket in buckets:
+    if length <= bucket:
+      return bucket
+  raise ValueError(f"prompt of {length} tokens exceeds the largest length bucket {buckets[-1]}")
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Token id lists -> right-padded ids [B, length] and attention mask [B, length]."""
+  ids = np.full((len(prompts), length), pad_id, np.int32)
+  mask = np.zeros((len(prompts), length), np.int32)
+  for row, prompt in enumerate(prompts):
+    if not prompt:
+      raise ValueError(f"prompt {row} is empty")
+    ids[row, :len(prompt)] = prompt
+    mask[row, :len(prompt)] = 1
+  return ids, mask
+
+
+def sample_decode(model: LlavaModel, params, input_ids: jax.Array, attention_mask: jax.Array,
+                  image_mask: jax.Array, pixel_values: jax.Array | None, key: jax.Array, *,
+                  max_new_tokens: int, temperature: float, eos_id: int, pad_id: int
+                  ) -> jax.Array:
+  """Like `greedy_decode`, drawing each token from softmax(logits / temperature)."""
+  batch, length = input_ids.shape
+  cache = init_cache(model.cfg.llm, batch, length + max_new_tokens)
+  variables = {"params": params}
+  logits, cache, positions = model.apply(variables, input_ids, attention_mask, image_mask,
+                                         pixel_values, cache, method=LlavaModel.prefill)
+  keys = jax.random.split(key, max_new_tokens)
+  draw = lambda logits, k: jax.random.categorical(k, logits / temperature).astype(jnp.int32)
+  first = draw(logits, keys[0])
+  out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+
+  def step(i, state):
+    out, cache, positions, done = state
+    logits, cache = model.apply(variables, out[:, i - 1], positions, cache,
+                                method=LlavaModel.decode_step)
+    token = jnp.where(done, pad_id, draw(logits, keys[i]))
+    return out.at[:, i].set(token), cache, positions + 1, done | (token == eos_id)
+
+  out, *_ = jax.lax.fori_loop(1, max_new_tokens, step,
+                              (out, cache, positions, first == eos_id))
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature",
+                                             "eos_id", "pad_id"))
+def decode_batch(model: LlavaModel, params, input_ids, attention_mask, image_mask,
+                 pixel_values, key, *, max_new_tokens: int, temperature: float, eos_id: int,
+                 pad_id: int) -> jax.Array:
+  """One compiled decode: greedy when temperature == 0, sampling otherwise."""
+  if temperature == 0:
+    return greedy_decode(model, params, input_ids, attention_mask, image_mask, pixel_values,
+                         max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+  return sample_decode(model, params, input_ids, attention_mask, image_mask, pixel_values,
+                       key, max_new_tokens=max_new_tokens, temperature=temperature,
+                       eos_id=eos_id, pad_id=pad_id)
+
+
+def clean_answer(text: str, stop: str) -> str:
+  """The release's post-processing: strip leading ###/Assistant:/Response:, cut at `stop`."""
+  while True:
+    before = len(text)
+    text = text.strip()
+    for tag in _LEADING_TAGS:
+      if text.startswith(tag):
+        text = text[len(tag):].strip()
+    if len(text) == before:
+      break
+  return text.split(stop, 1)[0].strip() if stop else text
+
+
+def generate(model: LlavaModel, params, prompts: Sequence[Sequence[int]],
+             pixel_values: np.ndarray | None, settings: GenerationSettings, *,
+             image_patch_id: int, eos_id: int, pad_id: int,
+             detokenize: Callable[[Sequence[int]], str], key: jax.Array | None = None,
+             batch_sharding: jax.sharding.Sharding | None = None) -> list[str]:
+  """Prompts (token ids, image already expanded) + images [P, S, S, 3] -> answers.
+
+  `batch_sharding`, when given (the training mesh's data sharding), places each batch's
+  arrays on the mesh; params must already be placed. Returns one cleaned answer per prompt.
+  """
+  if pixel_values is not None and len(pixel_values) != len(prompts):
+    raise ValueError(f"{len(prompts)} prompts but {len(pixel_values)} images")
+  key = jax.random.key(0) if key is None else key
+  answers: list[str] = []
+  size = settings.batch_size
+  for start in range(0, len(prompts), size):
+    chunk = list(prompts[start:start + size])
+    real = len(chunk)
+    chunk += [chunk[0]] * (size - real)
+    length = bucket_length(max(len(p) for p in chunk), settings.length_buckets)
+    ids, mask = pad_prompts(chunk, length, pad_id)
+    arrays = [ids, mask, (ids == image_patch_id) & (mask == 1)]
+    if pixel_values is not None:
+      pixels = pixel_values[start:start + real]
+      arrays.append(np.concatenate([pixels] + [pixels[:1]] * (size - real)))
+    if batch_sharding is not None:
+      arrays = [jax.device_put(a, batch_sharding) for a in arrays]
+    pixels_arg = arrays[3] if pixel_values is not None else None
+    key, step_key = jax.random.split(key)
+    tokens = np.asarray(decode_batch(
+        model, params, arrays[0], arrays[1], arrays[2], pixels_arg, step_key,
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+        eos_id=eos_id, pad_id=pad_id))
+    for row in tokens[:real]:
+      ends = np.flatnonzero(row == eos_id)
+      kept = row[:ends[0]] if ends.size else row
+      answers.append(clean_answer(detokenize(kept.tolist()), settings.stop))
+  return answers
