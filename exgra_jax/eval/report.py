@@ -1,0 +1,101 @@
+"""The protocol report written beside every evaluation's answers (SPEC.md section 5).
+
+Why: published VQA numbers of LLaVA-Med-style models are often not reproducible because
+the protocol is implicit (candidate file, template, a tower that failed to load, open /
+closed counts). The report makes it explicit and checkable: sha256 of the checkpoint and
+of every data file, split sizes, template text, decoding settings, metric definitions and
+version, and the metrics, as `protocol.json` plus a short `protocol.md` table.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from exgra_jax.eval.vqa_metrics import METRIC_DEFINITIONS, METRICS_VERSION
+
+_CHUNK = 1 << 20
+
+
+class IncompleteWeights(RuntimeError):
+  """The loader reported parameters it could not fill: the model must not be evaluated."""
+
+
+def require_complete_weights(load_report: Mapping[str, Any]) -> None:
+  """Raises IncompleteWeights when the loader's report lists missing parameters.
+
+  `load_report` is the loader's `{"missing": [names], "unexpected": [names]}`; unexpected
+  names are tolerated (the release's checkpoints carry optimizer leftovers), missing are not.
+  """
+  if "missing" not in load_report:
+    raise ValueError("load report must say which parameters are missing ('missing' key)")
+  missing = list(load_report["missing"])
+  if missing:
+    raise IncompleteWeights(f"{len(missing)} parameters did not load, refusing to evaluate: "
+                            f"{missing[:8]}")
+
+
+def sha256_path(path: str) -> str:
+  """sha256 of a file, or of a directory as its sorted (relative path, content) pairs."""
+  digest = hashlib.sha256()
+  if os.path.isdir(path):
+    files = sorted(os.path.relpath(os.path.join(root, name), path)
+                   for root, _, names in os.walk(path) for name in names)
+    for name in files:
+      digest.update(name.encode() + b"\0")
+      digest.update(bytes.fromhex(sha256_path(os.path.join(path, name))))
+    return digest.hexdigest()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(_CHUNK), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def build_report(*, checkpoint: str, data_files: Mapping[str, str], template: str,
+                 decoding: Mapping[str, Any], metrics: Mapping[str, Any],
+                 load_report: Mapping[str, Any]) -> dict[str, Any]:
+  """The protocol as a JSON-able dict; refuses incomplete weights first."""
+  require_complete_weights(load_report)
+  split = {name: metrics[name]["count"] for name in ("OPEN", "CLOSED", "overall")
+           if name in metrics}
+  return {
+      "checkpoint": {"path": os.path.abspath(checkpoint), "sha256": sha256_path(checkpoint),
+                     "unexpected_parameters": list(load_report.get("unexpected", []))},
+      "data_files": {name: {"path": os.path.abspath(path), "sha256": sha256_path(path)}
+                     for name, path in data_files.items()},
+      "split_sizes": split,
+      "template": template,
+      "decoding": dict(decoding),
+      "metrics_version": METRICS_VERSION,
+      "metric_definitions": METRIC_DEFINITIONS,
+      "metrics": dict(metrics),
+  }
+
+
+def markdown_table(report: Mapping[str, Any]) -> str:
+  """A short human-readable summary of the report's headline numbers."""
+  metrics = report["metrics"]
+  rows = [("checkpoint sha256", report["checkpoint"]["sha256"][:16]),
+          ("metrics version", report["metrics_version"]),
+          ("open / closed", f"{report['split_sizes'].get('OPEN', 0)} / "
+                            f"{report['split_sizes'].get('CLOSED', 0)}")]
+  for name in ("open_recall", "closed_accuracy", "selection_score"):
+    value = metrics.get(name)
+    rows.append((name, "n/a" if value is None else f"{100 * value:.2f}"))
+  for name, value in sorted(report["decoding"].items()):
+    rows.append((f"decoding.{name}", str(value)))
+  lines = ["| item | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+  return "\n".join(lines) + "\n"
+
+
+def write_report(directory: str, report: Mapping[str, Any]) -> None:
+  """Writes protocol.json and protocol.md into `directory` (created if needed)."""
+  os.makedirs(directory, exist_ok=True)
+  for name, text in (("protocol.json", json.dumps(report, indent=2, sort_keys=True)),
+                     ("protocol.md", markdown_table(report))):
+    tmp = os.path.join(directory, f".{name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(directory, name))
