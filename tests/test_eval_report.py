@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from exgra_jax.eval import prompts, report
+from exgra_jax.eval import answers, prompts, report
 
 
 def test_simple_prompt_is_the_release_conversation():
@@ -65,3 +65,24 @@ def test_report_refuses_incomplete_weights(tmp_path):
                         load_report={"missing": ["vision/a", "vision/b"]})
   with pytest.raises(ValueError, match="'missing' key"):
     report.require_complete_weights({})
+
+
+def test_answers_file_is_release_format_and_resumes(tmp_path):
+  path = str(tmp_path / "answers.jsonl")
+  calls = []
+  def answer_batch(batch):
+    calls.append(list(batch))
+    if len(calls) == 2:
+      raise KeyboardInterrupt  # interrupted after the first chunk was written
+    return [p.upper() for p in batch]
+  questions = [("1", "a"), ("2", "b"), ("3", "c")]
+  with pytest.raises(KeyboardInterrupt):
+    answers.answer_all(questions, answer_batch, path, "m", chunk_size=2)
+  lines = [json.loads(l) for l in open(path)]
+  assert [l["question_id"] for l in lines] == ["1", "2"]
+  assert set(lines[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+  records = answers.answer_all(questions, lambda b: [p.upper() for p in b], path, "m", 2)
+  assert [r["text"] for r in records] == ["A", "B", "C"]
+  assert len(open(path).readlines()) == 3
+  with pytest.raises(ValueError, match="returned 0 answers"):
+    answers.answer_all([("9", "x")], lambda b: [], path, "m", 1)

@@ -1,0 +1,45 @@
+"""Answers files in the LLaVA-Med release's jsonl format, written resumably.
+
+One line per question: `{"question_id", "prompt", "text", "answer_id", "model_id",
+"metadata"}` (model_vqa.py's fields; `answer_id` is a random id there, here a stable hash
+of model, question and answer so that reruns are reproducible). Questions are answered in
+chunks and each finished chunk is appended at once, so an interrupted VQA or chatbot run
+resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from exgra_jax.eval.jsonl_store import JsonlStore
+
+
+def answer_record(question_id: str, prompt: str, text: str, model_id: str,
+                  metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """One line of the answers file."""
+  answer_id = hashlib.sha256(f"{model_id}\0{question_id}\0{text}".encode()).hexdigest()[:22]
+  return {"question_id": question_id, "prompt": prompt, "text": text, "answer_id": answer_id,
+          "model_id": model_id, "metadata": dict(metadata or {})}
+
+
+def answer_all(questions: Sequence[tuple[str, str]],
+               answer_batch: Callable[[Sequence[str]], Sequence[str]], path: str,
+               model_id: str, chunk_size: int) -> list[dict[str, Any]]:
+  """(question id, prompt) pairs -> answers file at `path`, skipping ids already there.
+
+  `answer_batch` maps a list of prompts to as many answers (e.g. `generate.generate`
+  behind a tokenizer). Returns the records of all questions, in question order.
+  """
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  store = JsonlStore(path, key="question_id")
+  todo = [(str(qid), prompt) for qid, prompt in questions if str(qid) not in store]
+  for start in range(0, len(todo), chunk_size):
+    chunk = todo[start:start + chunk_size]
+    texts = answer_batch([prompt for _, prompt in chunk])
+    if len(texts) != len(chunk):
+      raise ValueError(f"answer_batch returned {len(texts)} answers for {len(chunk)} prompts")
+    for (qid, prompt), text in zip(chunk, texts):
+      store.add(answer_record(qid, prompt, text, model_id))
+  return [store.records[str(qid)] for qid, _ in questions]
