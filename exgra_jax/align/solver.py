@@ -22,6 +22,7 @@ counted in `SolveStats`. Matchings are returned as float32 0/1 arrays.
 """
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import time
 
@@ -114,6 +115,14 @@ def _solve_checked(unary, quadratic, edges1, edges2, max_iterations, time_limit_
   return labels, (final_objective, seed_objective, done, hit)
 
 
+@functools.lru_cache(maxsize=None)
+def _thread_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+  """One pool per worker count, kept for the process: a training step calls the solver
+  every step, and starting threads each time costs as much as solving at n = 16."""
+  return concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                               thread_name_prefix="graph-matching")
+
+
 def _labels_to_matching(labels: np.ndarray, n2: int) -> np.ndarray:
   matching = np.zeros((labels.shape[0], n2), np.float32)
   rows = np.nonzero(labels >= 0)[0]
@@ -158,8 +167,7 @@ def solve_batch_with_stats(unary, quadratic, edges1, edges2, *, max_iterations: 
   if workers <= 1:
     results = [run(p) for p in range(problems)]
   else:
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-      results = list(pool.map(run, range(problems)))
+    results = list(_thread_pool(workers).map(run, range(problems)))
   n2 = unary.shape[2]
   matchings = np.zeros((problems,) + unary.shape[1:], np.float32)
   for p, (labels, _) in enumerate(results):
