@@ -1,5 +1,11 @@
 """Batched generation: greedy equals transformers' generate across buckets and partial
 batches; sampling keys; the release's answer clean-up."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -87,3 +93,16 @@ def test_bad_settings_and_prompts():
     gen.GenerationSettings(batch_size=1, length_buckets=(32, 16), max_new_tokens=1)
   with pytest.raises(ValueError, match="prompt 1 is empty"):
     gen.pad_prompts([[1], []], 4, 0)
+
+
+def test_generation_sharded_over_two_devices_matches_unsharded():
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, str(root / "tests" / "eval_sharded_generate.py")],
+                       capture_output=True, text=True, timeout=300, check=False,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 2
+  assert result["sharded_0.0"] == result["plain_0.0"]
+  assert result["sharded_2.0"] == result["plain_2.0"]
+  assert len(result["plain_0.0"]) == 3 and all(result["plain_0.0"])
