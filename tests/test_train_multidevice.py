@@ -1,32 +1,62 @@
-"""Sharded step on 4 fake CPU devices equals the 1-device step; checkpoints move between meshes."""
+"""Sharded step on 4 devices (1 process, and 2 processes x 2 devices over gloo) equals the
+1-device step; checkpoints move between meshes and from 2 processes to 1."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 
+from exgra_jax.train import checkpoint_inspection
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPER = os.path.join(ROOT, "tests", "train_sharded_run.py")
+ENV = dict(os.environ, PYTHONPATH=ROOT)
+
+
+def _last_json(stdout: str) -> dict:
+  return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("ckpt")
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "train_sharded_run.py"),
-                        str(workdir)], capture_output=True, text=True, env=env, timeout=600,
-                       check=False)
+def single(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("single")
+  out = subprocess.run([sys.executable, HELPER, "single", str(workdir)], capture_output=True,
+                       text=True, env=ENV, timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return _last_json(out.stdout)
 
 
-def test_fsdp_data_mesh_losses_match_one_device(run):
-  one, four = run["losses"]["one"], run["losses"]["four"]
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("multi")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  out = subprocess.run(["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2",
+                        str(port), "--", sys.executable, HELPER, "multi", str(workdir)],
+                       capture_output=True, text=True, env=ENV, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return _last_json(out.stdout), workdir
+
+
+def test_fsdp_data_mesh_losses_match_one_device(single):
+  one, four = single["losses"]["one"], single["losses"]["four"]
   assert len(one) == 2 and one[0] != one[1]
   for a, b in zip(one, four):
     assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one, four)
 
 
-def test_checkpoint_from_four_devices_restores_on_one(run):
-  assert run["restored_devices"] == [0]
-  assert run["restore_max_diff"] == 0.0
+def test_checkpoint_from_four_devices_restores_on_one(single):
+  assert single["restored_devices"] == [0]
+  assert single["restore_max_diff"] == 0.0
+
+
+def test_two_processes_match_one_process(single, multi):
+  result, workdir = multi
+  assert result["processes"] == 2 and result["devices"] == 4
+  for a, b in zip(single["losses"]["four"], result["losses"]):
+    assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (single["losses"], result["losses"])
+  info = checkpoint_inspection.read_checkpoint(str(workdir / "2"))
+  assert info["step"] == 2

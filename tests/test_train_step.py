@@ -1,4 +1,9 @@
 """Train step: accumulation semantics, stage masks, non-finite skip, schedule, mesh, checkpoints."""
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,7 +14,7 @@ import pytest
 from configs import base
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.train import checkpointing, mesh as mesh_lib, optimizer, sharding, state, step
+from exgra_jax.train import checkpoint_inspection, checkpointing, mesh as mesh_lib, optimizer, sharding, state, step
 
 NEW_TOKENS = (1019, 1020, 1021, 1022, 1023)
 
@@ -45,14 +50,9 @@ def setup():
   }
   variables = model.init(jax.random.key(0), ids[:1], attention[:1], image_mask[:1],
                          batch["pixel_values"][:1])
-  params = dict(jax.tree_util.tree_map(lambda x: x, optimizer_unbox(variables["params"])))
+  params = dict(nn.unbox(variables["params"]))
   params["gnn"] = {"scale": jnp.array(1.5, jnp.float32)}
   return config, model, params, batch
-
-
-def optimizer_unbox(tree):
-  import flax.linen as nn
-  return nn.unbox(tree)
 
 
 def quadratic_alignment(gnn_params, f_image, f_short, f_long, key):
@@ -240,3 +240,28 @@ def test_checkpoint_round_trip_keeps_newest(setup, tmp_path):
   assert model_config["llm"]["hidden_size"] == config.model.llm.hidden_size
   for a, b in zip(jax.tree_util.tree_leaves(st.params), jax.tree_util.tree_leaves(restored.params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_inspect_checkpoint_reports_step_shapes_and_checksum(setup, tmp_path):
+  config, _, params, _ = setup
+  params = {k: v for k, v in params.items() if k != "gnn"}
+  tx, _ = optimizer.build_optimizer(params, config.optim, _stage("all_but_vision"), 10)
+  st = state.create_train_state(params, tx, 0).replace(step=jnp.asarray(7, jnp.int32))
+  ckpt = checkpointing.StageCheckpointer(str(tmp_path), every=1, keep=1, async_save=False)
+  ckpt.save(7, st, {}, config.model.to_dict())
+  ckpt.close()
+  info = checkpoint_inspection.read_checkpoint(str(tmp_path / "7"))
+  assert info["step"] == 7
+  assert info["shapes"]["llm/embed_tokens/embedding"] == ((1024, 128), "float32")
+  assert info["checksum"] == checkpoint_inspection.parameter_checksum(params)
+  changed = jax.tree_util.tree_map(lambda x: x, params)
+  changed["llm"]["norm"]["scale"] = changed["llm"]["norm"]["scale"].at[0].add(1e-7)
+  assert checkpoint_inspection.parameter_checksum(changed) != info["checksum"]
+  with pytest.raises(FileNotFoundError, match="stage checkpoint"):
+    checkpoint_inspection.read_checkpoint(str(tmp_path))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "tools/inspect_checkpoint.py",
+                        f"--checkpoint={tmp_path / '7'}"], capture_output=True, text=True,
+                       cwd=root, env={**os.environ, "PYTHONPATH": root},
+                       check=True)
+  assert "step 7" in out.stdout and info["checksum"] in out.stdout
