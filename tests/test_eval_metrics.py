@@ -98,6 +98,8 @@ def test_evaluate_answers_aggregates_and_counts_wrong_closed():
   assert result["open_recall"] == pytest.approx(0.5)
   assert result["selection_score"] == pytest.approx(0.5)
   assert result["overall"]["count"] == 3
+  closed_only = vqa_metrics.evaluate_answers(_refs()[:2], answers[:2])
+  assert closed_only["open_recall"] is None and closed_only["selection_score"] == 0.5
 
 
 def test_evaluate_answers_refuses_partial_answers():

@@ -95,6 +95,7 @@ def review_all(questions: Sequence[Mapping[str, Any]], references: Mapping[str, 
       continue
     if qid not in references or qid not in answers:
       raise ValueError(f"question {qid!r} lacks a reference or a model answer")
+    domain = question_domain(question)
     messages = [{"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": review_prompt(question, references[qid],
                                                           answers[qid])}]
@@ -107,7 +108,7 @@ def review_all(questions: Sequence[Mapping[str, Any]], references: Mapping[str, 
         error = str(e)
         continue
       store.add({"question_id": qid, "type": question.get("type", "all"),
-                 "domain": question_domain(question), "content": content,
+                 "domain": domain, "content": content,
                  "scores": list(scores)})
       break
     else:

@@ -21,7 +21,8 @@ Per item (after `normalize_answer` on both sides):
   candidate answer with the highest F1 above (first one on ties) and scored 1 when that
   candidate equals the reference.
 Aggregates are means per answer type and overall; `selection_score` =
-(open recall + closed accuracy) / 2, the model-selection criterion. Wrong CLOSED answers
+(open recall + closed accuracy) / 2, the model-selection criterion (the one
+available term when a split has only one answer type). Wrong CLOSED answers
 always count (the release's PathVQA script drops them; we do not).
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ METRIC_DEFINITIONS = {
     "bleu2": "nltk sentence_bleu, weights (1/2, 1/2), no smoothing",
     "bleu3": "nltk sentence_bleu, weights (1/3, 1/3, 1/3), no smoothing",
     "candidate_hit": "prediction mapped to the candidate of highest f1 equals the reference",
-    "selection_score": "(OPEN recall + CLOSED hit) / 2",
+    "selection_score": "(OPEN recall + CLOSED hit) / 2 (the available one if only one)",
 }
 
 
@@ -128,7 +129,7 @@ def aggregate(items: Iterable[tuple[str, Mapping[str, float]]]) -> dict[str, Any
   result["open_recall"] = open_recall
   result["closed_accuracy"] = closed_accuracy
   known = [v for v in (open_recall, closed_accuracy) if v is not None]
-  result["selection_score"] = sum(known) / 2 if known else None
+  result["selection_score"] = sum(known) / len(known) if known else None
   return result
 
 
