@@ -1,0 +1,150 @@
+"""Image decoding to RGB uint8 and the CLIP preprocessing of SPEC.md section 4.
+
+Why one decoder for every format: medical datasets mix JPEG/PNG photographs, 16-bit
+grayscale PNG/TIFF exports and raw DICOM; the model only ever sees 8-bit RGB, so every
+format is brought to `[H, W, 3] uint8` here with a documented rule, and the CLIP
+preprocessing (shortest side -> S bicubic with PIL, centre crop S, 1/255, mean/std) is
+applied after. The result equals transformers' `CLIPImageProcessor` (PIL backend) with
+`size={'shortest_edge': S}, crop_size=S` on the same RGB image.
+
+Conversion rules:
+- 16-bit grayscale (PNG `I;16`, TIFF): the full 0..65535 range maps linearly to 0..255
+  (value / 257, rounded), so that contrast is the one the file states, not a per-image
+  stretch.
+- palette images: expanded through their palette (with its transparency, if any).
+- alpha: composited on **black**. Medical images (X-ray, CT, MR, pathology slides
+  exported with transparent margins) have black backgrounds, so a transparent margin
+  reads as background; PIL's `convert('RGB')` (the release) would instead show whatever
+  colour the transparent pixels happen to store.
+- DICOM: modality LUT (rescale slope/intercept), then the VOI LUT sequence or the window
+  centre/width of the header (linear DICOM windowing to 0..255), else a min-max stretch;
+  MONOCHROME1 is inverted; a multi-frame file gives its first frame.
+"""
+import io
+
+import numpy as np
+import PIL.Image
+import pydicom
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+# CLIP's normalisation constants (SPEC.md section 4; fixed by the pre-trained tower).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_DICOM_MAGIC_OFFSET = 128
+
+
+class ImageDecodeError(ValueError):
+  """The bytes are not a readable image (unknown format, truncated or corrupt)."""
+
+
+def is_dicom(data: bytes) -> bool:
+  """DICOM Part 10 files carry 'DICM' after a 128-byte preamble."""
+  return data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
+def _window_to_uint8(values: np.ndarray, center: float, width: float) -> np.ndarray:
+  """DICOM PS3.3 C.11.2.1.2 linear windowing of `values` to 0..255."""
+  width = max(float(width), 1.0)
+  low = center - 0.5 - (width - 1.0) / 2.0
+  scaled = (values - (center - 0.5)) / (width - 1.0 if width > 1 else 1.0) + 0.5
+  out = np.where(values <= low, 0.0, np.where(values > low + width - 1.0, 1.0, scaled))
+  return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
+  lo, hi = float(values.min()), float(values.max())
+  if hi <= lo:
+    return np.zeros(values.shape, np.uint8)
+  return np.clip(np.rint((values - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+
+def _first(value) -> float:
+  return float(value[0]) if isinstance(value, pydicom.multival.MultiValue) else float(value)
+
+
+def decode_dicom(data: bytes) -> np.ndarray:
+  """DICOM bytes -> `[H, W, 3] uint8` by the rules in the module docstring."""
+  try:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    pixels = ds.pixel_array
+  except Exception as e:  # pydicom raises many types for broken files
+    raise ImageDecodeError(f"unreadable DICOM: {e}") from e
+  photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+  frames = int(ds.get("NumberOfFrames", 1) or 1)
+  if frames > 1:
+    pixels = pixels[0]
+  if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
+    if photometric != "RGB":
+      pixels = pydicom.pixels.convert_color_space(pixels, photometric, "RGB")
+    return np.ascontiguousarray(pixels.astype(np.uint8))
+  values = apply_modality_lut(pixels, ds).astype(np.float64)
+  if "VOILUTSequence" in ds:
+    gray = _stretch_to_uint8(apply_voi_lut(values, ds).astype(np.float64))
+  elif "WindowCenter" in ds and "WindowWidth" in ds:
+    gray = _window_to_uint8(values, _first(ds.WindowCenter), _first(ds.WindowWidth))
+  else:
+    gray = _stretch_to_uint8(values)
+  if photometric == "MONOCHROME1":
+    gray = 255 - gray
+  return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
+  """Any PIL mode -> `[H, W, 3] uint8` (16-bit scaled, palette expanded, alpha on black)."""
+  if image.mode == "P":
+    image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+  if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    values = np.asarray(image, dtype=np.float64)
+    gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+  if image.mode in ("LA", "PA", "RGBa", "La"):
+    image = image.convert("RGBA")
+  if image.mode == "RGBA":
+    rgba = np.asarray(image).astype(np.uint32)
+    rgb = (rgba[:, :, :3] * rgba[:, :, 3:4] + 127) // 255
+    return rgb.astype(np.uint8)
+  return np.asarray(image.convert("RGB"))
+
+
+def decode_image(data: bytes) -> np.ndarray:
+  """Encoded bytes (JPEG, PNG, TIFF, DICOM, ...) -> `[H, W, 3] uint8` RGB.
+
+  Raises ImageDecodeError for empty, unknown, truncated or corrupt data.
+  """
+  if not data:
+    raise ImageDecodeError("empty image file")
+  if is_dicom(data):
+    return decode_dicom(data)
+  try:
+    with PIL.Image.open(io.BytesIO(data)) as image:
+      image.load()
+      return _pil_to_rgb(image)
+  except PIL.UnidentifiedImageError as e:
+    raise ImageDecodeError("unknown image format") from e
+  except (OSError, SyntaxError, ValueError) as e:
+    raise ImageDecodeError(f"truncated or corrupt image: {e}") from e
+
+
+def clip_preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
+  """`[H, W, 3] uint8` -> `[size, size, 3] float32` CLIP input (NHWC, normalised).
+
+  Shortest side to `size` with PIL bicubic (the long side is `int(size * long / short)`,
+  as transformers computes it), centre crop (top/left offsets rounded down), then
+  `(x / 255 - mean) / std`.
+  """
+  if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+    raise ValueError(f"expected [H, W, 3] uint8, got {rgb.shape} {rgb.dtype}")
+  height, width = rgb.shape[:2]
+  short, long = (height, width) if height <= width else (width, height)
+  new_long = int(size * long / short)
+  new_h, new_w = (size, new_long) if height <= width else (new_long, size)
+  image = PIL.Image.fromarray(rgb)
+  if (new_h, new_w) != (height, width):
+    image = image.resize((new_w, new_h), resample=PIL.Image.Resampling.BICUBIC)
+  resized = np.asarray(image)
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  crop = resized[top:top + size, left:left + size].astype(np.float32)
+  mean = np.asarray(CLIP_MEAN, np.float32)
+  std = np.asarray(CLIP_STD, np.float32)
+  return (crop * np.float32(1.0 / 255.0) - mean) / std

@@ -1,0 +1,172 @@
+"""Training template, `<image>` expansion, tokenisation and label masks (SPEC.md 4).
+
+(The inference prompts of SPEC.md 5 live in `eval/prompts.py`.)
+
+Training template: the system line + "\\n\\n", then every turn as "### Human: ...\\n" or
+"### Assistant: ...\\n", then a final "### " (the stop signal the model learns to emit;
+the release appends it too). Labels are -100 on the system header and the human turns;
+the assistant turns, role tag included, and the final "### " are supervised.
+
+Two label modes:
+- `per_turn` (default, clean): the whole conversation is tokenised once and a token is
+  supervised iff its first character lies in an assistant turn (character offsets of
+  the fast tokenizer), so the mask follows the real token boundaries exactly.
+- `release`: LLaVA-Med's `_mask_targets`. The header and every turn are tokenised
+  *separately* (each with its own BOS) and those lengths are laid over the ids of the
+  whole conversation; human turns are masked from their third token on. The separate
+  BOS tokens make every boundary drift by one token per turn, and the "+2" leaves the
+  first two tokens of each human turn ("###", " Human" or so) supervised. Offered so
+  that a run reproduces the release's loss exactly.
+
+`data/` knows no model: the number of image tokens N is passed in by the caller
+(`exgra_jax.models.config.num_image_tokens(config.model)`).
+"""
+import dataclasses
+
+import numpy as np
+import transformers
+from etils import epath
+
+from exgra_jax.data import bad_records as bad
+from exgra_jax.data.records import IMAGE_TOKEN, Turn
+
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+IM_START, IM_PATCH, IM_END = "<im_start>", "<im_patch>", "<im_end>"
+ROLE_NAMES = {"human": "Human", "gpt": "Assistant"}
+BEGIN_SIGNAL, END_SIGNAL = "### ", "\n"
+IGNORE = -100
+
+
+def image_placeholder(num_image_tokens: int) -> str:
+  return IM_START + IM_PATCH * num_image_tokens + IM_END
+
+
+def expand_image_token(text: str, num_image_tokens: int) -> str:
+  """`<image>` -> `<im_start>` + N x `<im_patch>` + `<im_end>`, in place."""
+  return text.replace(IMAGE_TOKEN, image_placeholder(num_image_tokens))
+
+
+def training_pieces(turns: tuple[Turn, ...], num_image_tokens: int) -> tuple[str, list[str]]:
+  """(header, [one string per turn]) of the training template, images expanded."""
+  header = SYSTEM + "\n\n"
+  pieces = [BEGIN_SIGNAL + ROLE_NAMES[t.role] + ": "
+            + expand_image_token(t.value, num_image_tokens) + END_SIGNAL for t in turns]
+  return header, pieces
+
+
+def training_text(turns: tuple[Turn, ...], num_image_tokens: int) -> str:
+  header, pieces = training_pieces(turns, num_image_tokens)
+  return header + "".join(pieces) + BEGIN_SIGNAL
+
+
+def alignment_text(turns: tuple[Turn, ...]) -> str:
+  """Assistant turns joined with ". ", image tokens and newlines removed (SPEC.md 3.1).
+
+  A newline becomes a space rather than nothing, so that the words on either side of it
+  are not glued into one.
+  """
+  answers = []
+  for t in turns:
+    if t.role != "gpt":
+      continue
+    value = t.value
+    for token in (IMAGE_TOKEN, IM_START, IM_PATCH, IM_END):
+      value = value.replace(token, "")
+    answers.append(" ".join(value.replace("\n", " ").split()))
+  return ". ".join(a for a in answers if a)
+
+
+def load_tokenizer(directory: str | epath.Path) -> transformers.PreTrainedTokenizerFast:
+  """A local HF fast tokenizer (never remote code) with the image tokens and a pad token."""
+  tok = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+  check_tokenizer(tok)
+  return tok
+
+
+def check_tokenizer(tok) -> None:
+  """Raises ValueError naming what the tokenizer lacks for this pipeline."""
+  problems = []
+  if not getattr(tok, "is_fast", False):
+    problems.append("not a fast tokenizer (character offsets are needed)")
+  vocab = tok.get_vocab()
+  for token in (IM_START, IM_PATCH, IM_END):
+    if token not in vocab:
+      problems.append(f"token {token} is missing")
+  if tok.pad_token_id is None:
+    problems.append("no pad token")
+  if problems:
+    raise ValueError("tokenizer unusable: " + "; ".join(problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedConversation:
+  input_ids: np.ndarray    # [L] int32
+  labels: np.ndarray       # [L] int32, IGNORE where not supervised
+  image_mask: np.ndarray   # [L] bool, True at the N <im_patch> positions
+  truncated: bool          # the text was cut at max_length
+
+
+def _per_turn_labels(tok, turns, num_image_tokens) -> tuple[list[int], list[int]]:
+  header, pieces = training_pieces(turns, num_image_tokens)
+  text = header + "".join(pieces) + BEGIN_SIGNAL
+  spans, start = [], len(header)
+  for turn, piece in zip(turns, pieces):
+    if turn.role == "gpt":
+      spans.append((start, start + len(piece)))
+    start += len(piece)
+  spans.append((start, len(text)))  # the final stop signal
+  enc = tok(text, return_offsets_mapping=True)
+  ids = list(enc["input_ids"])
+  labels = [i if e > s and any(a <= s < b for a, b in spans) else IGNORE
+            for i, (s, e) in zip(ids, enc["offset_mapping"])]
+  return ids, labels
+
+
+def _release_labels(tok, turns, num_image_tokens) -> tuple[list[int], list[int]]:
+  header, pieces = training_pieces(turns, num_image_tokens)
+  ids = list(tok(header + "".join(pieces) + BEGIN_SIGNAL)["input_ids"])
+  labels = list(ids)
+  lengths = [len(tok(p)["input_ids"]) for p in [header] + pieces]
+  cur = lengths[0]
+  labels[:cur] = [IGNORE] * min(cur, len(labels))
+  for length, turn in zip(lengths[1:], turns):
+    if turn.role == "human":
+      lo, hi = min(cur + 2, len(labels)), min(cur + length, len(labels))
+      labels[lo:hi] = [IGNORE] * (hi - lo)
+    cur += length
+  return ids, labels
+
+
+def tokenize_conversation(tok, turns: tuple[Turn, ...], *, num_image_tokens: int,
+                          max_length: int, label_mode: str, record_id: str = ""
+                          ) -> TokenizedConversation:
+  """Template, tokenise, mask and truncate one conversation.
+
+  Raises BadRecordError(TEXT_TOO_LONG) when truncation would cut into the image tokens
+  (the model needs all N of them); a cut after the image only sets `truncated`.
+  """
+  if label_mode == "per_turn":
+    ids, labels = _per_turn_labels(tok, turns, num_image_tokens)
+  elif label_mode == "release":
+    ids, labels = _release_labels(tok, turns, num_image_tokens)
+  else:
+    raise ValueError(f"label_mode {label_mode!r} not in ('per_turn', 'release')")
+  truncated = len(ids) > max_length
+  input_ids = np.asarray(ids[:max_length], np.int32)
+  image_mask = input_ids == tok.convert_tokens_to_ids(IM_PATCH)
+  if int(image_mask.sum()) != num_image_tokens:
+    raise bad.BadRecordError(bad.TEXT_TOO_LONG, record_id,
+                             f"{len(ids)} tokens; the image would not fit in {max_length}")
+  return TokenizedConversation(input_ids, np.asarray(labels[:max_length], np.int32),
+                               image_mask, truncated)
+
+
+def tokenize_alignment_text(tok, text: str, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Alignment text -> (ids [max_length] int32, mask [max_length] int32), right-padded."""
+  ids = list(tok(text)["input_ids"])[:max_length]
+  out = np.full((max_length,), tok.pad_token_id, np.int32)
+  mask = np.zeros((max_length,), np.int32)
+  out[:len(ids)] = ids
+  mask[:len(ids)] = 1
+  return out, mask

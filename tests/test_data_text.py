@@ -1,0 +1,87 @@
+"""Templates, label masks (hand-worked, both modes), alignment texts, truncation."""
+import numpy as np
+import pytest
+
+import data_fixtures
+from exgra_jax.data import bad_records as bad
+from exgra_jax.data import text
+from exgra_jax.data.records import Turn
+
+TURNS = (Turn("human", "what is this ?\n<image>"), Turn("gpt", "a lung"),
+         Turn("human", "left ?"), Turn("gpt", "yes"))
+HEADER = ("<s> A chat between a curious human and an artificial intelligence assistant . "
+          "The assistant gives helpful , detailed , and polite answers to the human ' s "
+          "questions .")
+# Hand-worked masks; "*" marks a supervised token (label = its own id).
+PER_TURN = HEADER + (" # # # Human : what is this ? <im_start> <im_patch> <im_patch> <im_end>"
+                     " #* #* #* Assistant* :* a* lung* # # # Human : left ?"
+                     " #* #* #* Assistant* :* yes* #* #* #*")
+# The release: pieces tokenised separately (each with a BOS) drift the boundaries by one
+# token per piece, and human turns stay supervised on their first two tokens.
+RELEASE = (HEADER.replace("questions .", "questions .")
+           + " #* #* # Human : what is this ? <im_start> <im_patch> <im_patch> <im_end>"
+             " # #* #* Assistant* :* a* lung* #* #* #* Human* : left ? # # #"
+             " Assistant* :* yes* #* #* #*")
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return text.load_tokenizer(data_fixtures.make_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def _render(tok, tokenized) -> str:
+  tokens = tok.convert_ids_to_tokens(tokenized.input_ids.tolist())
+  return " ".join(t + ("*" if label != text.IGNORE else "")
+                  for t, label in zip(tokens, tokenized.labels.tolist()))
+
+
+def test_training_text_is_the_spec_template():
+  assert text.training_text(TURNS, 2) == (
+      text.SYSTEM + "\n\n### Human: what is this ?\n<im_start><im_patch><im_patch><im_end>\n"
+      "### Assistant: a lung\n### Human: left ?\n### Assistant: yes\n### ")
+
+
+@pytest.mark.parametrize("mode,expected", [("per_turn", PER_TURN), ("release", RELEASE)])
+def test_label_masks_hand_worked(tok, mode, expected):
+  out = text.tokenize_conversation(tok, TURNS, num_image_tokens=2, max_length=200,
+                                   label_mode=mode)
+  assert _render(tok, out) == expected
+  supervised = out.labels != text.IGNORE
+  np.testing.assert_array_equal(out.labels[supervised], out.input_ids[supervised])
+  assert out.image_mask.sum() == 2 and not out.truncated
+  assert out.input_ids.dtype == np.int32
+
+
+def test_truncation_counted_and_image_cut_rejected(tok):
+  out = text.tokenize_conversation(tok, TURNS, num_image_tokens=2, max_length=50,
+                                   label_mode="per_turn")
+  assert out.truncated and len(out.input_ids) == 50 == len(out.labels)
+  with pytest.raises(bad.BadRecordError) as e:
+    text.tokenize_conversation(tok, TURNS, num_image_tokens=2, max_length=40,
+                               label_mode="per_turn", record_id="x")
+  assert e.value.reason == bad.TEXT_TOO_LONG and e.value.record_id == "x"
+
+
+def test_unknown_label_mode(tok):
+  with pytest.raises(ValueError, match="label_mode"):
+    text.tokenize_conversation(tok, TURNS, num_image_tokens=2, max_length=9,
+                               label_mode="fastchat")
+
+
+def test_alignment_text_and_padding(tok):
+  turns = (Turn("human", "<image>\nwhat ?"), Turn("gpt", "a lung\nct scan"),
+           Turn("human", "and ?"), Turn("gpt", " yes <image> "))
+  assert text.alignment_text(turns) == "a lung ct scan. yes"
+  ids, mask = text.tokenize_alignment_text(tok, "a lung", 6)
+  assert tok.convert_ids_to_tokens(ids[:3].tolist()) == ["<s>", "a", "lung"]
+  np.testing.assert_array_equal(mask, [1, 1, 1, 0, 0, 0])
+  assert (ids[3:] == tok.pad_token_id).all()
+
+
+def test_tokenizer_without_image_tokens_is_refused(tmp_path):
+  import transformers
+  import tokenizers
+  raw = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+  transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>").save_pretrained(tmp_path)
+  with pytest.raises(ValueError, match=r"<im_start> is missing.*no pad token"):
+    text.load_tokenizer(tmp_path)
