@@ -60,3 +60,15 @@ def test_two_processes_match_one_process(single, multi):
     assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (single["losses"], result["losses"])
   info = checkpoint_inspection.read_checkpoint(str(workdir / "2"))
   assert info["step"] == 2
+
+
+def test_plan_memory_tool_compiles_the_tiny_step_on_fake_devices():
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plan_memory.py"),
+                        "--config=" + os.path.join(ROOT, "configs", "demo.py"), "--stage=stage2",
+                        "--devices=4", "--mesh=data=2,fsdp=2", "--samples_per_device=1",
+                        "--length=72"], capture_output=True, text=True, env=ENV, timeout=600,
+                       check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in out.stdout
+  peak_mib = float(out.stdout.split("peak")[1].split("MiB")[0])
+  assert 1.0 < peak_mib < 1024.0
