@@ -74,14 +74,14 @@ def test_answers_file_is_release_format_and_resumes(tmp_path):
     calls.append(list(batch))
     if len(calls) == 2:
       raise KeyboardInterrupt  # interrupted after the first chunk was written
-    return [p.upper() for p in batch]
+    return [p.upper() for _, p in batch]
   questions = [("1", "a"), ("2", "b"), ("3", "c")]
   with pytest.raises(KeyboardInterrupt):
     answers.answer_all(questions, answer_batch, path, "m", chunk_size=2)
   lines = [json.loads(l) for l in open(path)]
   assert [l["question_id"] for l in lines] == ["1", "2"]
   assert set(lines[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
-  records = answers.answer_all(questions, lambda b: [p.upper() for p in b], path, "m", 2)
+  records = answers.answer_all(questions, lambda b: [p.upper() for _, p in b], path, "m", 2)
   assert [r["text"] for r in records] == ["A", "B", "C"]
   assert len(open(path).readlines()) == 3
   with pytest.raises(ValueError, match="returned 0 answers"):

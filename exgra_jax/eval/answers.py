@@ -24,12 +24,12 @@ def answer_record(question_id: str, prompt: str, text: str, model_id: str,
 
 
 def answer_all(questions: Sequence[tuple[str, str]],
-               answer_batch: Callable[[Sequence[str]], Sequence[str]], path: str,
+               answer_batch: Callable[[Sequence[tuple[str, str]]], Sequence[str]], path: str,
                model_id: str, chunk_size: int) -> list[dict[str, Any]]:
   """(question id, prompt) pairs -> answers file at `path`, skipping ids already there.
 
-  `answer_batch` maps a list of prompts to as many answers (e.g. `generate.generate`
-  behind a tokenizer). Returns the records of all questions, in question order.
+  `answer_batch` maps a list of (question id, prompt) pairs to as many answers (e.g.
+  `generate.generate` behind a tokenizer and an image loader). Returns the records of all questions, in question order.
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -37,7 +37,7 @@ def answer_all(questions: Sequence[tuple[str, str]],
   todo = [(str(qid), prompt) for qid, prompt in questions if str(qid) not in store]
   for start in range(0, len(todo), chunk_size):
     chunk = todo[start:start + chunk_size]
-    texts = answer_batch([prompt for _, prompt in chunk])
+    texts = answer_batch(chunk)
     if len(texts) != len(chunk):
       raise ValueError(f"answer_batch returned {len(texts)} answers for {len(chunk)} prompts")
     for (qid, prompt), text in zip(chunk, texts):

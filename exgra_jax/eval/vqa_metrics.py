@@ -133,16 +133,25 @@ def aggregate(items: Iterable[tuple[str, Mapping[str, float]]]) -> dict[str, Any
   return result
 
 
+def _turns(item: Mapping[str, Any]) -> list:
+  turns = item.get("conversations", item.get("conversatons"))
+  if not isinstance(turns, list) or len(turns) < 2 or "value" not in turns[1]:
+    raise ValueError(f"item {item.get('id')!r}: needs conversations [question, answer]")
+  return turns
+
+
+def question_text(item: Mapping[str, Any]) -> str:
+  """The question turn of a VQA-set item (options and `<image>` included)."""
+  return _turns(item)[0]["value"]
+
+
 def reference_answer(item: Mapping[str, Any]) -> tuple[str, str]:
   """A VQA-set item -> (answer_type, reference answer text), with a clear error if malformed."""
-  turns = item.get("conversations", item.get("conversatons"))
   answer_type = str(item.get("answer_type", "")).upper()
   if answer_type not in ANSWER_TYPES:
     raise ValueError(f"item {item.get('id')!r}: answer_type must be OPEN or CLOSED, got "
                      f"{item.get('answer_type')!r}")
-  if not isinstance(turns, list) or len(turns) < 2 or "value" not in turns[1]:
-    raise ValueError(f"item {item.get('id')!r}: needs conversations [question, answer]")
-  return answer_type, turns[1]["value"]
+  return answer_type, _turns(item)[1]["value"]
 
 
 def parse_candidates(candidates: Any) -> list[str]:
