@@ -136,18 +136,27 @@ def test_iterations_never_worsen_the_objective():
   rng = np.random.default_rng(7)
   batch = _batch(rng, 4, 32)
   _, short = solver.solve_batch_with_stats(*batch, max_iterations=0)
-  _, long = solver.solve_batch_with_stats(*batch, max_iterations=50)
+  _, long = solver.solve_batch_with_stats(*batch, max_iterations=50, patience=50)
   assert np.all(long.objective <= short.objective + 1e-12)
   assert np.all(short.objective <= short.seed_objective + 1e-12)
   np.testing.assert_array_equal(long.iterations, 50)
   assert long.time_limit_hits == 0
 
 
+def test_patience_stops_after_rounds_without_improvement():
+  rng = np.random.default_rng(11)
+  batch = _batch(rng, 3, 12)
+  _, stats = solver.solve_batch_with_stats(*batch, max_iterations=10**6, patience=7)
+  assert np.all(stats.iterations >= 7) and np.all(stats.iterations < 10**6)
+  _, again = solver.solve_batch_with_stats(*batch, max_iterations=10**6, patience=7)
+  np.testing.assert_array_equal(stats.iterations, again.iterations)
+
+
 def test_time_limit_returns_a_valid_matching_and_counts_the_hit():
   rng = np.random.default_rng(8)
   batch = _batch(rng, 3, 16)
   matchings, stats = solver.solve_batch_with_stats(*batch, max_iterations=10**9,
-                                                   time_limit_s=1e-4)
+                                                   patience=10**9, time_limit_s=1e-4)
   assert stats.time_limit_hits == 3 and stats.time_limit_hit.all()
   assert np.all(stats.iterations < 10**9)
   assert matchings.sum(-1).max() <= 1 and matchings.sum(-2).max() <= 1
@@ -183,6 +192,8 @@ def test_bad_batch_and_budget_raise():
     solver.solve_batch(batch[0], batch[1][:1], batch[2], batch[3])
   with pytest.raises(ValueError, match="max_iterations"):
     solver.solve_batch(*batch, max_iterations=-1)
+  with pytest.raises(ValueError, match="patience"):
+    solver.solve_batch(*batch, patience=-1)
   with pytest.raises(ValueError, match="time_limit_s"):
     solver.solve_batch(*batch, time_limit_s=-1.0)
   with pytest.raises(ValueError, match="threads"):

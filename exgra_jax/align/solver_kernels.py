@@ -360,16 +360,21 @@ def _next_random(rng_state, bound):
 
 
 @njit(cache=True, nogil=True)
-def improve(unary, quadratic, edges1, edges2, labels, rng_state, iterations, max_kick):
-  """Descend to a local optimum, then run `iterations` kick + descent rounds (in place).
+def improve(unary, quadratic, edges1, edges2, labels, rng_state, iterations, max_kick,
+            patience, stalled):
+  """Descend to a local optimum, then run kick + descent rounds (in place).
+
+  Rounds stop after `iterations`, or once `patience` rounds in a row (counting `stalled`
+  from an earlier call) brought no strict improvement: counts, never the clock, decide.
+  Returns (rounds run, rounds since the last strict improvement).
 
   The first descent sweeps every node until no move improves. A round then relabels
   1..max_kick random nodes (each to a random label or unmatched, swapping with the
   holder), descends from the touched nodes, and keeps the result if it is no worse than
   the best (sideways moves let it drift across plateaus); otherwise it undoes the round's
   relabellings from a log (or rebuilds from the best labels if the log overflowed).
-  Everything random comes from rng_state, so the result depends
-  only on the inputs, the seed and the iteration count.
+  Everything random comes from rng_state, so the result depends only on the inputs, the
+  seed and the counts.
   """
   n1, n2 = unary.shape
   graph = build_structures(n1, n2, edges1, edges2)
@@ -387,7 +392,10 @@ def improve(unary, quadratic, edges1, edges2, labels, rng_state, iterations, max
     if change == 0.0:
       break
   best_labels = labels.copy()
-  for _ in range(iterations):
+  rounds = 0
+  while rounds < iterations and stalled < patience:
+    rounds += 1
+    stalled += 1
     current = 0.0
     queue_len = 0
     log_len = 0
@@ -409,6 +417,8 @@ def improve(unary, quadratic, edges1, edges2, labels, rng_state, iterations, max
                                queue_len, log, log_len)
     current += change
     if current <= _IMPROVEMENT_EPS:
+      if current < -_IMPROVEMENT_EPS:
+        stalled = 0
       best_labels[:] = labels
     elif log_len <= log.shape[0]:
       for r in range(log_len - 1, -1, -1):
@@ -417,3 +427,4 @@ def improve(unary, quadratic, edges1, edges2, labels, rng_state, iterations, max
       labels[:] = best_labels
       holder = _holders(labels, n2)
       local = _local_costs(unary, quadratic, graph, labels)
+  return rounds, stalled
