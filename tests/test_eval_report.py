@@ -8,9 +8,11 @@ from exgra_jax.eval import answers, prompts, report
 
 
 def test_simple_prompt_is_the_release_conversation():
-  text = prompts.build_prompt('Is there a mass? (Answer with either "Yes" or "No").\n<image>',
+  prompt = prompts.build_prompt('Is there a mass? (Answer with either "Yes" or "No").\n<image>',
                               "simple", 2)
-  assert text == (prompts.SYSTEM + "###Human: Hi!###Assistant: Hi there!  How can I help you "
+  assert prompt == ("A chat between a curious human and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the human's "
+                    "questions.###Human: Hi!###Assistant: Hi there!  How can I help you "
                   'today?\n###Human: Is there a mass? (Answer with either "Yes" or "No").\n'
                   "<im_start><im_patch><im_patch><im_end>###")
 
@@ -18,7 +20,8 @@ def test_simple_prompt_is_the_release_conversation():
 def test_train_and_none_templates_expand_image_in_place():
   assert prompts.build_prompt("<image>\nWhat?", "none", 1) == \
       "<im_start><im_patch><im_end>\nWhat?"
-  assert prompts.build_prompt("What?", "train", 1).endswith("### Human: What?\n### Assistant:")
+  assert prompts.build_prompt("What?", "train", 1).endswith(
+      "questions.\n\n### Human: What?\n### Assistant:")
   with pytest.raises(ValueError, match="unknown template"):
     prompts.build_prompt("q", "chatml", 1)
   with pytest.raises(ValueError, match="at most 1"):
