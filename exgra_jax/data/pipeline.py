@@ -205,7 +205,8 @@ class InputPipeline:
   def _loader_iterator(self):
     loader = grain.DataLoader(
         data_source=self._source, sampler=_OffsetSampler(self._sampler, self._consumed),
-        operations=[ExampleTransform(self._spec)], worker_count=self._workers)
+        operations=[ExampleTransform(self._spec)], worker_count=self._workers,
+        shard_options=grain.NoSharding())
     return iter(loader)
 
   def __iter__(self):

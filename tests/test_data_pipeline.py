@@ -1,0 +1,115 @@
+"""The grain pipeline: batch schema, determinism, resume (also across worker counts),
+per-process shards, bad input inside the pipeline, padded last batch, global arrays."""
+import json
+
+import jax
+from absl import flags
+import numpy as np
+import pytest
+
+import data_fixtures
+from exgra_jax.data import bad_records as bad
+from exgra_jax.data import pipeline, records
+
+N_IMAGE = 4
+BUCKETS = (48, 64, 96)
+# grain's worker processes read absl flags, which the CLI entry points parse.
+flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  root = tmp_path_factory.mktemp("world")
+  tok_dir = data_fixtures.make_tokenizer(root / "tok")
+  recs, _ = records.load_records(data_fixtures.make_world(root, 12))
+  spec = pipeline.ExampleSpec(str(tok_dir), image_size=28, num_image_tokens=N_IMAGE,
+                              max_length=96, text_max_length=16, label_mode="per_turn",
+                              align=True)
+  return root, recs, spec
+
+
+def _pipe(world, recs=None, **kw):
+  root, all_recs, spec = world
+  args = dict(batch_size=4, length_buckets=BUCKETS, seed=7, num_epochs=1, workers=0,
+              process_index=0, process_count=1)
+  args.update(kw)
+  return pipeline.InputPipeline(recs if recs is not None else all_recs, root / "images",
+                                spec, **args)
+
+
+def _ids(batch) -> list:
+  """Sample identities: the records share their text, so the images tell them apart."""
+  return [row.tobytes() for row in batch["pixel_values"]]
+
+
+def test_batch_schema(world):
+  batch = next(_pipe(world))
+  shapes = {k: (v.shape, v.dtype.name) for k, v in batch.items()}
+  assert shapes == {
+      "pixel_values": ((4, 28, 28, 3), "float32"), "input_ids": ((4, 64), "int32"),
+      "attention_mask": ((4, 64), "int32"), "image_mask": ((4, 64), "bool"),
+      "labels": ((4, 64), "int32"), "sample_weight": ((4,), "float32"),
+      "short_ids": ((4, 16), "int32"), "short_mask": ((4, 16), "int32"),
+      "long_ids": ((4, 16), "int32"), "long_mask": ((4, 16), "int32")}
+  assert (batch["image_mask"].sum(1) == N_IMAGE).all()
+  assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+  assert (batch["long_mask"].sum(1) > batch["short_mask"].sum(1)).all()
+
+
+def test_epoch_covers_all_in_seeded_order_and_pads_last_batch(world):
+  batches = list(_pipe(world, batch_size=5))
+  assert [b["sample_weight"].tolist() for b in batches][-1] == [1, 1, 0, 0, 0]
+  again = list(_pipe(world, batch_size=5))
+  assert [_ids(b) for b in batches] == [_ids(b) for b in again]
+  other = list(_pipe(world, batch_size=5, seed=8))
+  assert [_ids(b) for b in batches] != [_ids(b) for b in other]
+  assert sum(b["sample_weight"].sum() for b in batches) == 12
+
+
+def test_resume_identical_across_worker_counts(world):
+  full = [_ids(b) for b in _pipe(world, num_epochs=2)]
+  first = _pipe(world, num_epochs=2)
+  for _ in range(2):
+    next(first)
+  state = json.loads(json.dumps(first.get_state()))
+  resumed = _pipe(world, num_epochs=2, workers=2)
+  resumed.set_state(state)
+  assert [_ids(b) for b in resumed] == full[2:]
+
+
+def test_process_shards_disjoint_and_covering(world):
+  _, recs, _ = world
+  seen = []
+  for p in range(3):
+    pipe = _pipe(world, process_index=p, process_count=3)
+    seen.append({tuple(r) for b in pipe for r, w in zip(b["pixel_values"].reshape(4, -1),
+                                                         b["sample_weight"]) if w})
+  assert sum(len(s) for s in seen) == 12 == len(set().union(*seen))
+  with pytest.raises(ValueError, match="cannot be shared"):
+    pipeline.process_shard(recs[:2], 0, 3)
+
+
+def test_bad_inputs_skipped_counted_and_stop(world, tmp_path):
+  root, recs, spec = world
+  (root / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+  bad_recs = [records.parse_record(data_fixtures.record(100, image="missing.png"), 0),
+              records.parse_record(data_fixtures.record(101, image="corrupt.png"), 0),
+              records.parse_record(data_fixtures.record(102, image="img0.png", answer="lung " * 200), 0)]
+  pipe = _pipe(world, recs=recs[:5] + bad_recs, batch_size=4, max_bad_fraction=0.5)
+  batches = list(pipe)
+  assert sum(b["sample_weight"].sum() for b in batches) == 6, pipe.log.summary()
+  assert pipe.log.examples[bad.MISSING_IMAGE] == ["r100"]
+  assert pipe.log.examples[bad.CORRUPT_IMAGE] == ["r101"]
+  assert pipe.log.examples[bad.TRUNCATED] == ["r102"]
+  assert pipe.log.counts()["data/skipped"] == 2
+  strict = _pipe(world, recs=recs[:5] + bad_recs, batch_size=4, max_bad_fraction=0.1)
+  with pytest.raises(bad.TooManyBadRecords, match="missing_image"):
+    list(strict)
+
+
+def test_to_global_batch_on_a_mesh(world):
+  batch = next(_pipe(world))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+  out = pipeline.to_global_batch(batch, mesh)
+  assert out["input_ids"].sharding.spec[0] == ("data", "fsdp")
+  np.testing.assert_array_equal(np.asarray(out["labels"]), batch["labels"])
