@@ -17,7 +17,7 @@ Algorithm (kernels in `solver_kernels.py`, compiled by numba):
 3. iterated local search: up to `max_iterations` rounds of a random kick (a few nodes
    relabelled) followed by a descent from the touched nodes, keeping the result when it is
    no worse; it stops early after `patience` rounds in a row without a strict improvement
-   (0 = the default, max(40, 1000 // n1)).
+   (0 = the default, max(20, 640 // n1)).
 The random stream comes from a fixed seed, so the result depends only on the inputs and
 the iteration budget; `time_limit_s` is an emergency cap (default off) whose hits are
 counted in `SolveStats`. Matchings are returned as float32 0/1 arrays.
@@ -33,12 +33,12 @@ import numpy as np
 from exgra_jax.align import solver_kernels
 
 # Default patience (rounds in a row without a strict improvement before stopping early):
-# max(40, 1000 // n1). Rounds are cheap on small graphs, where kicks of a few nodes also
+# max(20, 640 // n1). Rounds are cheap on small graphs, where kicks of a few nodes also
 # escape more slowly (random tiny instances missed the optimum 0.5 % of the time with 40),
-# so small problems get more; from n1 = 25 on it is 40 (enough on every ExGra-Med-shaped
-# instance we measured, n = 16..128, against 3000 rounds).
-_PATIENCE_FLOOR = 40
-_PATIENCE_NODE_ROUNDS = 1000
+# so small problems get more (91 rounds at n1 = 7, 40 at 16); from n1 = 32 on it is 20,
+# enough on every ExGra-Med-shaped instance we measured (n = 16..128, against 3000 rounds).
+_PATIENCE_FLOOR = 20
+_PATIENCE_NODE_ROUNDS = 640
 # Rounds of iterated local search between two clock checks when a time limit is set.
 _ROUNDS_PER_CLOCK_CHECK = 4
 # xorshift seed of every problem (any non-zero value; fixed for determinism).
