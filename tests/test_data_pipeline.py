@@ -9,7 +9,7 @@ import pytest
 
 import data_fixtures
 from exgra_jax.data import bad_records as bad
-from exgra_jax.data import pipeline, records
+from exgra_jax.data import array_record_writer, pipeline, records, sources
 
 N_IMAGE = 4
 BUCKETS = (48, 64, 96)
@@ -33,8 +33,13 @@ def _pipe(world, recs=None, **kw):
   args = dict(batch_size=4, length_buckets=BUCKETS, seed=7, num_epochs=1, workers=0,
               process_index=0, process_count=1)
   args.update(kw)
-  return pipeline.InputPipeline(recs if recs is not None else all_recs, root / "images",
-                                spec, **args)
+  source = sources.RecordImageSource(recs if recs is not None else all_recs, root / "images")
+  return pipeline.InputPipeline(source, spec, **args)
+
+
+def _pipe_on(world, source):
+  return pipeline.InputPipeline(source, world[2], batch_size=4, length_buckets=BUCKETS,
+                                seed=7, num_epochs=1, process_index=0, process_count=1)
 
 
 def _ids(batch) -> list:
@@ -86,7 +91,7 @@ def test_process_shards_disjoint_and_covering(world):
                                                          b["sample_weight"]) if w})
   assert sum(len(s) for s in seen) == 12 == len(set().union(*seen))
   with pytest.raises(ValueError, match="cannot be shared"):
-    pipeline.process_shard(recs[:2], 0, 3)
+    sources.ShardView(sources.RecordImageSource(recs[:2], "."), 0, 3)
 
 
 def test_bad_inputs_skipped_counted_and_stop(world, tmp_path):
@@ -113,3 +118,22 @@ def test_to_global_batch_on_a_mesh(world):
   out = pipeline.to_global_batch(batch, mesh)
   assert out["input_ids"].sharding.spec[0] == ("data", "fsdp")
   np.testing.assert_array_equal(np.asarray(out["labels"]), batch["labels"])
+
+
+def test_array_record_round_trip(world, tmp_path):
+  root, recs, _ = world
+  paths = array_record_writer.write_shards(recs, root / "images", tmp_path, num_shards=3,
+                                           workers=2)
+  assert len(paths) == 3
+  again = array_record_writer.write_shards(recs, root / "images", tmp_path, num_shards=3,
+                                           workers=2)
+  assert again == paths  # resumable: finished shards are kept
+  shards = sources.ArrayRecordImageSource(paths)
+  folder = sources.RecordImageSource(recs, root / "images")
+  assert len(shards) == 12
+  by_id = {folder[i]["record"]["id"]: folder[i] for i in range(12)}
+  for i in range(12):
+    element = shards[i]
+    assert element == by_id[element["record"]["id"]]
+  from_shards = [b["pixel_values"].sum() for b in _pipe_on(world, shards)]
+  assert len(from_shards) == 3

@@ -11,8 +11,9 @@ is a pure function of its index, so resuming restarts a loader at that offset an
 the identical next batches with any worker count (grain's own loader state refuses a
 different worker count). The state is plain JSON and goes into the checkpoint.
 
-Per-process sharding: process p of P takes records p, p+P, ... of the first
-floor(n / P) * P (equal step counts on every host; the < P records left out are logged).
+Per-process sharding: process p of P takes elements p, p+P, ... of the first
+floor(n / P) * P (`sources.ShardView`: equal step counts on every host; the < P elements
+left out are logged).
 """
 import dataclasses
 
@@ -23,8 +24,8 @@ from absl import logging
 
 from exgra_jax.data import bad_records as bad
 from exgra_jax.data import images, text
-from exgra_jax.data.records import Record, Turn
-from exgra_jax.data.sources import RecordImageSource
+from exgra_jax.data.records import Turn
+from exgra_jax.data.sources import ShardView
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,22 +153,12 @@ class _OffsetSampler:
     return f"_OffsetSampler({self._base!r}, offset={self._offset})"
 
 
-def process_shard(records: list[Record], index: int, count: int) -> list[Record]:
-  """Records index, index + count, ... of the first floor(n / count) * count."""
-  if not 0 <= index < count:
-    raise ValueError(f"process index {index} not in [0, {count})")
-  usable = (len(records) // count) * count
-  if usable == 0:
-    raise ValueError(f"{len(records)} records cannot be shared by {count} processes")
-  return records[index:usable:count]
-
-
 class InputPipeline:
   """Iterator of host batches of `batch_size` samples (this process's share).
 
   Args:
-    records: validated records (all processes pass the same list).
-    image_root: folder the record image paths are relative to.
+    source: a random-access source (`sources.RecordImageSource` or
+      `sources.ArrayRecordImageSource`), the same on every process.
     spec: the example spec.
     batch_size: samples per host batch.
     length_buckets: padded lengths (config.data.length_buckets).
@@ -177,24 +168,23 @@ class InputPipeline:
     process_index / process_count: default `jax.process_index()` / `jax.process_count()`.
   """
 
-  def __init__(self, records: list[Record], image_root, spec: ExampleSpec, *,
+  def __init__(self, source, spec: ExampleSpec, *,
                batch_size: int, length_buckets: tuple[int, ...], seed: int,
                shuffle: bool = True, num_epochs: int | None = None, workers: int = 0,
                max_bad_fraction: float = 0.01, log: bad.BadRecordLog | None = None,
                process_index: int | None = None, process_count: int | None = None):
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
-    shard = process_shard(records, index, count)
-    if len(records) - len(shard) * count:
-      logging.info("%d records left out so that %d processes get equal shares",
-                   len(records) - len(shard) * count, count)
-    self._source = RecordImageSource(shard, image_root)
+    self._source = ShardView(source, index, count)
+    if len(source) - len(self._source) * count:
+      logging.info("%d elements left out so that %d processes get equal shares",
+                   len(source) - len(self._source) * count, count)
     self._spec = spec
     self._batch_size = batch_size
     self._buckets = tuple(length_buckets)
     self._workers = workers
     self._max_bad_fraction = max_bad_fraction
-    self._sampler = grain.IndexSampler(len(shard), shuffle=shuffle, seed=seed,
+    self._sampler = grain.IndexSampler(len(self._source), shuffle=shuffle, seed=seed,
                                        num_epochs=num_epochs,
                                        shard_options=grain.NoSharding())
     self.log = log if log is not None else bad.BadRecordLog()

@@ -1,9 +1,12 @@
-"""Random-access grain sources: validated records + an image folder.
+"""Random-access grain sources: records + an image folder, or ArrayRecord shards.
 
 The source only reads bytes (cheap, runs in the grain worker that asks for the element);
 decoding and tokenisation are the pipeline's transform. A missing image becomes a
 marked element rather than an exception, so a worker never dies on bad input.
 """
+import json
+
+import grain.python as grain
 from etils import epath
 
 from exgra_jax.data import bad_records as bad
@@ -35,3 +38,62 @@ class RecordImageSource:
 
   def __repr__(self) -> str:
     return f"RecordImageSource(records={len(self._records)}, image_root={str(self._root)!r})"
+
+
+def encode_element(record: Record, image: bytes) -> bytes:
+  """One ArrayRecord element: 4-byte little-endian JSON length, record JSON, image bytes."""
+  header = json.dumps(record.to_json()).encode()
+  return len(header).to_bytes(4, "little") + header + image
+
+
+def decode_element(data: bytes) -> dict:
+  """Inverse of `encode_element`, in the form the pipeline's transform reads."""
+  size = int.from_bytes(data[:4], "little")
+  return {"record": json.loads(data[4:4 + size]), "image": data[4 + size:]}
+
+
+class ArrayRecordImageSource:
+  """Shards written by `tools/to_array_record.py`: records with their encoded images.
+
+  Reading a shard needs no image folder, so a training host reads a few large files
+  (local or on a mounted bucket) instead of millions of small ones.
+  """
+
+  def __init__(self, paths: list[str]):
+    if not paths:
+      raise ValueError("no ArrayRecord shards given")
+    self._source = grain.ArrayRecordDataSource([str(p) for p in paths])
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    return decode_element(self._source[index])
+
+  def __repr__(self) -> str:
+    return f"ArrayRecordImageSource({self._source!r})"
+
+
+class ShardView:
+  """Elements index, index + count, ... of the first floor(n / count) * count of `source`.
+
+  Equal lengths on every process (so every host runs the same number of steps); the
+  < count elements left out are logged by the pipeline.
+  """
+
+  def __init__(self, source, index: int, count: int):
+    if not 0 <= index < count:
+      raise ValueError(f"process index {index} not in [0, {count})")
+    self._source, self._index, self._count = source, index, count
+    self._length = len(source) // count
+    if self._length == 0:
+      raise ValueError(f"{len(source)} elements cannot be shared by {count} processes")
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> dict:
+    return self._source[index * self._count + self._index]
+
+  def __repr__(self) -> str:
+    return f"ShardView({self._source!r}, {self._index}/{self._count})"
