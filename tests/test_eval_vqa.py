@@ -3,11 +3,13 @@ import json
 
 import jax
 import numpy as np
+import PIL.Image
 import pytest
 import tokenizers
 import transformers
 
-from exgra_jax.eval import generate, report, vqa, vqa_metrics
+from exgra_jax.data import images
+from exgra_jax.eval import generate, prompts, report, single_question, vqa, vqa_metrics
 from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig
 from exgra_jax.models.llava import LlavaModel
 
@@ -99,3 +101,24 @@ def test_evaluate_refuses_incomplete_weights_before_generating(loaded, tmp_path)
   with pytest.raises(report.IncompleteWeights):
     _run(loaded, tmp_path, never, {"missing": ["vision/patch_embed"]})
   assert not (tmp_path / "out").exists()
+
+
+def test_answer_question_from_an_image_file_equals_generate(loaded, tmp_path):
+  model, params, tok = loaded
+  rgb = np.random.RandomState(2).randint(0, 256, (40, 30, 3), np.uint8)
+  PIL.Image.fromarray(rgb).save(tmp_path / "x.png")
+  answer = single_question.answer_question(model, params, tok, str(tmp_path / "x.png"),
+                                           "is there a mass ?", template="simple",
+                                           max_new_tokens=4)
+  prompt = prompts.build_prompt("is there a mass ?\n<image>", "simple", 16)
+  ids = tok(prompt).input_ids
+  pixels = images.clip_preprocess(rgb, 28)[None]
+  settings = generate.GenerationSettings(batch_size=1, length_buckets=(128,), max_new_tokens=4)
+  expected = generate.generate(model, params, [ids], pixels, settings, image_patch_id=5,
+                               eos_id=2, pad_id=3, detokenize=lambda t: tok.decode(
+                                   t, skip_special_tokens=True))
+  assert answer == expected[0]
+  with pytest.raises(images.ImageDecodeError):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    single_question.answer_question(model, params, tok, str(tmp_path / "bad.png"), "q",
+                                    template="none", max_new_tokens=1)
