@@ -137,3 +137,24 @@ def test_array_record_round_trip(world, tmp_path):
     assert element == by_id[element["record"]["id"]]
   from_shards = [b["pixel_values"].sum() for b in _pipe_on(world, shards)]
   assert len(from_shards) == 3
+
+
+def test_pipeline_from_config_json_and_shards(world, tmp_path):
+  from configs import base
+  root, recs, spec = world
+  config = base.get_config()
+  config.data.root = str(root)
+  config.data.tokenizer_dir = spec.tokenizer_dir
+  config.data.workers = 0
+  config.stage2.records = "records.json"
+  config.stage2.subset_fraction = 0.5
+  pipe = pipeline.pipeline_from_config(config, "stage2", num_image_tokens=N_IMAGE,
+                                       batch_size=4, num_epochs=1)
+  batches = list(pipe)
+  assert sum(b["sample_weight"].sum() for b in batches) == 6
+  assert batches[0]["input_ids"].shape == (4, 512) and "long_ids" in batches[0]
+  array_record_writer.write_shards(recs, root / "images", tmp_path / "shards", num_shards=2)
+  config.stage2.records = str(tmp_path / "shards")
+  pipe = pipeline.pipeline_from_config(config, "stage2", num_image_tokens=N_IMAGE,
+                                       batch_size=4, num_epochs=1)
+  assert sum(b["sample_weight"].sum() for b in pipe) == 12

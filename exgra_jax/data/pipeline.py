@@ -21,11 +21,12 @@ import grain.python as grain
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 from exgra_jax.data import bad_records as bad
-from exgra_jax.data import images, text
+from exgra_jax.data import images, records, text
 from exgra_jax.data.records import Turn
-from exgra_jax.data.sources import ShardView
+from exgra_jax.data.sources import ArrayRecordImageSource, RecordImageSource, ShardView
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,3 +252,44 @@ def to_global_batch(batch: dict, mesh: jax.sharding.Mesh,
     out[key] = jax.make_array_from_process_local_data(
         jax.sharding.NamedSharding(mesh, spec), value)
   return out
+
+
+def _resolve(root: str, path: str) -> epath.Path:
+  path = epath.Path(path)
+  return path if path.is_absolute() or not root else epath.Path(root) / path
+
+
+def stage_source(config, stage: str, log: bad.BadRecordLog):
+  """The source of `config.<stage>`: ArrayRecord shards when `records` names a folder of
+  `*.array_record` files, else the JSON/JSONL records (subset applied) + image folder."""
+  stage_cfg, data = config[stage], config.data
+  records_path = _resolve(data.root, stage_cfg.records)
+  if records_path.is_dir():
+    shards = sorted(str(p) for p in records_path.glob("*.array_record"))
+    return ArrayRecordImageSource(shards)
+  recs, _ = records.load_records(records_path, log)
+  if stage_cfg.subset_ids:
+    recs = records.select_ids(recs, _resolve(data.root, stage_cfg.subset_ids))
+  else:
+    recs = records.select_fraction(recs, stage_cfg.subset_fraction)
+  return RecordImageSource(recs, _resolve(data.root, stage_cfg.image_root))
+
+
+def pipeline_from_config(config, stage: str, *, num_image_tokens: int, batch_size: int,
+                         num_epochs: int | None = None) -> InputPipeline:
+  """The training pipeline of `config.<stage>` for this process.
+
+  `num_image_tokens` comes from `models.config.num_image_tokens(config.model)` (the
+  caller's: data knows no model); `batch_size` is this process's samples per batch.
+  """
+  data = config.data
+  log = bad.BadRecordLog()
+  spec = ExampleSpec(tokenizer_dir=data.tokenizer_dir,
+                     image_size=config.model.vision.image_size,
+                     num_image_tokens=num_image_tokens, max_length=data.max_length,
+                     text_max_length=data.text_max_length, label_mode=data.label_mode,
+                     align=bool(config[stage].align))
+  return InputPipeline(stage_source(config, stage, log), spec, batch_size=batch_size,
+                       length_buckets=tuple(data.length_buckets), seed=config.seed,
+                       shuffle=data.shuffle, num_epochs=num_epochs, workers=data.workers,
+                       max_bad_fraction=data.max_bad_fraction, log=log)
