@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+from configs import base
 from exgra_jax.eval import generate as gen
 from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig
 from exgra_jax.models.llava import LlavaModel
@@ -84,6 +85,14 @@ def test_sampling_near_zero_temperature_is_greedy_and_keys_reproduce(pair):
 ])
 def test_clean_answer_like_the_release(text, expected):
   assert gen.clean_answer(text, "###") == expected
+
+
+def test_settings_from_the_base_config():
+  config = base.get_config()
+  config.eval.temperature = 0.5
+  settings = gen.GenerationSettings.from_config(config)
+  assert settings == gen.GenerationSettings(batch_size=8, length_buckets=(512, 1024, 2048),
+                                            max_new_tokens=1024, temperature=0.5, stop="###")
 
 
 def test_bad_settings_and_prompts():

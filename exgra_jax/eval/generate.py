@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from exgra_jax.models.decode import greedy_decode
@@ -39,6 +40,14 @@ class GenerationSettings:
       raise ValueError(f"invalid generation settings: {self}")
     if not self.length_buckets or list(self.length_buckets) != sorted(self.length_buckets):
       raise ValueError(f"length_buckets must be non-empty and ascending: {self.length_buckets}")
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> GenerationSettings:
+    """config.eval's decoding fields with config.data's length buckets."""
+    return cls(batch_size=config.eval.batch_size,
+               length_buckets=tuple(config.data.length_buckets),
+               max_new_tokens=config.eval.max_new_tokens,
+               temperature=float(config.eval.temperature), stop=config.eval.stop)
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:
