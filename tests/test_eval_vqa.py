@@ -9,7 +9,8 @@ import tokenizers
 import transformers
 
 from exgra_jax.data import images
-from exgra_jax.eval import generate, prompts, report, single_question, vqa, vqa_metrics
+from exgra_jax.eval import (generate, prompts, report, single_question, vqa, vqa_metrics,
+                            zero_shot)
 from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig
 from exgra_jax.models.llava import LlavaModel
 
@@ -122,3 +123,20 @@ def test_answer_question_from_an_image_file_equals_generate(loaded, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     single_question.answer_question(model, params, tok, str(tmp_path / "bad.png"), "q",
                                     template="none", max_new_tokens=1)
+
+
+def test_zero_shot_evaluation_with_a_loaded_model(loaded, tmp_path):
+  model, params, tok = loaded
+  items = [{"question_id": f"q{i}", "question": "where is the mass ?", "dataset": d,
+            "options": ["left lung", "yes"], "gt_answer": "left lung"}
+           for i, d in enumerate(["A", "A", "B"])]
+  settings = generate.GenerationSettings(batch_size=2, length_buckets=(128,), max_new_tokens=3)
+  result = zero_shot.evaluate_loaded(
+      model, params, tok, items, lambda item: np.zeros((28, 28, 3), np.float32),
+      settings=settings, template="simple", num_image_tokens=16,
+      output_dir=str(tmp_path), model_id="tiny")
+  lines = [json.loads(l) for l in (tmp_path / "answers.jsonl").read_text().splitlines()]
+  assert "Here are 2 candidate answers:\nleft lung\nyes\n" in lines[0]["prompt"]
+  expected = zero_shot.accuracy_per_dataset(items, {l["question_id"]: l["text"] for l in lines})
+  assert result == expected == json.loads((tmp_path / "zero_shot_accuracy.json").read_text())
+  assert result["A"]["count"] == 2 and result["overall"]["count"] == 3

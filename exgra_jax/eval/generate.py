@@ -163,3 +163,20 @@ def generate(model: LlavaModel, params, prompts: Sequence[Sequence[int]],
       kept = row[:ends[0]] if ends.size else row
       answers.append(clean_answer(detokenize(kept.tolist()), settings.stop))
   return answers
+
+
+def answer_prompts(model: LlavaModel, params, tokenizer, prompt_texts: Sequence[str],
+                   pixel_values: np.ndarray, settings: GenerationSettings, *,
+                   batch_sharding: jax.sharding.Sharding | None = None) -> list[str]:
+  """Prompt texts (images expanded) + images -> answers, through a transformers tokenizer.
+
+  The tokenizer must hold `<im_patch>` (data/text.py builds it) and define eos and pad.
+  """
+  patch_id = tokenizer.convert_tokens_to_ids("<im_patch>")
+  if patch_id is None or patch_id == tokenizer.unk_token_id:
+    raise ValueError("tokenizer lacks the <im_patch> token")
+  return generate(model, params, [tokenizer(text).input_ids for text in prompt_texts],
+                  pixel_values, settings, image_patch_id=patch_id,
+                  eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                  detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                  batch_sharding=batch_sharding)

@@ -29,14 +29,10 @@ def answer_question(model: LlavaModel, params, tokenizer, image_path: str, quest
   if IMAGE_TOKEN not in question:
     question = f"{question}\n{IMAGE_TOKEN}"
   prompt = prompts.build_prompt(question, template, num_image_tokens(model.cfg))
-  token_ids = tokenizer(prompt).input_ids
-  settings = generate.GenerationSettings(batch_size=1, length_buckets=(len(token_ids),),
+  settings = generate.GenerationSettings(batch_size=1,
+                                         length_buckets=(len(tokenizer(prompt).input_ids),),
                                          max_new_tokens=max_new_tokens,
                                          temperature=temperature, stop=stop)
   pixels = load_pixels(image_path, model.cfg.vision.image_size)[None]
-  (answer,) = generate.generate(
-      model, params, [token_ids], pixels, settings,
-      image_patch_id=tokenizer.convert_tokens_to_ids("<im_patch>"),
-      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-      detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+  (answer,) = generate.answer_prompts(model, params, tokenizer, [prompt], pixels, settings)
   return answer

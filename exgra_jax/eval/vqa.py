@@ -45,18 +45,11 @@ def evaluate_loaded(model: LlavaModel, params, tokenizer, inputs: VqaInputs,
   questions = [(qid, prompts.build_prompt(vqa_metrics.question_text(item), template,
                                           num_image_tokens))
                for qid, item in by_id.items()]
-  patch_id = tokenizer.convert_tokens_to_ids("<im_patch>")
-  if patch_id is None or patch_id == tokenizer.unk_token_id:
-    raise ValueError("tokenizer lacks the <im_patch> token")
 
   def answer_batch(chunk: Sequence[tuple[str, str]]) -> list[str]:
-    token_ids = [tokenizer(prompt).input_ids for _, prompt in chunk]
     pixels = np.stack([load_pixels(by_id[qid]) for qid, _ in chunk])
-    return generate.generate(
-        model, params, token_ids, pixels, settings, image_patch_id=patch_id,
-        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-        detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-        batch_sharding=batch_sharding)
+    return generate.answer_prompts(model, params, tokenizer, [p for _, p in chunk], pixels,
+                                   settings, batch_sharding=batch_sharding)
 
   os.makedirs(output_dir, exist_ok=True)
   records = answers.answer_all(questions, answer_batch,

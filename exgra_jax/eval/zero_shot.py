@@ -4,13 +4,24 @@ A multiple-choice item becomes one open question whose prompt lists the options;
 free-text answer is mapped back to the option it resembles most (difflib ratio), and
 accuracy is counted per dataset. Items: `{"question", "options": [str, ...],
 "gt_answer": str, "dataset": str}` (OmniMedVQA's option_A..option_D fields are read too).
+`evaluate_loaded` runs a loaded model over such items (resumable answers file) and writes
+`zero_shot_accuracy.json` beside the answers.
 """
 from __future__ import annotations
 
 import collections
 import difflib
-from collections.abc import Iterable, Mapping, Sequence
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+
+import jax
+import numpy as np
+
+from exgra_jax.data.records import IMAGE_TOKEN
+from exgra_jax.eval import answers, generate, prompts
+from exgra_jax.models.llava import LlavaModel
 
 INSTRUCTION = (" Only return what you think is the correct answer from the candidate "
                "answers, do not return any other irrelevant text!")
@@ -45,7 +56,7 @@ def accuracy_per_dataset(items: Iterable[Mapping[str, Any]],
   """Items + {question id: raw prediction} -> {dataset: {accuracy, count}} and 'overall'."""
   hits: dict[str, list[float]] = collections.defaultdict(list)
   for item in items:
-    key = str(item.get("question_id", item.get("id")))
+    key = item_id(item)
     if key not in predictions:
       raise ValueError(f"no prediction for question {key!r}")
     options = item_options(item)
@@ -54,3 +65,38 @@ def accuracy_per_dataset(items: Iterable[Mapping[str, Any]],
     hits[str(item.get("dataset", "all"))].append(hit)
     hits["overall"].append(hit)
   return {name: {"accuracy": sum(v) / len(v), "count": len(v)} for name, v in hits.items()}
+
+
+def item_id(item: Mapping[str, Any]) -> str:
+  return str(item.get("question_id", item.get("id")))
+
+
+def evaluate_loaded(model: LlavaModel, params, tokenizer, items: Sequence[Mapping[str, Any]],
+                    load_pixels: Callable[[Mapping[str, Any]], np.ndarray], *,
+                    settings: generate.GenerationSettings, template: str,
+                    num_image_tokens: int, output_dir: str, model_id: str,
+                    batch_sharding: jax.sharding.Sharding | None = None
+                    ) -> dict[str, dict[str, float]]:
+  """Answers every item with its option prompt, then accuracy per dataset (also written)."""
+  by_id = {item_id(item): item for item in items}
+  if len(by_id) != len(items):
+    raise ValueError("zero-shot item ids must be unique")
+  questions = [(qid, prompts.build_prompt(
+      f"{build_prompt(item['question'], item_options(item))}\n{IMAGE_TOKEN}", template,
+      num_image_tokens)) for qid, item in by_id.items()]
+
+  def answer_batch(chunk: Sequence[tuple[str, str]]) -> list[str]:
+    pixels = np.stack([load_pixels(by_id[qid]) for qid, _ in chunk])
+    return generate.answer_prompts(model, params, tokenizer, [p for _, p in chunk], pixels,
+                                   settings, batch_sharding=batch_sharding)
+
+  os.makedirs(output_dir, exist_ok=True)
+  records = answers.answer_all(questions, answer_batch,
+                               os.path.join(output_dir, "answers.jsonl"), model_id,
+                               chunk_size=settings.batch_size)
+  result = accuracy_per_dataset(items, {r["question_id"]: r["text"] for r in records})
+  tmp = os.path.join(output_dir, ".zero_shot_accuracy.json.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  os.replace(tmp, os.path.join(output_dir, "zero_shot_accuracy.json"))
+  return result
