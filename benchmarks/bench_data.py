@@ -1,0 +1,92 @@
+"""Input pipeline throughput against its decode + preprocess limit, in one run.
+
+python benchmarks/bench_data.py [--images=64] [--batches=12] [--workers=2]
+
+Builds a temporary world of 512-px JPEGs and a word-level tokenizer (the one the data
+tests use), then prints samples/s of (a) decode + CLIP resize/crop/normalise alone in a
+tight loop, (b) that rate times the worker count (the limit), (c) the whole pipeline
+(read, decode, preprocess, tokenise, mask, batch) with `--workers` grain workers, and
+the ratio (c) / (b). Target: >= 0.8.
+"""
+import io
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+import PIL.Image
+from absl import app, flags
+
+from exgra_jax.data import images, pipeline, records, sources
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+import data_fixtures  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_IMAGES = flags.DEFINE_integer("images", 64, "distinct 512-px JPEGs")
+_BATCHES = flags.DEFINE_integer("batches", 12, "batches of 16 timed in the pipeline")
+_WORKERS = flags.DEFINE_integer("workers", 2, "grain worker processes")
+_SIZE = 224
+_BATCH = 16
+
+
+def _world(root: pathlib.Path, n: int) -> list[records.Record]:
+  (root / "images").mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    # Smooth content so the JPEG decode cost is realistic (noise compresses badly).
+    base = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    img = PIL.Image.fromarray(base).resize((512, 512), PIL.Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    (root / "images" / f"img{i}.jpg").write_bytes(buf.getvalue())
+  (root / "r.json").write_text(json.dumps([data_fixtures.record(i, image=f"img{i}.jpg") for i in range(n)]))
+  return records.load_records(root / "r.json")[0]
+
+
+def _limit_rate(root: pathlib.Path, n: int) -> float:
+  blobs = [(root / "images" / f"img{i}.jpg").read_bytes() for i in range(n)]
+  for b in blobs[:4]:
+    images.clip_preprocess(images.decode_image(b), _SIZE)
+  count, start = 0, time.perf_counter()
+  while time.perf_counter() - start < 3.0:
+    images.clip_preprocess(images.decode_image(blobs[count % n]), _SIZE)
+    count += 1
+  return count / (time.perf_counter() - start)
+
+
+def _pipeline_rate(root, recs, tok_dir, workers, batches) -> float:
+  spec = pipeline.ExampleSpec(str(tok_dir), image_size=_SIZE, num_image_tokens=256,
+                              max_length=512, text_max_length=64, label_mode="per_turn",
+                              align=True)
+  pipe = pipeline.InputPipeline(sources.RecordImageSource(recs, root / "images"), spec,
+                                batch_size=_BATCH, length_buckets=(512,), seed=0,
+                                num_epochs=None, workers=workers, process_index=0,
+                                process_count=1)
+  for _ in range(2):  # worker start-up and first fills are not throughput
+    next(pipe)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(pipe)
+  return batches * _BATCH / (time.perf_counter() - start)
+
+
+def main(argv):
+  del argv
+  with tempfile.TemporaryDirectory() as tmp:
+    root = pathlib.Path(tmp)
+    recs = _world(root, _IMAGES.value)
+    tok_dir = data_fixtures.make_tokenizer(root / "tok")
+    single = _limit_rate(root, _IMAGES.value)
+    limit = single * _WORKERS.value
+    rate = _pipeline_rate(root, recs, tok_dir, _WORKERS.value, _BATCHES.value)
+  print(f"{'measure':<44} {'samples/s':>10}")
+  print(f"{'decode + preprocess, 1 thread':<44} {single:>10.1f}")
+  print(f"{f'limit (x {_WORKERS.value} workers)':<44} {limit:>10.1f}")
+  print(f"{f'whole pipeline ({_WORKERS.value} workers)':<44} {rate:>10.1f}")
+  print(f"{'ratio pipeline / limit':<44} {rate / limit:>10.2f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
