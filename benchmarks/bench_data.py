@@ -41,7 +41,8 @@ def _world(root: pathlib.Path, n: int) -> list[records.Record]:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
     (root / "images" / f"img{i}.jpg").write_bytes(buf.getvalue())
-  (root / "r.json").write_text(json.dumps([data_fixtures.record(i, image=f"img{i}.jpg") for i in range(n)]))
+  rows = [data_fixtures.record(i, image=f"img{i}.jpg") for i in range(n)]
+  (root / "r.json").write_text(json.dumps(rows))
   return records.load_records(root / "r.json")[0]
 
 
