@@ -265,3 +265,14 @@ def test_inspect_checkpoint_reports_step_shapes_and_checksum(setup, tmp_path):
                        cwd=root, env={**os.environ, "PYTHONPATH": root},
                        check=True)
   assert "step 7" in out.stdout and info["checksum"] in out.stdout
+
+
+def test_sigterm_sets_the_preemption_flag_instead_of_killing():
+  import signal
+  flag = checkpointing.PreemptionFlag()
+  try:
+    assert not flag.requested
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert flag.requested
+  finally:
+    flag.restore_handler()
