@@ -97,15 +97,20 @@ def test_process_shards_disjoint_and_covering(world):
 def test_bad_inputs_skipped_counted_and_stop(world, tmp_path):
   root, recs, spec = world
   (root / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+  no_long = data_fixtures.record(103, image="img1.png")
+  no_long.pop("conversations_long")
   bad_recs = [records.parse_record(data_fixtures.record(100, image="missing.png"), 0),
               records.parse_record(data_fixtures.record(101, image="corrupt.png"), 0),
-              records.parse_record(data_fixtures.record(102, image="img0.png", answer="lung " * 200), 0)]
+              records.parse_record(
+                  data_fixtures.record(102, image="img0.png", answer="lung " * 200), 0),
+              records.parse_record(no_long, 0)]
   pipe = _pipe(world, recs=recs[:5] + bad_recs, batch_size=4, max_bad_fraction=0.5)
   batches = list(pipe)
-  assert sum(b["sample_weight"].sum() for b in batches) == 6, pipe.log.summary()
+  assert sum(b["sample_weight"].sum() for b in batches) == 7, pipe.log.summary()
   assert pipe.log.examples[bad.MISSING_IMAGE] == ["r100"]
   assert pipe.log.examples[bad.CORRUPT_IMAGE] == ["r101"]
   assert pipe.log.examples[bad.TRUNCATED] == ["r102"]
+  assert pipe.log.examples[bad.NO_LONG_CAPTION] == ["r103"]
   assert pipe.log.counts()["data/skipped"] == 2
   strict = _pipe(world, recs=recs[:5] + bad_recs, batch_size=4, max_bad_fraction=0.1)
   with pytest.raises(bad.TooManyBadRecords, match="missing_image"):

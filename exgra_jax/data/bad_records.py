@@ -20,6 +20,8 @@ MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
 TEXT_TOO_LONG = "text_too_long"          # image tokens would be cut: skipped
 TRUNCATED = "truncated"                  # text cut at max_length: kept, counted
+NO_LONG_CAPTION = "no_long_caption"      # stage 2 without conversations_long: kept, counted
+KEPT_REASONS = (TRUNCATED, NO_LONG_CAPTION)
 
 _EXAMPLES_PER_REASON = 5
 
@@ -56,8 +58,8 @@ class BadRecordLog:
 
   @property
   def skipped(self) -> int:
-    """Records dropped (truncation keeps the record, so it is not counted here)."""
-    return sum(n for r, n in self.by_reason.items() if r != TRUNCATED)
+    """Records dropped (KEPT_REASONS keep the record, so they are not counted here)."""
+    return sum(n for r, n in self.by_reason.items() if r not in KEPT_REASONS)
 
   def counts(self) -> dict[str, int]:
     """Scalars for the training logs: `data/bad/<reason>`, `data/seen`, `data/skipped`."""

@@ -77,13 +77,14 @@ class ExampleTransform(grain.MapTransform):
     example = {
         "record_id": record["id"],
         "truncated": tokenized.truncated,
+        "no_long_caption": spec.align and not record.get("conversations_long"),
         "pixel_values": images.clip_preprocess(images.decode_image(image_bytes),
                                                spec.image_size),
         "input_ids": tokenized.input_ids,
         "labels": tokenized.labels,
         "image_mask": tokenized.image_mask,
     }
-    if spec.align:
+    if spec.align:  # without extended captions the long text is the short one (counted)
       long = _turns(record.get("conversations_long") or record["conversations"])
       for key, turns in (("short", conversation), ("long", long)):
         ids, mask = text.tokenize_alignment_text(tok, text.alignment_text(turns),
@@ -217,8 +218,9 @@ class InputPipeline:
       if "bad_reason" in element:
         self.log.add(element["bad_reason"], element["record_id"])
         continue
-      if element["truncated"]:
-        self.log.add(bad.TRUNCATED, element["record_id"])
+      for reason in ("truncated", "no_long_caption"):
+        if element[reason]:
+          self.log.add(getattr(bad, reason.upper()), element["record_id"])
       examples.append(element)
     exhausted = len(examples) < self._batch_size
     if self.log.seen * self._max_bad_fraction >= 1 or exhausted:
