@@ -276,3 +276,34 @@ def test_sigterm_sets_the_preemption_flag_instead_of_killing():
     assert flag.requested
   finally:
     flag.restore_handler()
+
+
+def test_resume_from_checkpoint_is_bit_exact(setup, tmp_path):
+  """10 uninterrupted steps vs 6 steps, save, restore into a fresh process state, 4 more."""
+  config, model, params, batch = setup
+  params = {k: v for k, v in params.items() if k != "gnn"}
+  tx, schedule = optimizer.build_optimizer(params, config.optim, _stage("all_but_vision"), 10)
+  train_step = jax.jit(step.make_train_step(model, tx, schedule, micro_batches=2))
+  batch = {k: jnp.asarray(v[:4]) for k, v in batch.items()}
+  st = state.create_train_state(params, tx, 0)
+  for _ in range(10):
+    st, _ = train_step(st, batch)
+  resumed = state.create_train_state(params, tx, 0)
+  for _ in range(6):
+    resumed, _ = train_step(resumed, batch)
+  ckpt = checkpointing.StageCheckpointer(str(tmp_path), every=1, keep=1, async_save=True)
+  ckpt.save(6, resumed, {"consumed": 24}, config.model.to_dict())
+  ckpt.wait()
+  fresh = state.create_train_state(params, tx, 0)
+  mesh = mesh_lib.build_mesh(config.mesh)
+  abstract = checkpointing.abstract_with_shardings(
+      fresh, jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), fresh))
+  resumed, data, _ = ckpt.restore(ckpt.latest_step(), abstract)
+  ckpt.close()
+  assert data == {"consumed": 24} and int(resumed.step) == 6
+  for _ in range(4):
+    resumed, _ = train_step(resumed, batch)
+  assert (checkpoint_inspection.parameter_checksum(resumed.params)
+          == checkpoint_inspection.parameter_checksum(st.params))
+  assert (checkpoint_inspection.parameter_checksum(resumed.opt_state)
+          == checkpoint_inspection.parameter_checksum(st.opt_state))
