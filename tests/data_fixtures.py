@@ -13,7 +13,8 @@ import tokenizers
 import transformers
 from tokenizers import models, pre_tokenizers, processors
 
-SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<im_start>", "<im_patch>", "<im_end>"]
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>",
+           "<image>", "<im_start>", "<im_patch>", "<im_end>"]
 WORDS = ("A The Human Assistant a chat between curious human and an artificial intelligence assistant the gives "
          "helpful detailed polite answers to s questions human assistant what is this "
          "image it shows lung ct scan mri brain x ray of chest yes no left right normal "

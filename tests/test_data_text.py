@@ -1,6 +1,8 @@
 """Templates, label masks (hand-worked, both modes), alignment texts, truncation."""
 import numpy as np
 import pytest
+import tokenizers
+import transformers
 
 import data_fixtures
 from exgra_jax.data import bad_records as bad
@@ -18,7 +20,7 @@ PER_TURN = HEADER + (" # # # Human : what is this ? <im_start> <im_patch> <im_pa
                      " #* #* #* Assistant* :* yes* #* #* #*")
 # The release: pieces tokenised separately (each with a BOS) drift the boundaries by one
 # token per piece, and human turns stay supervised on their first two tokens.
-RELEASE = (HEADER.replace("questions .", "questions .")
+RELEASE = (HEADER
            + " #* #* # Human : what is this ? <im_start> <im_patch> <im_patch> <im_end>"
              " # #* #* Assistant* :* a* lung* #* #* #* Human* : left ? # # #"
              " Assistant* :* yes* #* #* #*")
@@ -79,9 +81,9 @@ def test_alignment_text_and_padding(tok):
 
 
 def test_tokenizer_without_image_tokens_is_refused(tmp_path):
-  import transformers
-  import tokenizers
-  raw = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
-  transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>").save_pretrained(tmp_path)
+  raw = tokenizers.Tokenizer(
+      tokenizers.models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+  fast.save_pretrained(tmp_path)
   with pytest.raises(ValueError, match=r"<im_start> is missing.*no pad token"):
     text.load_tokenizer(tmp_path)

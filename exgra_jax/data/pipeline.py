@@ -60,7 +60,7 @@ class ExampleTransform(grain.MapTransform):
   def map(self, element: dict) -> dict:
     if "bad_reason" in element:
       return element
-    record, spec = element["record"], self._spec
+    record = element["record"]
     try:
       return self._example(record, element["image"])
     except bad.BadRecordError as e:
