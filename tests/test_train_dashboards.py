@@ -1,7 +1,6 @@
 """Dashboards, profiler spec and multi-host config errors."""
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -46,16 +45,15 @@ def test_profile_steps_spec():
 
 
 def test_distributed_config_errors():
-  dist = base.get_config().distributed
-  distributed.initialize(dist)  # mode none: no-op
-  bad = ml_collections.ConfigDict(dict(dist))
-  bad.mode = "slurm"
+  config = base.get_config()
+  distributed.initialize(config)  # mode none: no-op
+  config.distributed.mode = "slurm"
   with pytest.raises(ValueError, match="distributed.mode"):
-    distributed.initialize(bad)
-  bad.mode = "explicit"
+    distributed.initialize(config)
+  config.distributed.mode = "explicit"
   with pytest.raises(ValueError, match="coordinator_address"):
-    distributed.initialize(bad)
-  bad.coordinator_address = "localhost:1234"
-  bad.process_id = 3
+    distributed.initialize(config)
+  config.distributed.coordinator_address = "localhost:1234"
+  config.distributed.process_id = 3
   with pytest.raises(ValueError, match="process_id"):
-    distributed.initialize(bad)
+    distributed.initialize(config)

@@ -98,7 +98,7 @@ def multi(workdir: str, flags: list[str]) -> None:
   for flag in flags:
     key, value = flag.removeprefix("--config.distributed.").split("=", 1)
     config.distributed[key] = type(config.distributed[key])(value)
-  distributed.initialize(config.distributed)
+  distributed.initialize(config)
   parts = build(config)
   losses, state = train(config, (2, 2, 1), jax.devices(), *parts)
   save(workdir, state, config).close()

@@ -13,8 +13,12 @@ import ml_collections
 MODES = ("none", "auto", "explicit")
 
 
-def initialize(dist: ml_collections.ConfigDict) -> None:
-  """Joins the multi-process run described by `dist`; must precede any jax computation."""
+def initialize(config: ml_collections.ConfigDict) -> None:
+  """Joins the multi-process run of `config.distributed`; must precede any jax computation.
+
+  Takes the whole config, as `exgra_jax/main.py` calls it.
+  """
+  dist = config.distributed
   if dist.mode not in MODES:
     raise ValueError(f"distributed.mode={dist.mode!r} is not one of {MODES}")
   if dist.mode == "none":
