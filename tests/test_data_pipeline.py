@@ -1,6 +1,10 @@
 """The grain pipeline: batch schema, determinism, resume (also across worker counts),
 per-process shards, bad input inside the pipeline, padded last batch, global arrays."""
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 from absl import flags
@@ -163,3 +167,18 @@ def test_pipeline_from_config_json_and_shards(world, tmp_path):
   pipe = pipeline.pipeline_from_config(config, "stage2", num_image_tokens=N_IMAGE,
                                        batch_size=4, num_epochs=1)
   assert sum(b["sample_weight"].sum() for b in pipe) == 12
+
+
+def test_to_global_batch_splits_rows_over_four_devices():
+  script = (
+      "import jax, numpy as np\n"
+      "from exgra_jax.data import pipeline\n"
+      "mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2), ('data', 'fsdp'))\n"
+      "batch = {'input_ids': np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}\n"
+      "out = pipeline.to_global_batch(batch, mesh)['input_ids']\n"
+      "rows = sorted(tuple(np.asarray(s.data)[:, 0]) for s in out.addressable_shards)\n"
+      "assert rows == [(0, 3), (6, 9), (12, 15), (18, 21)], rows\n"
+      "np.testing.assert_array_equal(np.asarray(out), batch['input_ids'])\n")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+  subprocess.run([sys.executable, "-c", script], check=True, env=env)
