@@ -119,6 +119,10 @@ def test_bad_inputs_skipped_counted_and_stop(world, tmp_path):
   strict = _pipe(world, recs=recs[:5] + bad_recs, batch_size=4, max_bad_fraction=0.1)
   with pytest.raises(bad.TooManyBadRecords, match="missing_image"):
     list(strict)
+  zero = _pipe(world, recs=bad_recs[:1] + recs[:7], batch_size=4, shuffle=False,
+               max_bad_fraction=0.0)
+  with pytest.raises(bad.TooManyBadRecords, match="r100"):
+    next(zero)
 
 
 def test_to_global_batch_on_a_mesh(world):

@@ -223,7 +223,9 @@ class InputPipeline:
           self.log.add(getattr(bad, reason.upper()), element["record_id"])
       examples.append(element)
     exhausted = len(examples) < self._batch_size
-    if self.log.seen * self._max_bad_fraction >= 1 or exhausted:
+    # A fraction means little over a handful of records: check once 1 / max_bad_fraction
+    # were seen (at once for 0, which tolerates no bad record), and at the end.
+    if self.log.seen * self._max_bad_fraction >= 1 or not self._max_bad_fraction or exhausted:
       self.log.check(self._max_bad_fraction)
     if not examples:
       raise StopIteration
