@@ -102,12 +102,18 @@ def torch_step(model: torch.nn.Module, ids: np.ndarray):
   return step
 
 
-def matmul_step(m: int, k: int, n: int):
-  """A callable running one jitted f32 [m, k] x [k, n] matmul; and its FLOPs."""
+def matmul_step(m: int, k: int, n: int, repeats: int = 10):
+  """A callable running `repeats` jitted f32 [m, k] x [k, n] matmuls (long enough that one
+  scheduling hiccup does not dominate); and their FLOPs."""
   a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
   matmul = jax.jit(jnp.matmul)
-  return lambda: matmul(a, b).block_until_ready(), 2.0 * m * k * n
+
+  def run():
+    for _ in range(repeats):
+      matmul(a, b).block_until_ready()
+
+  return run, 2.0 * m * k * n * repeats
 
 
 def main(argv):
