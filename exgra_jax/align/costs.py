@@ -20,9 +20,38 @@ def edge_features(nodes: jax.Array, edges: jax.Array) -> jax.Array:
   return nodes[edges[:, 0]] - nodes[edges[:, 1]]
 
 
+NOISE_KINDS = ("gumbel", "sum_of_gamma", "none")
+
+
 def gumbel_noise(key: jax.Array, shape: tuple[int, ...], scale: float) -> jax.Array:
   """Gumbel(0, scale) samples of the given shape."""
   return scale * jax.random.gumbel(key, shape)
+
+
+def sum_of_gamma_noise(key: jax.Array, shape: tuple[int, ...], scale: float, *,
+                       kappa: float = 1.0, terms: int = 10) -> jax.Array:
+  """IMLE's sum-of-Gamma perturbation (Niepert et al. 2021), times `scale`.
+
+  eps = (1 / kappa) * (sum_{i=1..terms} Gamma(1 / kappa, kappa / i) - log terms); with
+  kappa = 1 it tends to a standard Gumbel as `terms` grows, so `scale` means the same as
+  for `gumbel_noise`.
+  """
+  index = jnp.arange(1, terms + 1, dtype=jnp.float32)
+  gammas = jax.random.gamma(key, 1.0 / kappa, (terms, *shape)) * (kappa / index).reshape(
+      (terms,) + (1,) * len(shape))
+  return scale * (gammas.sum(axis=0) - jnp.log(float(terms))) / kappa
+
+
+def perturbation_noise(key: jax.Array, shape: tuple[int, ...], kind: str,
+                       scale: float) -> jax.Array:
+  """Noise added to the affinities: `align.imle_noise` in NOISE_KINDS."""
+  if kind == "gumbel":
+    return gumbel_noise(key, shape, scale)
+  if kind == "sum_of_gamma":
+    return sum_of_gamma_noise(key, shape, scale)
+  if kind == "none":
+    return jnp.zeros(shape, jnp.float32)
+  raise ValueError(f"align.imle_noise={kind!r} is not one of {NOISE_KINDS}")
 
 
 def matching_costs(nodes_x: jax.Array, nodes_y: jax.Array, edges: jax.Array,

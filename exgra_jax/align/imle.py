@@ -1,0 +1,143 @@
+"""Differentiable graph matching: the host solver inside a `jax.custom_vjp` (SPEC.md 3.4).
+
+Forward: every problem of the step goes to the host in *one* batched `jax.pure_callback`
+(`align.solver.solve_batch`, parallel over cores) and comes back as a 0/1 node matching
+M [P, n1, n2]; the induced edge matching M_E [P, E1, E2] (edge (i, j) of graph 1 matched to
+edge (a, b) of graph 2 iff i -> a and j -> b) is computed from M in JAX.
+
+Backward (black-box differentiation / IMLE with the noise already inside the costs): the
+problems are solved again with the costs moved along the incoming cotangents,
+U' = U + lambda * dL/dM and Q' = Q + lambda * dL/dM_E (same noise: it is part of U and Q),
+and the cost gradients are -(M - M') / lambda and -(M_E - M_E') / lambda.
+
+Works under `jit`, `grad` and `vmap` (the callback flattens any leading batch axes into the
+problem axis) and inside a jit sharded over several devices (XLA gathers the callback's
+operands to the host). The host solve time is added to `SOLVER_CLOCK`, which the training
+loop reads for its dashboards (a side channel: never feeds back into the computation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from exgra_jax.align import solver
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverSettings:
+  """Options of the host solver (from `config.align`); hashable, so usable as a static arg."""
+  max_iterations: int = 100
+  time_limit_s: float = 0.0
+  threads: int = 0
+  imle_lambda: float = 80.0
+
+  def __post_init__(self):
+    if self.imle_lambda <= 0:
+      raise ValueError(f"align.imle_lambda must be positive, got {self.imle_lambda}")
+
+  @classmethod
+  def from_config(cls, align) -> SolverSettings:
+    return cls(max_iterations=align.solver_iterations, time_limit_s=align.solver_time_limit_s,
+               threads=align.solver_threads, imle_lambda=align.imle_lambda)
+
+
+class SolverClock:
+  """Host seconds, problems solved and time-limit hits since the last `take()` (thread-safe)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._seconds, self._problems, self._limit_hits = 0.0, 0, 0
+
+  def add(self, seconds: float, problems: int, limit_hits: int) -> None:
+    with self._lock:
+      self._seconds += seconds
+      self._problems += problems
+      self._limit_hits += limit_hits
+
+  def take(self) -> dict[str, float]:
+    with self._lock:
+      out = {"solver_seconds": self._seconds, "solver_problems": float(self._problems),
+             "solver_time_limit_hits": float(self._limit_hits)}
+      self._seconds, self._problems, self._limit_hits = 0.0, 0, 0
+    return out
+
+
+SOLVER_CLOCK = SolverClock()
+
+
+def _host_solve(settings: SolverSettings, unary, quadratic, edges1, edges2) -> np.ndarray:
+  """Host side of the callback: any leading axes are flattened into one problem axis."""
+  unary, quadratic = np.asarray(unary), np.asarray(quadratic)
+  edges1, edges2 = np.asarray(edges1), np.asarray(edges2)
+  lead = unary.shape[:-2]
+  start = time.perf_counter()
+  matchings, stats = solver.solve_batch_with_stats(
+      unary.reshape(-1, *unary.shape[-2:]), quadratic.reshape(-1, *quadratic.shape[-2:]),
+      edges1.reshape(-1, *edges1.shape[-2:]), edges2.reshape(-1, *edges2.shape[-2:]),
+      max_iterations=settings.max_iterations, time_limit_s=settings.time_limit_s,
+      threads=settings.threads)
+  SOLVER_CLOCK.add(time.perf_counter() - start, matchings.shape[0],
+                   int(stats.time_limit_hit.sum()))
+  return matchings.reshape(*lead, *matchings.shape[-2:]).astype(np.float32)
+
+
+def solve_on_host(settings: SolverSettings, unary: jax.Array, quadratic: jax.Array,
+                  edges1: jax.Array, edges2: jax.Array) -> jax.Array:
+  """0/1 matchings [..., n1, n2] for problems with any leading axes, in one host callback."""
+  shape = jax.ShapeDtypeStruct(unary.shape, jnp.float32)
+  return jax.pure_callback(functools.partial(_host_solve, settings), shape,
+                           unary.astype(jnp.float32), quadratic.astype(jnp.float32),
+                           edges1.astype(jnp.int32), edges2.astype(jnp.int32),
+                           vmap_method="broadcast_all")
+
+
+def induced_edge_matching(matching: jax.Array, edges1: jax.Array, edges2: jax.Array
+                          ) -> jax.Array:
+  """M_E[e1, e2] = M[i, a] * M[j, b] for e1 = (i, j), e2 = (a, b); [..., E1, E2]."""
+  def one(m, e1, e2):
+    return m[e1[:, 0]][:, e2[:, 0]] * m[e1[:, 1]][:, e2[:, 1]]
+  for _ in range(matching.ndim - 2):
+    one = jax.vmap(one)
+  return one(matching, edges1, edges2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def differentiable_matching(settings: SolverSettings, unary: jax.Array, quadratic: jax.Array,
+                            edges1: jax.Array, edges2: jax.Array
+                            ) -> tuple[jax.Array, jax.Array]:
+  """(M [..., n1, n2], M_E [..., E1, E2]) minimising <U, M> + <Q, M_E>; see module doc.
+
+  Args:
+    settings: solver budget and the IMLE lambda.
+    unary: U [..., n1, n2]; quadratic: Q [..., E1, E2];
+    edges1: [..., E1, 2] and edges2: [..., E2, 2] int edge lists (no gradient).
+  """
+  matching = solve_on_host(settings, unary, quadratic, edges1, edges2)
+  return matching, induced_edge_matching(matching, edges1, edges2)
+
+
+def _forward(settings, unary, quadratic, edges1, edges2):
+  matching = solve_on_host(settings, unary, quadratic, edges1, edges2)
+  edge_matching = induced_edge_matching(matching, edges1, edges2)
+  return (matching, edge_matching), (unary, quadratic, edges1, edges2, matching, edge_matching)
+
+
+def _backward(settings, residuals, cotangents):
+  unary, quadratic, edges1, edges2, matching, edge_matching = residuals
+  d_matching, d_edge_matching = cotangents
+  lam = settings.imle_lambda
+  perturbed = solve_on_host(settings, unary + lam * d_matching,
+                            quadratic + lam * d_edge_matching, edges1, edges2)
+  perturbed_edges = induced_edge_matching(perturbed, edges1, edges2)
+  d_unary = -(matching - perturbed) / lam
+  d_quadratic = -(edge_matching - perturbed_edges) / lam
+  return d_unary.astype(unary.dtype), d_quadratic.astype(quadratic.dtype), None, None
+
+
+differentiable_matching.defvjp(_forward, _backward)
