@@ -85,9 +85,12 @@ def make_loss_fn(model: nn.Module, *, align_fn: AlignFn | None = None, alpha: fl
                            method="text_features")
       grouped = [f.reshape(size // g, g, f.shape[-1]) for f in (f_image, f_short, f_long)]
       align_mean, aux = align_fn(params["gnn"], *grouped, key)
-      align = align_mean * (size // g) / group_count
+      # Every alignment output is a mean over this micro-batch's groups: weighting it by
+      # its share of the step's groups makes the accumulated sum the step's mean.
+      share = (size // g) / group_count
+      align = align_mean * share
       parts["align_loss"] = align
-      parts.update({f"align/{k}": v for k, v in aux.items() if k != "matchings"})
+      parts.update({f"align/{k}": v * share for k, v in aux.items() if k != "matchings"})
       total = total + alpha * align
     return total, parts
   return loss_fn
