@@ -15,6 +15,7 @@ def get_config(arg=None):
   c.init.random = True
   c.data.demo_world = size
   c.data.root = f".cache/demo_{size}"
+  c.data.tokenizer_dir = "tokenizer"   # written by the demo world
   c.data.max_length = 512
   c.data.length_buckets = (256, 512)
   c.data.text_max_length = 128

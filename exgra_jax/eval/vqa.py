@@ -8,14 +8,20 @@ configured template and decoding (resumable answers file), scores them with
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
+from etils import epath
 
-from exgra_jax.eval import answers, generate, prompts, report, vqa_metrics
+from exgra_jax.data import pipeline, text
+from exgra_jax.data import records as records_lib
+from exgra_jax.eval import answers, generate, prompts, report, single_question, vqa_metrics
+from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
 
 
@@ -64,3 +70,72 @@ def evaluate_loaded(model: LlavaModel, params, tokenizer, inputs: VqaInputs,
                                  load_report=load_report)
   report.write_report(output_dir, protocol)
   return metrics
+
+
+def vqa_inputs(config: ml_collections.ConfigDict, records: str,
+               candidates: str = "") -> VqaInputs:
+  """A VQA split from config paths (relative to `data.root`), with its candidate answers."""
+  records_path = str(pipeline.resolve_path(config.data.root, records))
+  items = vqa_metrics.read_json_or_jsonl(records_path)
+  files = {"records": records_path}
+  candidate_list = None
+  if candidates:
+    candidates_path = str(pipeline.resolve_path(config.data.root, candidates))
+    with open(candidates_path, encoding="utf-8") as f:
+      candidate_list = vqa_metrics.parse_candidates(json.load(f))
+    files["candidates"] = candidates_path
+  return VqaInputs(items=items, data_files=files, candidates=candidate_list)
+
+
+def evaluate_split(config: ml_collections.ConfigDict, model: LlavaModel, params, *,
+                   records: str, image_root: str, candidates: str, output_dir: str,
+                   checkpoint: str, load_report: Mapping[str, Any],
+                   batch_sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
+  """`evaluate_loaded` on the split at `records` with config.eval's template and decoding.
+
+  Images resolve under `image_root` (relative to data.root), kept inside it.
+  """
+  inputs = vqa_inputs(config, records, candidates)
+  root = pipeline.resolve_path(config.data.root, image_root)
+  size = model.cfg.vision.image_size
+
+  def load_pixels(item: Mapping[str, Any]) -> np.ndarray:
+    relative = records_lib.safe_relative_path(str(item["image"]), str(item.get("id")))
+    return single_question.load_pixels(str(root / relative), size)
+
+  tokenizer = text.load_tokenizer(pipeline.tokenizer_dir(config))
+  return evaluate_loaded(model, params, tokenizer, inputs, load_pixels,
+                         settings=generate.GenerationSettings.from_config(config),
+                         template=config.eval.template, num_image_tokens=num_image_tokens(
+                             model.cfg), output_dir=output_dir, model_id=config.model.name,
+                         checkpoint=checkpoint, load_report=load_report,
+                         batch_sharding=batch_sharding)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
+             checkpoint: str | None = None) -> dict[str, Any]:
+  """`--mode=eval`: the test split (`eval.records`, else `finetune.test_records`) answered by
+  `checkpoint` (default: the fine-tune's best, else the newest checkpoint of the last
+  stage); answers, metrics and the protocol report go to `workdir/eval/<split name>`."""
+  from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
+  records = config.eval.records or config.finetune.test_records
+  if not records:
+    raise ValueError("nothing to evaluate: set config.eval.records or "
+                     "config.finetune.test_records")
+  checkpoint = checkpoint or str(default_checkpoint(config, workdir))
+  loaded = model_checkpoint.load(checkpoint, tokenizer_dir=pipeline.tokenizer_dir(config))
+  model = LlavaModel(LlavaConfig.from_config(loaded.model_config))
+  name = epath.Path(records).stem
+  return evaluate_split(config, model, loaded.params, records=records,
+                        image_root=config.finetune.image_root,
+                        candidates=config.finetune.candidates,
+                        output_dir=str(workdir / "eval" / name), checkpoint=checkpoint,
+                        load_report=loaded.report)
+
+
+def default_checkpoint(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
+  """The fine-tune's best-validation params if any, else the last stage's checkpoints."""
+  best = workdir / "checkpoints" / "finetune_best"
+  if "finetune" in config.stages and best.exists():
+    return best
+  return workdir / "checkpoints" / config.stages[-1]

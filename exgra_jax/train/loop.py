@@ -1,0 +1,348 @@
+"""The training loop: the stages of `config.stages`, in order, in one workdir.
+
+    train(config, workdir)
+      for each stage (stage1 -> stage2 -> finetune, as configured):
+        1. data      the stage's grain pipeline, this process's share of each global batch
+        2. state     optimizer + sharded state; resume from the stage's newest checkpoint,
+                     else start from the weights `initial_weights` names
+        3. steps     jitted sharded step; dashboards, checkpoints, pre-emption, validation
+        4. finish    final checkpoint; fine-tune: best-validation params and test metrics
+      export to Hugging Face format when `config.export.after_training`
+
+A stage whose newest checkpoint is at its last step is complete and is skipped, so a killed
+run started again with the same command continues where it stopped, and finishes with the
+same parameters as an uninterrupted run (the data iterator state is in every checkpoint).
+SIGTERM (pre-emption) writes a checkpoint at the next step boundary and returns normally
+(exit status 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from exgra_jax.align import imle
+from exgra_jax.align import loss as align_loss
+from exgra_jax.data import pipeline as pipeline_lib
+from exgra_jax.data import records, text
+from exgra_jax.models.config import LlavaConfig, num_image_tokens
+from exgra_jax.models.llava import LlavaModel
+from exgra_jax.train import (checkpointing, initial_weights, metrics, optimizer,
+                             sharded_state, step)
+
+
+@dataclasses.dataclass
+class Stage:
+  """Everything one stage's steps need, built before any weight is allocated."""
+  name: str
+  cfg: ml_collections.ConfigDict
+  model: LlavaModel
+  init_boxed_params: Any        # () -> boxed params (the model's, plus `gnn` with alignment)
+  tx: Any
+  schedule: Any
+  abstract_state: Any
+  shardings: Any
+  total_steps: int
+  steps_per_epoch: int
+  step_fn: Any                  # pure step(state, batch) -> (state, metrics), not yet jitted
+
+
+def new_token_ids(tokenizer) -> tuple[int, ...]:
+  """Ids of the tokens LLaVA adds to the LLM (their rows train in stage 1)."""
+  tokens = (records.IMAGE_TOKEN, text.IM_START, text.IM_PATCH, text.IM_END)
+  return tuple(tokenizer.convert_tokens_to_ids(t) for t in tokens) + (tokenizer.pad_token_id,)
+
+
+def count_steps(stage_cfg: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
+  """-> (total optimizer steps, steps per epoch) of a stage over `num_examples` records."""
+  per_epoch = max(1, math.ceil(num_examples / stage_cfg.global_batch))
+  if stage_cfg.max_steps > 0:
+    return stage_cfg.max_steps, per_epoch
+  return max(1, math.ceil(stage_cfg.epochs * num_examples / stage_cfg.global_batch)), per_epoch
+
+
+def build_stage(config: ml_collections.ConfigDict, name: str, mesh: jax.sharding.Mesh,
+                num_examples: int, token_ids: tuple[int, ...]) -> Stage:
+  """The stage's model, optimizer, abstract sharded state and step function."""
+  cfg = config[name]
+  model = LlavaModel(LlavaConfig.from_config(config.model))
+  n = num_image_tokens(config.model)
+  size = config.model.vision.image_size
+  settings = align_loss.AlignSettings.from_config(config.align) if cfg.align else None
+
+  def init_boxed_params():
+    ids = jnp.zeros((1, n + 2), jnp.int32)
+    image_mask = jnp.zeros((1, n + 2), bool).at[:, 1:1 + n].set(True)
+    params = dict(model.init(jax.random.key(config.seed), ids, jnp.ones_like(ids), image_mask,
+                             jnp.zeros((1, size, size, 3)))["params"])
+    if settings is not None:
+      params["gnn"] = align_loss.init_gnn_params(jax.random.key(config.seed + 1), settings,
+                                                 config.model.llm.hidden_size)
+    return params
+
+  total, per_epoch = count_steps(cfg, num_examples)
+  abstract_params = nn.unbox(jax.eval_shape(init_boxed_params))
+  tx, schedule = optimizer.build_optimizer(abstract_params, config.optim, cfg, total, token_ids)
+  abstract_state, shardings = sharded_state.state_shardings(
+      init_boxed_params, tx, mesh, config.logical_axis_rules)
+  align_fn, group_size = None, 0
+  if settings is not None:
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    group_size = align_loss.group_size_for(config.align, cfg.global_batch // cfg.micro_batches,
+                                           data_parallel)
+    align_fn = functools.partial(align_loss.multi_graph_alignment_loss, settings=settings)
+  step_fn = step.make_train_step(model, tx, schedule, micro_batches=cfg.micro_batches,
+                                 align_fn=align_fn, alpha=config.align.alpha,
+                                 group_size=group_size, text_pool=config.align.text_pool)
+  return Stage(name=name, cfg=cfg, model=model, init_boxed_params=init_boxed_params, tx=tx,
+               schedule=schedule, abstract_state=abstract_state, shardings=shardings,
+               total_steps=total, steps_per_epoch=per_epoch, step_fn=step_fn)
+
+
+def _checkpointer(config, workdir: epath.Path, name: str) -> checkpointing.StageCheckpointer:
+  return checkpointing.StageCheckpointer(
+      str(workdir / "checkpoints" / name), every=config.train.checkpoint_every,
+      keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint)
+
+
+def _restore(stage: Stage, ckpt: checkpointing.StageCheckpointer, at: int):
+  target = checkpointing.abstract_with_shardings(stage.abstract_state, stage.shardings)
+  return ckpt.restore(at, target)
+
+
+def final_params(config, workdir: epath.Path, mesh, name: str, token_ids) -> Any:
+  """The parameters a completed stage ended with (restored from its newest checkpoint)."""
+  ckpt = _checkpointer(config, workdir, name)
+  latest = ckpt.latest_step()
+  if latest is None:
+    raise initial_weights.InitialWeightsError(
+        f"stage {name!r} has no checkpoint in {workdir / 'checkpoints' / name}")
+  stage = build_stage(config, name, mesh, config[name].global_batch, token_ids)
+  state, _, _ = _restore(stage, ckpt, latest)
+  ckpt.close()
+  return state.params
+
+
+def starting_state(config, stage: Stage, workdir: epath.Path, mesh, token_ids,
+                   previous: tuple[str, Any] | None):
+  """A fresh sharded state whose params come from the stage's weight source."""
+  state = sharded_state.init_sharded_state(stage.init_boxed_params, stage.tx, config.seed,
+                                           stage.shardings)
+  kind, path = initial_weights.source_for(config, stage.name, workdir)
+  if kind == "random":
+    logging.info("stage %s starts from random weights (config.init.random)", stage.name)
+    return state
+  if kind == "previous_stage":
+    name = config.stages[list(config.stages).index(stage.name) - 1]
+    loaded = previous[1] if previous and previous[0] == name else final_params(
+        config, workdir, mesh, name, token_ids)
+    source = f"the end of stage {name}"
+  else:
+    loaded = load_weights(config, kind, path, mesh)
+    source = path
+  if stage.cfg.align:
+    loaded = {k: v for k, v in loaded.items() if k != "gnn"}  # the GNN starts fresh
+  logging.info("stage %s starts from %s", stage.name, source)
+  params = initial_weights.merge_loaded(state.params, loaded, stage.shardings.params, source)
+  return state.replace(params=params)
+
+
+def load_weights(config, kind: str, path: str, mesh) -> Any:
+  """Params of an exgra-jax checkpoint (`kind` "checkpoint") or an HF import ("hf"), laid
+  out on `mesh` tensor by tensor (the checkpoint / HF loaders never hold a whole copy)."""
+  # Imported here: the HF path pulls in transformers' model code, which training from a
+  # checkpoint of ours never needs.
+  from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
+  tokenizer = pipeline_lib.tokenizer_dir(config) if config.data.tokenizer_dir else None
+  if kind == "hf":
+    from exgra_jax.hf import importer  # pylint: disable=g-import-not-at-top
+    return importer.import_model(path, clip_dir=config.init.clip_dir or None,
+                                 tokenizer_dir=tokenizer, mesh=mesh,
+                                 rules=config.logical_axis_rules).params
+  return model_checkpoint.load(path, tokenizer_dir=tokenizer, mesh=mesh,
+                               rules=config.logical_axis_rules).params
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process when any process has `flag` set (pre-emption agreement)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def _host_tokens(batch: dict) -> float:
+  return float((batch["labels"][:, 1:] != step.IGNORE_INDEX).sum()) * jax.process_count()
+
+
+def _write_summaries(writer, at: int, pending: list[dict], extra: dict[str, float]) -> dict:
+  """Means of the pending steps' scalar metrics (one device fetch), plus `extra`."""
+  fetched = jax.device_get(pending)
+  scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]
+             if np.ndim(fetched[0][k]) == 0}
+  scalars.update(extra)
+  writer.write_scalars(at, scalars)
+  return scalars
+
+
+def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: epath.Path,
+              mesh, token_ids, previous) -> dict[str, Any]:
+  """Trains one stage to its last step (or until pre-empted); returns its summary."""
+  ckpt = _checkpointer(config, workdir, stage.name)
+  model_config = config.model.to_dict()
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, data_state, _ = _restore(stage, ckpt, latest)
+    pipe.set_state(data_state)
+    logging.info("stage %s resumes at step %d of %d", stage.name, latest, stage.total_steps)
+  else:
+    state = starting_state(config, stage, workdir, mesh, token_ids, previous)
+  start = int(jax.device_get(state.step))
+  if start >= stage.total_steps:
+    ckpt.close()
+    return {"status": "complete", "steps": start, "params": state.params}
+
+  logdir = str(workdir / "tensorboard" / stage.name)
+  writer = metrics.create_writer(logdir)
+  hooks = metrics.progress_hooks(stage.total_steps, writer, logdir,
+                                 metrics.parse_profile_steps(config.train.profile_steps))
+  throughput = metrics.Throughput()
+  preemption = checkpointing.PreemptionFlag()
+  validation = FinetuneValidation(config, stage, workdir, mesh)
+  train_step, pending, last = None, [], {}
+  imle.SOLVER_CLOCK.take()
+  try:
+    for at in range(start, stage.total_steps):
+      host_batch = next(pipe)
+      batch = pipeline_lib.to_global_batch(host_batch, mesh)
+      if train_step is None:
+        train_step = sharded_state.jit_train_step(stage.step_fn, stage.shardings, mesh,
+                                                  tuple(batch))
+      state, step_metrics = train_step(state, batch)
+      done = at + 1
+      throughput.update(_host_tokens(host_batch))
+      pending.append(step_metrics)
+      for hook in hooks:
+        hook(done)
+      if done % config.train.log_every == 0 or done == stage.total_steps:
+        extra = {**throughput.report(), **imle.SOLVER_CLOCK.take(),
+                 **{k: float(v) for k, v in pipe.log.counts().items()}}
+        last = _write_summaries(writer, done, pending, extra)
+        pending = []
+        logging.info("%s step %d/%d: %s", stage.name, done, stage.total_steps,
+                     {k: round(v, 4) for k, v in last.items() if "/" not in k})
+      if "align/matching" in step_metrics and done % config.train.image_every == 0:
+        writer.write_images(done, {"matching_vs_identity": metrics.matching_image(
+            np.asarray(jax.device_get(step_metrics["align/matching"])))[None]})
+      validation.maybe_run(state.params, done)
+      final = done == stage.total_steps
+      stop = _any_process(preemption.requested)
+      ckpt.save(done, state, pipe.get_state(), model_config, force=final or stop)
+      if stop:
+        ckpt.wait()
+        logging.warning("stage %s pre-empted at step %d: checkpoint written", stage.name, done)
+        return {"status": "preempted", "steps": done}
+  finally:
+    preemption.restore_handler()
+    ckpt.wait()
+    ckpt.close()
+    writer.flush()
+  summary = {"status": "trained", "steps": stage.total_steps,
+             "skipped_steps": int(jax.device_get(state.skipped)),
+             "final_metrics": last, "bad_records": pipe.log.counts(), "params": state.params}
+  summary.update(validation.finish(state.params))
+  return summary
+
+
+class FinetuneValidation:
+  """Fine-tune model selection on the validation split and the final test evaluation.
+
+  Every `train.eval_every` steps (0 = once per epoch) and at the last step, the current
+  params answer `val_records`; the best (open recall + closed accuracy) / 2 so far is saved
+  to `checkpoints/<stage>_best` as a params-only checkpoint. At the end the best params
+  (the final ones when there is no validation split) answer `test_records`.
+  """
+
+  def __init__(self, config, stage: Stage, workdir: epath.Path, mesh):
+    self.config, self.stage, self.workdir, self.mesh = config, stage, workdir, mesh
+    self.every = config.train.eval_every or stage.steps_per_epoch
+    self.best_score, self.best_step, self.history = None, None, []
+
+  def _evaluate(self, params, records: str, name: str) -> dict[str, Any]:
+    from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top
+    model_params = {k: v for k, v in params.items() if k != "gnn"}
+    return vqa.evaluate_split(
+        self.config, self.stage.model, model_params, records=records,
+        image_root=self.stage.cfg.image_root, candidates=self.stage.cfg.candidates,
+        output_dir=str(self.workdir / "eval" / self.stage.name / name),
+        checkpoint=str(self.workdir / "checkpoints" / self.stage.name),
+        load_report={"missing": [], "unexpected": []})
+
+  @property
+  def best_dir(self) -> epath.Path:
+    return self.workdir / "checkpoints" / f"{self.stage.name}_best"
+
+  def maybe_run(self, params, done: int) -> None:
+    cfg = self.stage.cfg
+    if not cfg.val_records or (done % self.every and done != self.stage.total_steps):
+      return
+    result = self._evaluate(params, cfg.val_records, f"val_step_{done}")
+    score = result.get("selection_score")
+    self.history.append({"step": done, "selection_score": score})
+    logging.info("%s validation at step %d: selection score %s", self.stage.name, done, score)
+    if score is not None and (self.best_score is None or score > self.best_score):
+      from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
+      self.best_score, self.best_step = score, done
+      model_checkpoint.save_params(str(self.best_dir), {k: v for k, v in params.items()
+                                                        if k != "gnn"},
+                                   self.config.model.to_dict(),
+                                   tokenizer_dir=pipeline_lib.tokenizer_dir(self.config))
+
+  def finish(self, params) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    cfg = self.stage.cfg
+    if self.history:
+      out["validation"] = {"history": self.history, "best_step": self.best_step,
+                           "best_selection_score": self.best_score}
+    if cfg.test_records:
+      if self.best_step is not None:
+        from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
+        params = model_checkpoint.load(str(self.best_dir)).params
+      out["test"] = self._evaluate(params, cfg.test_records, "test")
+    return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:
+  """Runs `config.stages` in order (see module doc); returns a summary per stage."""
+  from exgra_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.build_mesh(config.mesh)
+  tokenizer = text.load_tokenizer(pipeline_lib.tokenizer_dir(config))
+  token_ids = new_token_ids(tokenizer)
+  results, previous = {}, None
+  for name in config.stages:
+    per_process = config[name].global_batch // jax.process_count()
+    pipe = pipeline_lib.pipeline_from_config(config, name,
+                                             num_image_tokens=num_image_tokens(config.model),
+                                             batch_size=per_process)
+    stage = build_stage(config, name, mesh, pipe.examples_per_process * jax.process_count(),
+                        token_ids)
+    logging.info("stage %s: %d steps (%d per epoch) of %d samples", name, stage.total_steps,
+                 stage.steps_per_epoch, stage.cfg.global_batch)
+    summary = run_stage(config, stage, pipe, workdir, mesh, token_ids, previous)
+    previous = (name, summary.pop("params", None))
+    results[name] = summary
+    if summary["status"] == "preempted":
+      return results
+  if config.export.after_training:
+    from exgra_jax.hf import exporter  # pylint: disable=g-import-not-at-top
+    results["export"] = exporter.export_from_workdir(config, workdir)
+  return results
