@@ -1,0 +1,200 @@
+"""Flax params + `config.model` -> a Hugging Face directory (layouts `llava` or `release`).
+
+    export(params, model_config, "/out/llava", tokenizer_dir=tok, layout="llava")
+    transformers.LlavaForConditionalGeneration.from_pretrained("/out/llava")  # no custom code
+
+Written: `config.json`, safetensors shards of at most `shard_size_gb` with
+`model.safetensors.index.json`, the tokenizer, `preprocessor_config.json` (CLIP
+preprocessing at the model's image size, as data/images.py does it). The `release` layout
+also writes the CLIP tower as a CLIPVisionModel directory `vision_tower/` that
+`mm_vision_tower` names (the importer resolves it relative to the export). Both configs
+carry `exgra_connector`, `exgra_connector_layers` and `exgra_name`, so export -> import
+gives the same `config.model`.
+
+The `llava` layout is refused for models transformers cannot compute (connector dci / sti,
+projector other than mlp2x_gelu): a directory that loads but computes something else would
+be worse than an error; the `release` layout holds every model.
+
+The directory appears whole or not at all: everything is written to a temporary sibling
+that replaces `out_dir` by rename. Tensors stream leaf by leaf (one layer of a scanned
+leaf at a time), gathered from all hosts where sharded; only process 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import transformers
+from absl import logging
+from etils import epath
+from flax import traverse_util
+from jax.experimental import multihost_utils
+
+from exgra_jax.data import images as images_lib
+from exgra_jax.data import text as text_lib
+from exgra_jax.hf import hf_configs, layouts, placement
+from exgra_jax.hf.weights_io import write_shards
+from exgra_jax.models.config import LlavaConfig
+
+EXPORT_LAYOUTS = ("llava", "release")
+GB = 1 << 30
+
+
+def _host(x: Any) -> np.ndarray:
+  """A (possibly multi-host sharded) array -> the whole array on this host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def _tensors(flat: Mapping[layouts.Path, Any], entries: list[layouts.Entry], cfg: LlavaConfig,
+             source: str, dtype: np.dtype | None) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, torch-layout host array) of the entries of `source`, in table order."""
+  for entry in entries:
+    if entry.source != source:
+      continue
+    path, index = layouts.param_location(entry.path, cfg.llm)
+    if path not in flat:
+      raise KeyError(f"params lack {placement.path_name(path)} (needed for {entry.name})")
+    leaf = flat[path] if index is None else flat[path][index]
+    host = _host(leaf)
+    yield entry.name, entry.to_hf(host if dtype is None else host.astype(dtype))
+
+
+def _write_weights(tensors: Iterator[tuple[str, np.ndarray]], directory: str,
+                   shard_bytes: int) -> dict[str, int]:
+  if jax.process_index() == 0:
+    return write_shards(tensors, directory, shard_bytes)
+  for _ in tensors:  # other processes take part in the gathers only
+    pass
+  return {}
+
+
+def _save_processor(directory: str, image_size: int) -> None:
+  transformers.CLIPImageProcessor(
+      size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+      image_mean=list(images_lib.CLIP_MEAN), image_std=list(images_lib.CLIP_STD)
+  ).save_pretrained(directory)
+
+
+def _write_json_config(config: dict[str, Any], directory: str) -> None:
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _replace_dir(tmp: str, out_dir: str) -> None:
+  """Puts the finished `tmp` at `out_dir` (an older `out_dir` is removed after the rename)."""
+  os.chmod(tmp, 0o755)
+  old = None
+  if os.path.exists(out_dir):
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-",
+                           dir=os.path.dirname(out_dir))
+    os.replace(out_dir, os.path.join(old, "previous"))
+  os.replace(tmp, out_dir)
+  if old:
+    shutil.rmtree(old)
+
+
+def export(params: Mapping[str, Any], model_config: ml_collections.ConfigDict | Mapping[str, Any],
+           out_dir: str, *, tokenizer_dir: str, layout: str = "llava",
+           shard_size_gb: float = 5.0, dtype: str | None = None) -> dict[str, Any]:
+  """Writes `params` ({vision, projector, llm}; other collections such as `gnn` are not
+  exported) as an HF directory; -> dict(out_dir, layout, tensors, bytes, files).
+
+  dtype: tensor dtype in the files ("bfloat16", "float32", ...; default the params' own).
+  """
+  if layout not in EXPORT_LAYOUTS:
+    raise ValueError(f"layout={layout!r} is not one of {EXPORT_LAYOUTS}")
+  cfg = placement.typed_config(model_config)
+  if layout == "llava" and (problem := hf_configs.transformers_llava_problem(cfg)):
+    raise ValueError(f"layout 'llava' cannot hold this model: {problem}; export it with "
+                     "layout='release'")
+  tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+  text_lib.check_tokenizer(tok)
+  if len(tok) > cfg.llm.vocab_size:
+    raise ValueError(f"tokenizer {tokenizer_dir} has {len(tok)} tokens, the model "
+                     f"{cfg.llm.vocab_size} embedding rows")
+  token_ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+               "pad_token_id": tok.pad_token_id}
+  out_dtype = None if dtype is None else np.dtype(jax.numpy.dtype(dtype))
+  flat = traverse_util.flatten_dict(dict(params))
+  stored = str(out_dtype or np.dtype(flat[("llm", "norm", "scale")].dtype))
+  entries = layouts.layout_entries(layout, cfg)
+  shard_bytes = max(1, int(shard_size_gb * GB))
+
+  out_dir = os.path.abspath(out_dir)
+  is_writer = jax.process_index() == 0
+  tmp = None
+  if is_writer:
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-",
+                           dir=os.path.dirname(out_dir))
+  try:
+    weights = _write_weights(_tensors(flat, entries, cfg, layouts.MAIN, out_dtype), tmp,
+                             shard_bytes)
+    clip_dir = tmp and os.path.join(tmp, hf_configs.RELEASE_CLIP_SUBDIR)
+    if layout == "release":
+      if is_writer:
+        os.makedirs(clip_dir)
+      clip = _write_weights(_tensors(flat, entries, cfg, layouts.CLIP, out_dtype), clip_dir,
+                            shard_bytes)
+      weights = {k: weights.get(k, 0) + clip.get(k, 0) for k in weights}
+    if is_writer:
+      if layout == "llava":
+        config = hf_configs.llava_hf_config(
+            cfg, tok.convert_tokens_to_ids(text_lib.IM_PATCH), text_extra=token_ids).to_dict()
+        config["architectures"] = [hf_configs.LAYOUT_ARCHITECTURES["llava"]]
+        config.update(hf_configs.exgra_keys(cfg))
+      else:
+        config = hf_configs.release_config_dict(cfg, **token_ids)
+        clip_config = hf_configs.clip_hf_config(cfg.vision).to_dict()
+        clip_config.update(architectures=["CLIPVisionModel"], dtype=stored)
+        _write_json_config(clip_config, clip_dir)
+        _save_processor(clip_dir, cfg.vision.image_size)
+      config["dtype"] = stored
+      _write_json_config(config, tmp)
+      tok.save_pretrained(tmp)
+      _save_processor(tmp, cfg.vision.image_size)
+      _replace_dir(tmp, out_dir)
+      logging.info("exported %d tensors (%.2f GB) to %s (%s layout)", weights["tensors"],
+                   weights["bytes"] / GB, out_dir, layout)
+  except BaseException:
+    if tmp:
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  multihost_utils.sync_global_devices("exgra_jax.hf.export")
+  return {"out_dir": out_dir, "layout": layout, **weights}
+
+
+def _resolve(path: str, root: str) -> str:
+  return path if not path or os.path.isabs(path) or not root else os.path.join(root, path)
+
+
+def export_from_workdir(config: ml_collections.ConfigDict, workdir: str | epath.Path
+                        ) -> dict[str, Any]:
+  """Exports the newest checkpoint of the last stage of `config.stages` (--mode=export).
+
+  Reads `workdir/checkpoints/<stage>/<newest step>`, writes `workdir/export/<layout>` with
+  `config.export.layout` / `shard_size_gb` and the tokenizer `config.data.tokenizer_dir`
+  (relative to `config.data.root`).
+  """
+  from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
+  workdir = os.fspath(workdir)
+  stage = config.stages[-1]
+  stage_dir = os.path.join(workdir, "checkpoints", stage)
+  tokenizer_dir = _resolve(config.data.tokenizer_dir, config.data.root)
+  if not tokenizer_dir:
+    raise ValueError("config.data.tokenizer_dir is empty: the export needs the tokenizer the "
+                     "model was trained with")
+  loaded = model_checkpoint.load(stage_dir)
+  layout = config.export.layout
+  return export(loaded.params, loaded.model_config, os.path.join(workdir, "export", layout),
+                tokenizer_dir=tokenizer_dir, layout=layout,
+                shard_size_gb=config.export.shard_size_gb)

@@ -1,0 +1,246 @@
+"""Hugging Face checkpoint directory -> our `config.model` tree + Flax params, streamed.
+
+    imported = import_model("/weights/llava-med-7b", "/weights/clip-vit-large-patch14")
+
+The layout (docs/hf.md) is read from `config.json`; the model config is derived from the
+checkpoint's configs (hf_configs.py). Tensors are checked by name and shape before any
+data is read, then read one Flax leaf at a time (a scanned leaf stacks its L layers on
+the host), converted, cast to the parameter dtype and placed directly in its target
+sharding: peak host memory is one leaf, and no device ever holds more than its shards.
+Only safetensors and weights-only `.bin` files are read (weights_io.py); no code from the
+checkpoint runs (no `trust_remote_code`, no pickle).
+
+New tokens (`add_tokens`): the tokens the data pipeline needs and the tokenizer lacks
+(`<pad>`, `<im_patch>`, `<im_start>`, `<im_end>`, in the release's order) are added to
+the tokenizer (written to `tokenizer_out`), and their embedding and LM-head rows are the
+mean of the existing rows (LLaVA's recipe).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import transformers
+from flax import traverse_util
+
+from exgra_jax.data import text as text_lib
+from exgra_jax.hf import hf_configs, layouts, placement
+from exgra_jax.hf.weights_io import TensorReader
+
+PAD_TOKEN = "<pad>"
+# Added in this order by the release (pad first, then the image tokens).
+NEW_TOKENS = (text_lib.IM_PATCH, text_lib.IM_START, text_lib.IM_END)
+
+
+class MissingTensorsError(ValueError):
+  """The checkpoint lacks tensors the model needs (and missing ones were not allowed)."""
+
+
+class ShapeMismatchError(ValueError):
+  """A tensor's shape does not fit the model the configs describe."""
+
+
+@dataclasses.dataclass
+class ImportedModel:
+  """`params` ({vision, projector, llm} of jax.Arrays) for `model_config` (a `config.model`).
+
+  `report`: `missing` (HF names the checkpoint lacks; their leaves were initialised),
+  `unexpected` (names in the files this model does not use), `initialised` (Flax paths
+  set by `LlavaModel.init`: the projector of a plain import, leaves with missing tensors),
+  `added_tokens`.
+  """
+  model_config: ml_collections.ConfigDict
+  params: dict[str, Any]
+  tokenizer_dir: str
+  report: dict[str, list[str]]
+  layout: str
+
+
+def _clip_directory(layout: str, config: Mapping[str, Any], hf_dir: str,
+                    clip_dir: str | None) -> str | None:
+  if layout == "llava":
+    if clip_dir:
+      raise ValueError("a transformers LLaVA directory holds its CLIP tower; clip_dir is "
+                       "only for the release and plain layouts")
+    return None
+  clip_dir = clip_dir or (hf_configs.release_clip_dir(config, hf_dir)
+                          if layout == "release" else None)
+  if not clip_dir:
+    named = config.get("mm_vision_tower")
+    raise ValueError(f"{hf_dir} ({layout} layout) has no CLIP weights: pass clip_dir (a local "
+                     "CLIPVisionModel or CLIPModel directory)"
+                     + (f"; mm_vision_tower={named!r} is not a local directory" if named else ""))
+  return os.path.abspath(clip_dir)
+
+
+def _add_tokens(tokenizer_dir: str, tokenizer_out: str | None) -> tuple[int, list[str]]:
+  """Adds the missing pipeline tokens, saves to `tokenizer_out`; -> (tokenizer length, added)."""
+  tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+  vocab = tok.get_vocab()
+  added = []
+  if tok.pad_token is None:
+    tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    added.append(PAD_TOKEN)
+  new = [t for t in NEW_TOKENS if t not in vocab]
+  if new:
+    tok.add_tokens(new, special_tokens=True)
+    added += new
+  if added:
+    if not tokenizer_out:
+      raise ValueError(f"adding {added} needs tokenizer_out, the directory to write the "
+                       "extended tokenizer to")
+    tok.save_pretrained(tokenizer_out)
+  return len(tok), added
+
+
+class _Sources:
+  """The checkpoint's readers by Entry.source, with canonical-name lookup."""
+
+  def __init__(self, layout: str, readers: Mapping[str, TensorReader],
+               entries: Sequence[layouts.Entry]):
+    self.readers = readers
+    self.raw: dict[str, str] = {}  # canonical name -> name in the file
+    wanted = {e.name for e in entries}
+    self.unexpected: list[str] = []
+    for source, reader in readers.items():
+      for raw in reader.names():
+        name = layouts.canonical_name(layout, source, raw)
+        if name is None:
+          continue
+        if name in wanted:
+          self.raw[name] = raw
+        else:
+          self.unexpected.append(raw if source == layouts.MAIN else f"{source}:{raw}")
+
+  def has(self, entry: layouts.Entry) -> bool:
+    return entry.name in self.raw
+
+  def shape(self, entry: layouts.Entry) -> tuple[int, ...]:
+    return self.readers[entry.source].shape(self.raw[entry.name])
+
+  def read(self, entry: layouts.Entry) -> np.ndarray:
+    return self.readers[entry.source].read(self.raw[entry.name])
+
+
+def _expected_hf_shape(entry: layouts.Entry, flax_shape: tuple[int, ...],
+                       checkpoint_vocab: int) -> tuple[int, ...]:
+  """The shape the file must hold: the Flax shape in torch layout, old vocab for vocab leaves."""
+  shape = list(flax_shape)
+  axis = layouts.VOCAB_AXES.get(entry.path)
+  if axis is not None:
+    shape[axis] = checkpoint_vocab
+  return entry.hf_shape(tuple(shape))
+
+
+def _convert(entry: layouts.Entry, x: np.ndarray, flax_shape: tuple[int, ...],
+             dtype: np.dtype) -> np.ndarray:
+  """torch-layout tensor -> Flax leaf in `dtype`; new vocab rows = mean of the old rows."""
+  axis = layouts.VOCAB_AXES.get(entry.path)
+  old_shape = list(flax_shape)
+  if axis is not None:  # both torch layouts put the vocabulary first ([V, D])
+    old_shape[axis] = x.shape[0]
+  y = entry.to_flax(x, tuple(old_shape)).astype(dtype)
+  if axis is not None and y.shape[axis] < flax_shape[axis]:
+    mean = y.astype(np.float32).mean(axis=axis, keepdims=True).astype(dtype)
+    extra = flax_shape[axis] - y.shape[axis]
+    y = np.concatenate([y, np.repeat(mean, extra, axis=axis)], axis=axis)
+  return y
+
+
+def import_model(hf_dir: str, clip_dir: str | None = None, *, tokenizer_dir: str | None = None,
+                 add_tokens: bool = False, tokenizer_out: str | None = None,
+                 overrides: Mapping[str, Any] | None = None,
+                 mesh: jax.sharding.Mesh | None = None,
+                 rules: Sequence[Sequence[Any]] | None = None, allow_missing: bool = False,
+                 seed: int = 0) -> ImportedModel:
+  """Imports a local HF directory (layouts: llava, release, plain; see module docstring).
+
+  clip_dir: CLIP tower for the release / plain layouts (default for release: the local
+    directory `mm_vision_tower` names, relative to hf_dir or absolute).
+  tokenizer_dir: where the tokenizer is (default hf_dir).
+  overrides: top-level `config.model` keys (hf_configs.OVERRIDABLE), e.g. scan_layers,
+    param_dtype, or the projector of a plain start / the connector of a release -dci.
+  mesh, rules: place every leaf in the sharding its logical axes get under `rules`
+    (config.logical_axis_rules); without a mesh, on this process's first device.
+  allow_missing: initialise leaves whose tensors are missing (listed in report) instead of
+    raising MissingTensorsError.
+  seed: PRNG seed of the initialised leaves (plain layout projector, missing ones).
+  """
+  hf_dir = os.path.abspath(hf_dir)
+  config = hf_configs.read_json(os.path.join(hf_dir, "config.json"))
+  layout = hf_configs.detect_layout(config, hf_dir)
+  clip_dir = _clip_directory(layout, config, hf_dir, clip_dir)
+  clip_config = (hf_configs.read_json(os.path.join(clip_dir, "config.json"))
+                 if clip_dir else None)
+  cfg = hf_configs.model_config_from_hf(layout, config, clip_config,
+                                        name=os.path.basename(hf_dir), overrides=overrides)
+  tokenizer_dir = os.path.abspath(tokenizer_dir or hf_dir)
+  checkpoint_vocab = cfg.llm.vocab_size
+  added: list[str] = []
+  if add_tokens:
+    length, added = _add_tokens(tokenizer_dir, tokenizer_out)
+    if added:
+      tokenizer_dir = os.path.abspath(tokenizer_out)
+    if length > checkpoint_vocab:
+      cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=length))
+
+  entries = layouts.layout_entries(layout, cfg)
+  abstract, shardings = placement.expected_params(cfg, mesh, rules)
+  groups: dict[layouts.Path, list[tuple[int | None, layouts.Entry]]] = {}
+  for entry in entries:
+    path, index = layouts.param_location(entry.path, cfg.llm)
+    groups.setdefault(path, []).append((index, entry))
+
+  with contextlib.ExitStack() as stack:
+    readers = {layouts.MAIN: stack.enter_context(TensorReader(hf_dir))}
+    if clip_dir:
+      readers[layouts.CLIP] = stack.enter_context(TensorReader(clip_dir))
+    sources = _Sources(layout, readers, entries)
+    missing = [e.name for e in entries if not sources.has(e)]
+    if missing and not allow_missing:
+      raise MissingTensorsError(
+          f"{len(missing)} tensors missing from {hf_dir} ({layout} layout): {missing[:8]}; "
+          "allow_missing=True initialises them (and reports them)")
+    for path, group in groups.items():
+      leaf_shape = abstract[path].shape
+      for index, entry in group:
+        if not sources.has(entry):
+          continue
+        want = _expected_hf_shape(entry, leaf_shape if index is None else leaf_shape[1:],
+                                  checkpoint_vocab)
+        found = sources.shape(entry)
+        if tuple(found) != want:
+          raise ShapeMismatchError(
+              f"tensor {entry.name}: expected shape {want} for {placement.path_name(path)} "
+              f"(config: {layout} layout), found {tuple(found)}")
+
+    params: dict[layouts.Path, jax.Array] = {}
+    fresh = {p for p in abstract if p not in groups or not all(
+        sources.has(e) for _, e in groups[p])}
+    for path, group in groups.items():
+      if path in fresh:
+        continue
+      leaf = abstract[path]
+      dtype = np.dtype(leaf.dtype)
+      if group[0][0] is None:
+        host = _convert(group[0][1], sources.read(group[0][1]), leaf.shape, dtype)
+      else:
+        host = np.empty(leaf.shape, dtype)
+        for index, entry in group:
+          host[index] = _convert(entry, sources.read(entry), leaf.shape[1:], dtype)
+      params[path] = placement.place(host, shardings[path])
+      del host
+    params.update(placement.init_leaves(cfg, fresh, shardings, seed))
+    report = {"missing": missing, "unexpected": sorted(sources.unexpected),
+              "initialised": sorted(placement.path_name(p) for p in fresh),
+              "added_tokens": added}
+  return ImportedModel(model_config=ml_collections.ConfigDict(cfg.to_dict()),
+                       params=traverse_util.unflatten_dict(params),
+                       tokenizer_dir=tokenizer_dir, report=report, layout=layout)
+

@@ -1,0 +1,93 @@
+"""Where loaded parameters go: the model's abstract tree, target shardings, placement.
+
+Shared by the HF importer and `train/model_checkpoint.py`. Nothing here allocates the
+model: the expected tree comes from `jax.eval_shape` of `LlavaModel.init` (with the
+logical axis names that `train/sharding.py` turns into NamedShardings), a host array is
+placed with `jax.make_array_from_callback` (each device gets only its shard, on any
+number of hosts), and parameters a checkpoint lacks are initialised by a jitted init that
+returns only them (XLA drops the rest of the model's initialisers).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from exgra_jax.models.config import LlavaConfig, num_image_tokens
+from exgra_jax.models.llava import LlavaModel
+from exgra_jax.train import sharding as sharding_lib
+
+Path = tuple[str, ...]
+
+
+def _init_fn(cfg: LlavaConfig):
+  """key -> boxed params of `LlavaModel(cfg)` (one sample, one image, minimal length)."""
+  model = LlavaModel(cfg)
+  length = num_image_tokens(cfg) + 2
+  size = cfg.vision.image_size
+
+  def init(key: jax.Array) -> Any:
+    ids = jnp.zeros((1, length), jnp.int32)
+    image_mask = jnp.zeros((1, length), bool).at[:, 1:-1].set(True)
+    return model.init(key, ids, jnp.ones_like(ids), image_mask,
+                      jnp.zeros((1, size, size, 3)))["params"]
+  return init
+
+
+def expected_params(cfg: LlavaConfig, mesh: jax.sharding.Mesh | None = None,
+                    rules: Sequence[Sequence[Any]] | None = None
+                    ) -> tuple[dict[Path, jax.ShapeDtypeStruct], dict[Path, jax.sharding.Sharding]]:
+  """-> ({flat path: abstract leaf}, {flat path: target sharding}) of the model's params.
+
+  With a mesh, shardings follow the logical axis names through `rules`; without one,
+  every leaf goes to this process's first device.
+  """
+  boxed = jax.eval_shape(_init_fn(cfg), jax.random.key(0))
+  abstract = traverse_util.flatten_dict(nn.unbox(boxed))
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return abstract, {path: device for path in abstract}
+  if rules is None:
+    raise ValueError("a mesh needs the logical axis rules (config.logical_axis_rules)")
+  shardings = traverse_util.flatten_dict(sharding_lib.param_shardings(boxed, mesh, rules))
+  return abstract, shardings
+
+
+def place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A host array (the same on every process) -> a global jax.Array laid out as `sharding`."""
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def init_leaves(cfg: LlavaConfig, paths: Iterable[Path],
+                shardings: dict[Path, jax.sharding.Sharding], seed: int
+                ) -> dict[Path, jax.Array]:
+  """Fresh values of `paths` (as `LlavaModel.init` with PRNGKey(seed) makes them), sharded."""
+  names = {"/".join(path): path for path in paths}
+  if not names:
+    return {}
+  init = _init_fn(cfg)
+
+  def subset(key: jax.Array) -> dict[str, jax.Array]:
+    flat = traverse_util.flatten_dict(nn.unbox(init(key)))
+    return {name: flat[path] for name, path in names.items()}
+
+  out = jax.jit(subset, out_shardings={n: shardings[p] for n, p in names.items()})(
+      jax.random.key(seed))
+  return {names[name]: value for name, value in out.items()}
+
+
+def path_name(path: Path) -> str:
+  return "/".join(path)
+
+
+def typed_config(model_config: ml_collections.ConfigDict | Mapping[str, Any]) -> LlavaConfig:
+  """`config.model` (ConfigDict, or the JSON dict a checkpoint stores) -> LlavaConfig."""
+  if not isinstance(model_config, ml_collections.ConfigDict):
+    model_config = ml_collections.ConfigDict(dict(model_config))
+  return LlavaConfig.from_config(model_config)

@@ -1,0 +1,173 @@
+"""Model weights from any checkpoint a user brings: train step, stage, params-only, HF.
+
+    loaded = model_checkpoint.load(path, mesh=mesh, rules=config.logical_axis_rules)
+    report.require_complete_weights(loaded.report)   # eval refuses missing weights
+
+`path` may be:
+- a train checkpoint step `workdir/checkpoints/<stage>/<step>/` (items `state`,
+  `model_config`; train/checkpointing.py): only `state.params` is restored, as a raw
+  pytree without the optimizer's structure (partial restore: the optimizer moments are
+  never read), the stage-2 `gnn` collection is dropped;
+- a stage directory `workdir/checkpoints/<stage>/`: its newest step;
+- a params-only checkpoint written by `save_params` (items `params`, `model_config`, and
+  the tokenizer in `tokenizer/`): what tools/import_hf.py writes;
+- a Hugging Face directory (`config.json`): imported on the fly (hf/importer.py).
+Every leaf is restored straight into its target sharding (the model's logical axes under
+`rules` on `mesh`; without a mesh, this process's first device). The report compares the
+checkpoint with the tree `LlavaModel` expects: `missing` and `unexpected` Flax paths
+(`llm/layers_0/mlp/up_proj/kernel`); for HF directories, HF tensor names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+import transformers
+from flax import traverse_util
+
+from exgra_jax.hf import importer, placement
+
+TRAIN_STEP, STAGE, PARAMS, HF = "train_step", "stage", "params", "hf"
+NOT_EXPORTED = ("gnn",)  # train-state collections that are not model weights
+TOKENIZER_SUBDIR = "tokenizer"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """`params` ({vision, projector, llm}) of the model `model_config` (a `config.model`)."""
+  model_config: ml_collections.ConfigDict
+  params: dict[str, Any]
+  tokenizer_dir: str | None
+  report: dict[str, list[str]]
+  kind: str
+  path: str  # the directory read (a stage directory resolves to its newest step)
+
+
+def _is_item(directory: str, *items: str) -> bool:
+  return all(os.path.isdir(os.path.join(directory, item)) for item in items)
+
+
+def _steps(stage_dir: str) -> list[int]:
+  return sorted(int(name) for name in os.listdir(stage_dir)
+                if name.isdigit() and _is_item(os.path.join(stage_dir, name), "state"))
+
+
+def checkpoint_kind(path: str) -> str:
+  """TRAIN_STEP | STAGE | PARAMS | HF, or a FileNotFoundError saying what `path` lacks."""
+  if os.path.isfile(os.path.join(path, "config.json")):
+    return HF
+  if _is_item(path, "state", "model_config"):
+    return TRAIN_STEP
+  if _is_item(path, "params", "model_config"):
+    return PARAMS
+  if os.path.isdir(path) and _steps(path):
+    return STAGE
+  raise FileNotFoundError(
+      f"{path} is not a checkpoint: expected a train step (state/, model_config/), a stage "
+      "directory of steps, a params checkpoint (params/, model_config/) or a Hugging Face "
+      "directory (config.json)")
+
+
+def _read_model_config(item_dir: str) -> dict[str, Any]:
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+    return checkpointer.restore(item_dir)
+
+
+def _restore_params(item_dir: str, key: str | None, cfg, mesh, rules, allow_missing: bool,
+                    seed: int) -> tuple[dict[str, Any], dict[str, list[str]]]:
+  """Params of the Orbax item `item_dir` (under `key` of it when given), partially restored."""
+  abstract, shardings = placement.expected_params(cfg, mesh, rules)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    stored = checkpointer.metadata(item_dir).item_metadata.tree
+    stored = traverse_util.flatten_dict(stored[key] if key else stored)
+    stored = {p: m for p, m in stored.items() if p[0] not in NOT_EXPORTED}
+    missing = [p for p in abstract if p not in stored]
+    unexpected = sorted(placement.path_name(p) for p in stored if p not in abstract)
+    for path in abstract.keys() & stored.keys():
+      if tuple(stored[path].shape) != abstract[path].shape:
+        raise importer.ShapeMismatchError(
+            f"{placement.path_name(path)}: the model config gives shape "
+            f"{abstract[path].shape}, the checkpoint {item_dir} holds {tuple(stored[path].shape)}")
+    names = sorted(placement.path_name(p) for p in missing)
+    if missing and not allow_missing:
+      raise importer.MissingTensorsError(
+          f"{len(missing)} parameters missing from {item_dir}: {names[:8]}; "
+          "allow_missing=True initialises them (and reports them)")
+    present = [p for p in abstract if p in stored]
+    target = traverse_util.unflatten_dict({p: abstract[p] for p in present})
+    restore_args = traverse_util.unflatten_dict({p: ocp.ArrayRestoreArgs(
+        sharding=shardings[p], global_shape=abstract[p].shape, dtype=abstract[p].dtype)
+        for p in present})
+    if key:
+      target, restore_args = {key: target}, {key: restore_args}
+    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+  flat = traverse_util.flatten_dict(restored[key] if key else restored)
+  flat.update(placement.init_leaves(cfg, missing, shardings, seed))
+  return traverse_util.unflatten_dict(flat), {"missing": names, "unexpected": unexpected,
+                                              "initialised": names}
+
+
+def load(path: str, *, tokenizer_dir: str | None = None,
+         mesh: jax.sharding.Mesh | None = None, rules: Sequence[Sequence[Any]] | None = None,
+         clip_dir: str | None = None, allow_missing: bool = False,
+         overrides: Mapping[str, Any] | None = None, seed: int = 0) -> LoadedModel:
+  """Loads the model weights of `path` (see the module docstring for the kinds).
+
+  tokenizer_dir: overrides the tokenizer (default: a params checkpoint's `tokenizer/`, an
+    HF directory itself; train checkpoints hold none: None unless given).
+  clip_dir, overrides: for HF directories (importer.import_model).
+  allow_missing: initialise missing parameters (PRNGKey(seed), listed in the report)
+    instead of raising MissingTensorsError.
+  """
+  path = os.path.abspath(path)
+  kind = checkpoint_kind(path)
+  if kind == HF:
+    imported = importer.import_model(path, clip_dir, tokenizer_dir=tokenizer_dir,
+                                     overrides=overrides, mesh=mesh, rules=rules,
+                                     allow_missing=allow_missing, seed=seed)
+    return LoadedModel(imported.model_config, imported.params, imported.tokenizer_dir,
+                       imported.report, kind, path)
+  if kind == STAGE:
+    path = os.path.join(path, str(_steps(path)[-1]))
+  item, key = (("state", "params") if kind in (TRAIN_STEP, STAGE) else ("params", None))
+  model_config = ml_collections.ConfigDict(
+      _read_model_config(os.path.join(path, "model_config")))
+  params, report = _restore_params(os.path.join(path, item), key,
+                                   placement.typed_config(model_config), mesh, rules,
+                                   allow_missing, seed)
+  saved_tokenizer = os.path.join(path, TOKENIZER_SUBDIR)
+  if tokenizer_dir is None and kind == PARAMS and os.path.isdir(saved_tokenizer):
+    tokenizer_dir = saved_tokenizer
+  return LoadedModel(model_config, params, tokenizer_dir, report, kind, path)
+
+
+def save_params(directory: str, params: Mapping[str, Any],
+                model_config: ml_collections.ConfigDict | Mapping[str, Any],
+                tokenizer_dir: str | None = None) -> None:
+  """Writes a params-only Orbax checkpoint: items `params`, `model_config` (JSON of
+  `config.model`) and, when given, the tokenizer in `tokenizer/`. Refuses an existing
+  directory. Orbax writes the items atomically; the tokenizer goes in by rename."""
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory):
+    raise FileExistsError(f"{directory} exists; save_params writes a new checkpoint")
+  if isinstance(model_config, ml_collections.ConfigDict):
+    model_config = model_config.to_dict()
+  placement.typed_config(model_config)  # a checkpoint must describe a valid model
+  params = {k: v for k, v in params.items() if k not in NOT_EXPORTED}
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    checkpointer.save(directory, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        model_config=ocp.args.JsonSave(dict(model_config))))
+  if tokenizer_dir and jax.process_index() == 0:
+    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=directory)
+    transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True
+                                               ).save_pretrained(tmp)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, os.path.join(directory, TOKENIZER_SUBDIR))

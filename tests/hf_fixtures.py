@@ -1,0 +1,121 @@
+"""Tiny HF checkpoints of the three import layouts, built locally with transformers (torch).
+
+Shapes: CLIP 56 px / patch 14 (16 patches, so `sti` pools to 20 tokens), width 32, 3
+layers; LLaMA width 32, 2 layers, 4 heads / 2 KV heads, a word-level tokenizer of 43
+entries (47 with `<pad>`, `<im_patch>`, `<im_start>`, `<im_end>`). Weights are drawn with
+initializer_range 0.2 so that logits are O(1) and parity checks mean something.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import transformers
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from exgra_jax.hf import hf_configs
+from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig, projector_input_width
+from exgra_jax.models.connector import projector_depth
+
+WORDS = tuple(f"w{i}" for i in range(40))
+BASE_VOCAB = 3 + len(WORDS)        # <unk> <s> </s> + words
+FULL_VOCAB = BASE_VOCAB + 4        # + <pad> <im_patch> <im_start> <im_end>
+INIT = 0.2
+
+
+def tiny_config(connector: str = "none", projector: str = "mlp2x_gelu", *,
+                vocab: int = FULL_VOCAB, scan: bool = False, tie: bool = False) -> LlavaConfig:
+  vision = VisionConfig(image_size=56, patch_size=14, hidden_size=32, num_layers=3,
+                        num_heads=4, intermediate_size=64, select_layer=-2)
+  llm = LlmConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_layers=2,
+                  num_heads=4, num_kv_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128,
+                  tie_word_embeddings=tie, scan_layers=scan)
+  return LlavaConfig(vision=vision, llm=llm, connector=connector, connector_layers=(1, 2),
+                     projector=projector, name="hf_tiny")
+
+
+def write_tokenizer(directory: str, *, image_tokens: bool) -> transformers.PreTrainedTokenizerFast:
+  """Word-level LLaMA-like tokenizer; with `image_tokens`, also <pad> and the image tokens."""
+  vocab = {t: i for i, t in enumerate(("<unk>", "<s>", "</s>") + WORDS)}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                              bos_token="<s>", eos_token="</s>")
+  if image_tokens:
+    fast.add_special_tokens({"pad_token": "<pad>"})
+    fast.add_tokens(["<im_patch>", "<im_start>", "<im_end>"], special_tokens=True)
+  fast.save_pretrained(directory)
+  return fast
+
+
+def _clip(directory: str, vision: VisionConfig) -> transformers.CLIPVisionModel:
+  torch.manual_seed(1)
+  clip = transformers.CLIPVisionModel(
+      hf_configs.clip_hf_config(vision, initializer_range=INIT)).eval()
+  clip.save_pretrained(directory)
+  return clip
+
+
+def _llama(llm: LlmConfig) -> transformers.LlamaForCausalLM:
+  torch.manual_seed(2)
+  return transformers.LlamaForCausalLM(
+      hf_configs.llama_hf_config(llm, initializer_range=INIT)).eval()
+
+
+def llava_dir(directory: str, cfg: LlavaConfig) -> transformers.LlavaForConditionalGeneration:
+  """(a) transformers-native LLaVA (connector none or sci, mlp2x_gelu), with its tokenizer."""
+  tok = write_tokenizer(directory, image_tokens=True)
+  torch.manual_seed(0)
+  model = transformers.LlavaForConditionalGeneration(hf_configs.llava_hf_config(
+      cfg, tok.convert_tokens_to_ids("<im_patch>"), initializer_range=INIT)).eval()
+  model.save_pretrained(directory)
+  return model
+
+
+def release_dir(directory: str, clip_directory: str, cfg: LlavaConfig, *,
+                save_connector: bool = False
+                ) -> tuple[transformers.LlamaForCausalLM, transformers.CLIPVisionModel,
+                           torch.nn.Module]:
+  """(b) the LLaVA-Med release layout: LLaMA + mm_projector tensors + mm_* keys; CLIP apart.
+
+  Like the authors' release, the connector type is not saved unless `save_connector`.
+  """
+  os.makedirs(directory, exist_ok=True)
+  write_tokenizer(directory, image_tokens=True)
+  llama = _llama(cfg.llm)
+  width, d = projector_input_width(cfg), cfg.llm.hidden_size
+  torch.manual_seed(3)
+  if cfg.projector == "linear":
+    projector = torch.nn.Linear(width, d)
+  else:
+    layers = [torch.nn.Linear(width, d)]
+    for _ in range(projector_depth(cfg.projector) - 1):
+      layers += [torch.nn.GELU(), torch.nn.Linear(d, d)]
+    projector = torch.nn.Sequential(*layers)
+  for p in projector.parameters():
+    torch.nn.init.normal_(p, std=INIT)
+  tensors = {k: v.contiguous() for k, v in llama.state_dict().items()}
+  tensors.update({f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()})
+  save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+  config = hf_configs.llama_hf_config(cfg.llm).to_dict()
+  config.update(architectures=["LlavaLlamaForCausalLM"], model_type="llava",
+                mm_vision_tower="openai/clip-vit-large-patch14", mm_hidden_size=width,
+                mm_projector_type=cfg.projector, mm_vision_select_layer=cfg.vision.select_layer,
+                mm_use_im_start_end=True)
+  if save_connector:
+    config.update(exgra_connector=cfg.connector,
+                  exgra_connector_layers=list(cfg.connector_layers))
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config, f)
+  return llama, _clip(clip_directory, cfg.vision), projector.eval()
+
+
+def plain_dirs(llm_directory: str, clip_directory: str, cfg: LlavaConfig
+               ) -> tuple[transformers.LlamaForCausalLM, transformers.CLIPVisionModel]:
+  """(c) a plain LlamaForCausalLM directory (tokenizer without image tokens) + a CLIP one."""
+  llama = _llama(cfg.llm)
+  llama.save_pretrained(llm_directory)
+  write_tokenizer(llm_directory, image_tokens=False)
+  return llama, _clip(clip_directory, cfg.vision)
