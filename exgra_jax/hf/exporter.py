@@ -40,7 +40,7 @@ from jax.experimental import multihost_utils
 from exgra_jax.data import images as images_lib
 from exgra_jax.data import text as text_lib
 from exgra_jax.hf import hf_configs, layouts, placement
-from exgra_jax.hf.weights_io import write_shards
+from exgra_jax.hf.weights_io import replace_directory, write_shards
 from exgra_jax.models.config import LlavaConfig
 
 EXPORT_LAYOUTS = ("llava", "release")
@@ -87,19 +87,6 @@ def _save_processor(directory: str, image_size: int) -> None:
 def _write_json_config(config: dict[str, Any], directory: str) -> None:
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
-
-
-def _replace_dir(tmp: str, out_dir: str) -> None:
-  """Puts the finished `tmp` at `out_dir` (an older `out_dir` is removed after the rename)."""
-  os.chmod(tmp, 0o755)
-  old = None
-  if os.path.exists(out_dir):
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-",
-                           dir=os.path.dirname(out_dir))
-    os.replace(out_dir, os.path.join(old, "previous"))
-  os.replace(tmp, out_dir)
-  if old:
-    shutil.rmtree(old)
 
 
 def export(params: Mapping[str, Any], model_config: ml_collections.ConfigDict | Mapping[str, Any],
@@ -162,7 +149,7 @@ def export(params: Mapping[str, Any], model_config: ml_collections.ConfigDict | 
       _write_json_config(config, tmp)
       tok.save_pretrained(tmp)
       _save_processor(tmp, cfg.vision.image_size)
-      _replace_dir(tmp, out_dir)
+      replace_directory(tmp, out_dir)
       logging.info("exported %d tensors (%.2f GB) to %s (%s layout)", weights["tensors"],
                    weights["bytes"] / GB, out_dir, layout)
   except BaseException:

@@ -142,10 +142,7 @@ def _convert(entry: layouts.Entry, x: np.ndarray, flax_shape: tuple[int, ...],
              dtype: np.dtype) -> np.ndarray:
   """torch-layout tensor -> Flax leaf in `dtype`; new vocab rows = mean of the old rows."""
   axis = layouts.VOCAB_AXES.get(entry.path)
-  old_shape = list(flax_shape)
-  if axis is not None:  # both torch layouts put the vocabulary first ([V, D])
-    old_shape[axis] = x.shape[0]
-  y = entry.to_flax(x, tuple(old_shape)).astype(dtype)
+  y = entry.to_flax(x).astype(dtype)
   if axis is not None and y.shape[axis] < flax_shape[axis]:
     mean = y.astype(np.float32).mean(axis=axis, keepdims=True).astype(dtype)
     extra = flax_shape[axis] - y.shape[axis]

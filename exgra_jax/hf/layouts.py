@@ -53,11 +53,15 @@ class Kind(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  """One HF tensor <-> one Flax leaf (or one layer of a scanned leaf)."""
+  """One HF tensor <-> one Flax leaf (or one layer of a scanned leaf).
+
+  `heads`: the head count that splits H*hd for the HEADS_* kinds (0 otherwise).
+  """
   name: str
   path: Path
   kind: Kind
   source: str = MAIN
+  heads: int = 0
 
   def hf_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The torch shape that maps onto a Flax leaf of `flax_shape`."""
@@ -74,13 +78,19 @@ class Entry:
       return (s[3], s[2], s[0], s[1])
     return s
 
-  def to_flax(self, x: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
-    """torch-layout array (already checked against `hf_shape`) -> Flax layout."""
+  def to_flax(self, x: np.ndarray) -> np.ndarray:
+    """torch-layout array -> Flax layout (the caller checks shapes against `hf_shape`)."""
     if self.kind is Kind.CONV:
       return x.transpose(2, 3, 1, 0)
-    if self.kind in (Kind.LINEAR, Kind.HEADS_IN, Kind.HEADS_OUT):
-      x = x.T
-    return x.reshape(flax_shape)
+    if self.kind is Kind.LINEAR:
+      return x.T
+    if self.kind is Kind.HEADS_IN:
+      return x.T.reshape(x.shape[1], self.heads, -1)
+    if self.kind is Kind.HEADS_OUT:
+      return x.T.reshape(self.heads, -1, x.shape[0])
+    if self.kind is Kind.HEADS_BIAS:
+      return x.reshape(self.heads, -1)
+    return x
 
   def to_hf(self, x: np.ndarray) -> np.ndarray:
     """Flax leaf -> contiguous torch-layout array (the inverse of `to_flax`)."""
@@ -109,9 +119,11 @@ def llama_entries(llm: LlmConfig, model_prefix: str, head_name: str) -> list[Ent
         Entry(s + "post_attention_layernorm.weight",
               layer + ("post_attention_layernorm", "scale"), Kind.COPY),
         *(Entry(f"{s}self_attn.{n}.weight", layer + ("self_attn", n, "kernel"),
-                Kind.HEADS_IN) for n in ("q_proj", "k_proj", "v_proj")),
+                Kind.HEADS_IN, heads=h) for n, h in (("q_proj", llm.num_heads),
+                                                     ("k_proj", llm.num_kv_heads),
+                                                     ("v_proj", llm.num_kv_heads))),
         Entry(s + "self_attn.o_proj.weight", layer + ("self_attn", "o_proj", "kernel"),
-              Kind.HEADS_OUT),
+              Kind.HEADS_OUT, heads=llm.num_heads),
         *(Entry(f"{s}mlp.{n}.weight", layer + ("mlp", n, "kernel"), Kind.LINEAR)
           for n in ("gate_proj", "up_proj", "down_proj")),
     ]
@@ -121,12 +133,13 @@ def llama_entries(llm: LlmConfig, model_prefix: str, head_name: str) -> list[Ent
   return entries
 
 
-def _with_bias(name: str, path: Path, kind: Kind, source: str) -> list[Entry]:
+def _with_bias(name: str, path: Path, kind: Kind, source: str, heads: int = 0) -> list[Entry]:
   """`name.weight` -> `path/kernel|scale` and `name.bias` -> `path/bias`."""
   leaf = "scale" if kind is Kind.COPY else "kernel"
   bias = Kind.HEADS_BIAS if kind is Kind.HEADS_IN else Kind.COPY
-  return [Entry(name + ".weight", path + (leaf,), kind, source),
-          Entry(name + ".bias", path + ("bias",), bias, source)]
+  return [Entry(name + ".weight", path + (leaf,), kind, source, heads),
+          Entry(name + ".bias", path + ("bias",), bias, source,
+                heads if bias is Kind.HEADS_BIAS else 0)]
 
 
 def clip_entries(vision: VisionConfig, prefix: str, source: str) -> list[Entry]:
@@ -142,9 +155,9 @@ def clip_entries(vision: VisionConfig, prefix: str, source: str) -> list[Entry]:
     s, layer = f"{prefix}encoder.layers.{i}.", p + (f"layers_{i}",)
     for n in ("q_proj", "k_proj", "v_proj"):
       entries += _with_bias(f"{s}self_attn.{n}", layer + ("self_attn", n), Kind.HEADS_IN,
-                            source)
+                            source, vision.num_heads)
     entries += _with_bias(s + "self_attn.out_proj", layer + ("self_attn", "out_proj"),
-                          Kind.HEADS_OUT, source)
+                          Kind.HEADS_OUT, source, vision.num_heads)
     for n in ("layer_norm1", "layer_norm2"):
       entries += _with_bias(s + n, layer + (n,), Kind.COPY, source)
     for n in ("fc1", "fc2"):

@@ -8,7 +8,8 @@ Anything else (`.pt`, `.ckpt`, `.pkl`, `.msgpack`, `.h5`, ...) is refused: a pic
 execute code when loaded. Arrays come back as numpy in the file's dtype (bfloat16 through
 ml_dtypes), so nothing is upcast before the caller casts to the parameter dtype.
 
-Writing: `write_shards` streams (name, array) pairs into safetensors shards of at most
+Writing: `replace_directory` moves a finished temporary directory into place, so that a
+reader sees the old directory or the new one, never a half-written one. `write_shards` streams (name, array) pairs into safetensors shards of at most
 `max_shard_bytes` (a larger tensor gets a shard of its own, as transformers does) plus
 `model.safetensors.index.json`, with the `{"format": "pt"}` metadata transformers checks.
 """
@@ -18,6 +19,8 @@ import glob
 import json
 import os
 import pickle
+import shutil
+import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -170,3 +173,16 @@ def write_shards(tensors: Iterable[tuple[str, np.ndarray]], directory: str,
   with open(os.path.join(directory, SAFETENSORS_INDEX), "w") as f:
     json.dump(index, f, indent=2, sort_keys=True)
   return {"tensors": len(weight_map), "bytes": total, "files": shards}
+
+
+def replace_directory(tmp: str, out_dir: str) -> None:
+  """Puts the finished `tmp` at `out_dir` by rename (an older `out_dir` is removed after)."""
+  os.chmod(tmp, 0o755)
+  old = None
+  if os.path.exists(out_dir):
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-",
+                           dir=os.path.dirname(out_dir))
+    os.replace(out_dir, os.path.join(old, "previous"))
+  os.replace(tmp, out_dir)
+  if old:
+    shutil.rmtree(old)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,8 +30,10 @@ import ml_collections
 import orbax.checkpoint as ocp
 import transformers
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from exgra_jax.hf import importer, placement
+from exgra_jax.hf.weights_io import replace_directory
 
 TRAIN_STEP, STAGE, PARAMS, HF = "train_step", "stage", "params", "hf"
 NOT_EXPORTED = ("gnn",)  # train-state collections that are not model weights
@@ -152,22 +154,25 @@ def save_params(directory: str, params: Mapping[str, Any],
                 model_config: ml_collections.ConfigDict | Mapping[str, Any],
                 tokenizer_dir: str | None = None) -> None:
   """Writes a params-only Orbax checkpoint: items `params`, `model_config` (JSON of
-  `config.model`) and, when given, the tokenizer in `tokenizer/`. Refuses an existing
-  directory. Orbax writes the items atomically; the tokenizer goes in by rename."""
+  `config.model`) and, when given, the tokenizer in `tokenizer/` (collections in
+  NOT_EXPORTED are left out). Everything is written next to `directory` and renamed into
+  place, so an existing checkpoint there (a fine-tune's best params) is replaced whole."""
   directory = os.path.abspath(directory)
-  if os.path.exists(directory):
-    raise FileExistsError(f"{directory} exists; save_params writes a new checkpoint")
   if isinstance(model_config, ml_collections.ConfigDict):
     model_config = model_config.to_dict()
   placement.typed_config(model_config)  # a checkpoint must describe a valid model
   params = {k: v for k, v in params.items() if k not in NOT_EXPORTED}
+  tmp = directory + ".saving"  # the same name on every process (Orbax saves collectively)
+  if jax.process_index() == 0 and os.path.exists(tmp):
+    shutil.rmtree(tmp)  # left by an interrupted save
+  multihost_utils.sync_global_devices("exgra_jax.save_params.start")
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(directory, args=ocp.args.Composite(
+    checkpointer.save(tmp, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         model_config=ocp.args.JsonSave(dict(model_config))))
-  if tokenizer_dir and jax.process_index() == 0:
-    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=directory)
-    transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True
-                                               ).save_pretrained(tmp)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, os.path.join(directory, TOKENIZER_SUBDIR))
+  if jax.process_index() == 0:
+    if tokenizer_dir:
+      transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True
+                                                 ).save_pretrained(os.path.join(tmp, TOKENIZER_SUBDIR))
+    replace_directory(tmp, directory)
+  multihost_utils.sync_global_devices("exgra_jax.save_params.done")
