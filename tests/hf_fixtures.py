@@ -10,14 +10,19 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+import numpy as np
 import torch
 import transformers
+from flax import traverse_util
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from exgra_jax.hf import hf_configs
-from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig, projector_input_width
+from exgra_jax.models.config import (LlavaConfig, LlmConfig, VisionConfig, num_image_tokens,
+                                     projector_input_width)
 from exgra_jax.models.connector import projector_depth
+from exgra_jax.models.llava import LlavaModel
 
 WORDS = tuple(f"w{i}" for i in range(40))
 BASE_VOCAB = 3 + len(WORDS)        # <unk> <s> </s> + words
@@ -119,3 +124,99 @@ def plain_dirs(llm_directory: str, clip_directory: str, cfg: LlavaConfig
   llama.save_pretrained(llm_directory)
   write_tokenizer(llm_directory, image_tokens=False)
   return llama, _clip(clip_directory, cfg.vision)
+
+
+PAD, IM_PATCH, IM_START, IM_END = range(BASE_VOCAB, BASE_VOCAB + 4)  # write_tokenizer's order
+
+
+def batch(cfg: LlavaConfig, seed: int = 0) -> tuple[np.ndarray, ...]:
+  """(ids, attention_mask, image_mask, pixels NHWC): 2 samples, the second right-padded."""
+  rng = np.random.RandomState(seed)
+  n = num_image_tokens(cfg)
+  rows = []
+  for words in (9, 5):
+    row = [1, IM_START] + [IM_PATCH] * n + [IM_END] + list(rng.randint(3, BASE_VOCAB, words))
+    rows.append(row)
+  length = max(len(r) for r in rows)
+  ids = np.full((2, length), PAD, np.int32)
+  mask = np.zeros((2, length), np.int32)
+  for i, row in enumerate(rows):
+    ids[i, :len(row)], mask[i, :len(row)] = row, 1
+  pixels = rng.randn(2, cfg.vision.image_size, cfg.vision.image_size, 3).astype(np.float32)
+  return ids, mask, ids == IM_PATCH, pixels
+
+
+def flax_logits(cfg: LlavaConfig, params, inputs) -> np.ndarray:
+  ids, mask, image_mask, pixels = inputs
+  out = jax.jit(LlavaModel(cfg).apply)({"params": params}, ids, mask, image_mask, pixels)
+  return np.asarray(out["logits"])
+
+
+def torch_llava_logits(model: transformers.LlavaForConditionalGeneration, inputs) -> np.ndarray:
+  ids, mask, _, pixels = inputs
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask),
+                 pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2)).logits.numpy()
+
+
+def torch_connector(hidden_states, cfg: LlavaConfig) -> torch.Tensor:
+  """Reference connector (SPEC.md 1) on transformers' CLIP hidden states, CLS dropped."""
+  patches = [h[:, 1:] for h in hidden_states]
+  layers, selected = cfg.vision.num_layers, patches[cfg.vision.select_layer]
+  a, b = cfg.connector_layers
+  if cfg.connector == "dci":
+    low = torch.stack(patches[:layers // 2]).mean(0)
+    high = torch.stack(patches[layers // 2:layers]).mean(0)
+    return torch.cat([selected, low, high], -1)
+  if cfg.connector == "sci":
+    return torch.cat([selected, patches[a], patches[b]], -1)
+  if cfg.connector == "sti":
+    pool = lambda x: x.reshape(x.shape[0], -1, 8, x.shape[-1]).mean(2)
+    return torch.cat([selected, pool(patches[a]), pool(patches[b])], 1)
+  return selected
+
+
+def torch_composed_logits(llama: transformers.LlamaForCausalLM,
+                          clip: transformers.CLIPVisionModel, projector: torch.nn.Module,
+                          cfg: LlavaConfig, inputs) -> np.ndarray:
+  """CLIP -> reference connector -> projector -> image rows of the LLaMA input embeddings."""
+  ids, mask, image_mask, pixels = inputs
+  with torch.no_grad():
+    hidden = clip(pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
+                  output_hidden_states=True).hidden_states
+    features = projector(torch_connector(hidden, cfg))
+    embeds = llama.model.embed_tokens(torch.tensor(ids).long()).clone()
+    embeds[torch.tensor(image_mask)] = features.reshape(-1, features.shape[-1])
+    return llama(inputs_embeds=embeds, attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+def torch_projector(params, cfg: LlavaConfig) -> torch.nn.Module:
+  """Our projector params as LLaVA's nn.Linear / nn.Sequential(Linear, GELU, Linear, ...)."""
+  linears = []
+  for i in range(projector_depth(cfg.projector)):
+    p = params["projector"][f"linear_{i}"]
+    kernel = np.asarray(p["kernel"])
+    linear = torch.nn.Linear(*kernel.shape)
+    linear.weight.data = torch.tensor(kernel.T.copy())
+    linear.bias.data = torch.tensor(np.asarray(p["bias"]).copy())
+    linears.append(linear)
+  if cfg.projector == "linear":
+    return linears[0]
+  layers = [linears[0]]
+  for linear in linears[1:]:
+    layers += [torch.nn.GELU(), linear]
+  return torch.nn.Sequential(*layers)
+
+
+def real(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """Logits at the real (non-padding) positions, [n_real, V]."""
+  return logits[mask.astype(bool)]
+
+
+def assert_same_params(a, b) -> None:
+  """Same tree, bit-identical leaves."""
+  fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+  assert fa.keys() == fb.keys()
+  for key in fa:
+    x, y = np.asarray(fa[key]), np.asarray(fb[key])
+    assert x.dtype == y.dtype and np.array_equal(x, y), key
