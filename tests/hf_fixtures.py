@@ -1,8 +1,9 @@
 """Tiny HF checkpoints of the three import layouts, built locally with transformers (torch).
 
 Shapes: CLIP 56 px / patch 14 (16 patches, so `sti` pools to 20 tokens), width 32, 3
-layers; LLaMA width 32, 2 layers, 4 heads / 2 KV heads, a word-level tokenizer of 43
-entries (47 with `<pad>`, `<im_patch>`, `<im_start>`, `<im_end>`). Weights are drawn with
+layers; LLaMA width 32, 2 layers, 4 heads / 2 KV heads, a word-level tokenizer of 44
+entries (48 with `<pad>`, `<im_patch>`, `<im_start>`, `<im_end>`; both even, so that a
+2-way mesh axis divides the vocabulary). Weights are drawn with
 initializer_range 0.2 so that logits are O(1) and parity checks mean something.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from exgra_jax.models.config import (LlavaConfig, LlmConfig, VisionConfig, num_i
 from exgra_jax.models.connector import projector_depth
 from exgra_jax.models.llava import LlavaModel
 
-WORDS = tuple(f"w{i}" for i in range(40))
+WORDS = tuple(f"w{i}" for i in range(41))
 BASE_VOCAB = 3 + len(WORDS)        # <unk> <s> </s> + words
 FULL_VOCAB = BASE_VOCAB + 4        # + <pad> <im_patch> <im_start> <im_end>
 INIT = 0.2

@@ -231,7 +231,7 @@ def import_model(hf_dir: str, clip_dir: str | None = None, *, tokenizer_dir: str
         host = np.empty(leaf.shape, dtype)
         for index, entry in group:
           host[index] = _convert(entry, sources.read(entry), leaf.shape[1:], dtype)
-      params[path] = placement.place(host, shardings[path])
+      params[path] = placement.place(host, shardings[path], path)
       del host
     params.update(placement.init_leaves(cfg, fresh, shardings, seed))
     report = {"missing": missing, "unexpected": sorted(sources.unexpected),

@@ -59,9 +59,14 @@ def expected_params(cfg: LlavaConfig, mesh: jax.sharding.Mesh | None = None,
   return abstract, shardings
 
 
-def place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+def place(host: np.ndarray, sharding: jax.sharding.Sharding, path: Path) -> jax.Array:
   """A host array (the same on every process) -> a global jax.Array laid out as `sharding`."""
-  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  try:
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  except ValueError as e:  # e.g. a vocabulary that the mesh axis does not divide
+    raise ValueError(f"cannot place {path_name(path)} {host.shape} with {sharding}: {e}. "
+                     "Change the mesh or config.logical_axis_rules (or pad the vocabulary)"
+                     ) from None
 
 
 def init_leaves(cfg: LlavaConfig, paths: Iterable[Path],

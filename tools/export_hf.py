@@ -1,0 +1,38 @@
+"""Exports an exgra-jax checkpoint as a Hugging Face directory.
+
+python tools/export_hf.py --checkpoint=WORKDIR/checkpoints/finetune --out=/export/exgra-med \
+    [--layout=llava|release] [--tokenizer=DIR] [--shard_size_gb=5] [--dtype=bfloat16]
+
+--checkpoint: a train step or stage directory, a params checkpoint (tools/import_hf.py),
+or an HF directory. `llava` loads in transformers' LlavaForConditionalGeneration with no
+custom code (connector none / sci, projector mlp2x_gelu); `release` is the LLaVA-Med
+layout and holds every connector. See docs/hf.md. Logic: exgra_jax/hf/exporter.py.
+"""
+import json
+
+from absl import app, flags
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint to export", required=True)
+_OUT = flags.DEFINE_string("out", None, "HF directory to write (replaced whole)", required=True)
+_LAYOUT = flags.DEFINE_enum("layout", "llava", ["llava", "release"], "HF layout")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer directory (default: the one "
+                                 "saved in the checkpoint; train checkpoints hold none)")
+_SHARD = flags.DEFINE_float("shard_size_gb", 5.0, "largest safetensors shard")
+_DTYPE = flags.DEFINE_string("dtype", None, "tensor dtype in the files (default: the params')")
+
+
+def main(argv):
+  del argv
+  from exgra_jax.hf import exporter  # pylint: disable=g-import-not-at-top
+  from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
+  loaded = model_checkpoint.load(_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value)
+  if not loaded.tokenizer_dir:
+    raise app.UsageError(f"{_CHECKPOINT.value} holds no tokenizer: pass --tokenizer")
+  result = exporter.export(loaded.params, loaded.model_config, _OUT.value,
+                           tokenizer_dir=loaded.tokenizer_dir, layout=_LAYOUT.value,
+                           shard_size_gb=_SHARD.value, dtype=_DTYPE.value)
+  print(json.dumps({**result, "report": loaded.report}, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
