@@ -39,6 +39,7 @@ from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import (checkpointing, initial_weights, metrics, optimizer,
                              sharded_state, step)
+from exgra_jax.train import mesh as mesh_lib
 
 
 @dataclasses.dataclass
@@ -148,7 +149,7 @@ def starting_state(config, stage: Stage, workdir: epath.Path, mesh, token_ids,
         config, workdir, mesh, name, token_ids)
     source = f"the end of stage {name}"
   else:
-    loaded = load_weights(config, kind, path, mesh)
+    loaded = load_weights(config, path, mesh)
     source = path
   if stage.cfg.align:
     loaded = {k: v for k, v in loaded.items() if k != "gnn"}  # the GNN starts fresh
@@ -157,20 +158,15 @@ def starting_state(config, stage: Stage, workdir: epath.Path, mesh, token_ids,
   return state.replace(params=params)
 
 
-def load_weights(config, kind: str, path: str, mesh) -> Any:
-  """Params of an exgra-jax checkpoint (`kind` "checkpoint") or an HF import ("hf"), laid
-  out on `mesh` tensor by tensor (the checkpoint / HF loaders never hold a whole copy)."""
-  # Imported here: the HF path pulls in transformers' model code, which training from a
-  # checkpoint of ours never needs.
+def load_weights(config, path: str, mesh) -> Any:
+  """Params of an exgra-jax checkpoint or an HF directory (LLaVA / release layouts, with
+  `init.clip_dir` for the vision tower), laid out on `mesh` tensor by tensor."""
+  # Imported here: the HF path pulls in transformers, which a run from its own checkpoints
+  # or from random weights never needs.
   from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
-  tokenizer = pipeline_lib.tokenizer_dir(config) if config.data.tokenizer_dir else None
-  if kind == "hf":
-    from exgra_jax.hf import importer  # pylint: disable=g-import-not-at-top
-    return importer.import_model(path, clip_dir=config.init.clip_dir or None,
-                                 tokenizer_dir=tokenizer, mesh=mesh,
-                                 rules=config.logical_axis_rules).params
-  return model_checkpoint.load(path, tokenizer_dir=tokenizer, mesh=mesh,
-                               rules=config.logical_axis_rules).params
+  return model_checkpoint.load(path, tokenizer_dir=pipeline_lib.tokenizer_dir(config),
+                               mesh=mesh, rules=config.logical_axis_rules,
+                               clip_dir=config.init.clip_dir or None).params
 
 
 def _any_process(flag: bool) -> bool:
@@ -195,7 +191,8 @@ def _write_summaries(writer, at: int, pending: list[dict], extra: dict[str, floa
 
 
 def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: epath.Path,
-              mesh, token_ids, previous) -> dict[str, Any]:
+              mesh, token_ids, previous, preemption: checkpointing.PreemptionFlag
+              ) -> dict[str, Any]:
   """Trains one stage to its last step (or until pre-empted); returns its summary."""
   ckpt = _checkpointer(config, workdir, stage.name)
   model_config = config.model.to_dict()
@@ -216,7 +213,6 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
   hooks = metrics.progress_hooks(stage.total_steps, writer, logdir,
                                  metrics.parse_profile_steps(config.train.profile_steps))
   throughput = metrics.Throughput()
-  preemption = checkpointing.PreemptionFlag()
   validation = FinetuneValidation(config, stage, workdir, mesh)
   train_step, pending, last = None, [], {}
   imle.SOLVER_CLOCK.take()
@@ -252,7 +248,6 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
         logging.warning("stage %s pre-empted at step %d: checkpoint written", stage.name, done)
         return {"status": "preempted", "steps": done}
   finally:
-    preemption.restore_handler()
     ckpt.wait()
     ckpt.close()
     writer.flush()
@@ -321,27 +316,36 @@ class FinetuneValidation:
     return out
 
 
+def _train_stage(config, name: str, workdir: epath.Path, mesh, token_ids, previous,
+                 preemption: checkpointing.PreemptionFlag) -> dict[str, Any]:
+  """Builds stage `name` over its data and runs it."""
+  per_process = config[name].global_batch // jax.process_count()
+  pipe = pipeline_lib.pipeline_from_config(config, name,
+                                           num_image_tokens=num_image_tokens(config.model),
+                                           batch_size=per_process)
+  stage = build_stage(config, name, mesh, pipe.examples_per_process * jax.process_count(),
+                      token_ids)
+  logging.info("stage %s: %d steps (%d per epoch) of %d samples", name, stage.total_steps,
+               stage.steps_per_epoch, stage.cfg.global_batch)
+  return run_stage(config, stage, pipe, workdir, mesh, token_ids, previous, preemption)
+
+
 def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:
   """Runs `config.stages` in order (see module doc); returns a summary per stage."""
-  from exgra_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   mesh = mesh_lib.build_mesh(config.mesh)
   tokenizer = text.load_tokenizer(pipeline_lib.tokenizer_dir(config))
   token_ids = new_token_ids(tokenizer)
   results, previous = {}, None
-  for name in config.stages:
-    per_process = config[name].global_batch // jax.process_count()
-    pipe = pipeline_lib.pipeline_from_config(config, name,
-                                             num_image_tokens=num_image_tokens(config.model),
-                                             batch_size=per_process)
-    stage = build_stage(config, name, mesh, pipe.examples_per_process * jax.process_count(),
-                        token_ids)
-    logging.info("stage %s: %d steps (%d per epoch) of %d samples", name, stage.total_steps,
-                 stage.steps_per_epoch, stage.cfg.global_batch)
-    summary = run_stage(config, stage, pipe, workdir, mesh, token_ids, previous)
-    previous = (name, summary.pop("params", None))
-    results[name] = summary
-    if summary["status"] == "preempted":
-      return results
+  preemption = checkpointing.PreemptionFlag()  # SIGTERM from here on: checkpoint, exit 0
+  try:
+    for name in config.stages:
+      summary = _train_stage(config, name, workdir, mesh, token_ids, previous, preemption)
+      previous = (name, summary.pop("params", None))
+      results[name] = summary
+      if summary["status"] == "preempted":
+        return results
+  finally:
+    preemption.restore_handler()
   if config.export.after_training:
     from exgra_jax.hf import exporter  # pylint: disable=g-import-not-at-top
     results["export"] = exporter.export_from_workdir(config, workdir)
