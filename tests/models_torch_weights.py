@@ -13,9 +13,12 @@ import torch
 from flax import traverse_util
 
 from exgra_jax.hf import layouts
-from exgra_jax.hf.hf_configs import clip_hf_config as hf_clip_config  # noqa: F401 (re-export)
-from exgra_jax.hf.hf_configs import llama_hf_config as hf_llama_config  # noqa: F401
-from exgra_jax.hf.hf_configs import llava_hf_config as hf_llava_config  # noqa: F401
+from exgra_jax.hf.hf_configs import clip_hf_config as hf_clip_config
+from exgra_jax.hf.hf_configs import llama_hf_config as hf_llama_config
+from exgra_jax.hf.hf_configs import llava_hf_config as hf_llava_config
+
+__all__ = ["clip_params", "hf_clip_config", "hf_llama_config", "hf_llava_config",
+           "llama_params", "llava_params", "stack_layers"]
 
 
 def _tree(sd: dict[str, torch.Tensor], entries: list[layouts.Entry], rename=lambda n: n,

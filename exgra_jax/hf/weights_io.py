@@ -8,10 +8,11 @@ Anything else (`.pt`, `.ckpt`, `.pkl`, `.msgpack`, `.h5`, ...) is refused: a pic
 execute code when loaded. Arrays come back as numpy in the file's dtype (bfloat16 through
 ml_dtypes), so nothing is upcast before the caller casts to the parameter dtype.
 
-Writing: `replace_directory` moves a finished temporary directory into place, so that a
-reader sees the old directory or the new one, never a half-written one. `write_shards` streams (name, array) pairs into safetensors shards of at most
+Writing: `write_shards` streams (name, array) pairs into safetensors shards of at most
 `max_shard_bytes` (a larger tensor gets a shard of its own, as transformers does) plus
 `model.safetensors.index.json`, with the `{"format": "pt"}` metadata transformers checks.
+`replace_directory` moves a finished temporary directory into place, so that a reader
+sees the old directory or the new one, never a half-written one.
 """
 from __future__ import annotations
 

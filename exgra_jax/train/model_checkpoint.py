@@ -172,7 +172,8 @@ def save_params(directory: str, params: Mapping[str, Any],
         model_config=ocp.args.JsonSave(dict(model_config))))
   if jax.process_index() == 0:
     if tokenizer_dir:
-      transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True
-                                                 ).save_pretrained(os.path.join(tmp, TOKENIZER_SUBDIR))
+      tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir,
+                                                             local_files_only=True)
+      tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_SUBDIR))
     replace_directory(tmp, directory)
   multihost_utils.sync_global_devices("exgra_jax.save_params.done")
