@@ -38,6 +38,10 @@ PAD_TOKEN = "<pad>"
 NEW_TOKENS = (text_lib.IM_PATCH, text_lib.IM_START, text_lib.IM_END)
 
 
+# The entries of one Flax leaf with their layer index (None: an unscanned leaf, one entry).
+Group = list[tuple[int | None, layouts.Entry]]
+
+
 class MissingTensorsError(ValueError):
   """The checkpoint lacks tensors the model needs (and missing ones were not allowed)."""
 
@@ -95,7 +99,8 @@ def _add_tokens(tokenizer_dir: str, tokenizer_out: str | None) -> tuple[int, lis
     if not tokenizer_out:
       raise ValueError(f"adding {added} needs tokenizer_out, the directory to write the "
                        "extended tokenizer to")
-    tok.save_pretrained(tokenizer_out)
+    if jax.process_index() == 0:
+      tok.save_pretrained(tokenizer_out)
   return len(tok), added
 
 
@@ -126,6 +131,30 @@ class _Sources:
 
   def read(self, entry: layouts.Entry) -> np.ndarray:
     return self.readers[entry.source].read(self.raw[entry.name])
+
+  def check_shapes(self, path: layouts.Path, group: Group, leaf_shape: tuple[int, ...],
+                   checkpoint_vocab: int) -> None:
+    """Raises ShapeMismatchError for a stored tensor that does not fit leaf `path`."""
+    for index, entry in group:
+      if not self.has(entry):
+        continue
+      want = _expected_hf_shape(entry, leaf_shape if index is None else leaf_shape[1:],
+                                checkpoint_vocab)
+      found = tuple(self.shape(entry))
+      if found != want:
+        raise ShapeMismatchError(
+            f"tensor {entry.name}: expected shape {want} for {placement.path_name(path)} "
+            f"(as the checkpoint's config.json describes the model), found {found}")
+
+  def read_leaf(self, group: Group, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+    """The host value of one Flax leaf: one tensor, or a scanned leaf's L layers stacked."""
+    dtype = np.dtype(leaf.dtype)
+    if group[0][0] is None:
+      return _convert(group[0][1], self.read(group[0][1]), leaf.shape, dtype)
+    host = np.empty(leaf.shape, dtype)
+    for index, entry in group:
+      host[index] = _convert(entry, self.read(entry), leaf.shape[1:], dtype)
+    return host
 
 
 def _expected_hf_shape(entry: layouts.Entry, flax_shape: tuple[int, ...],
@@ -189,7 +218,7 @@ def import_model(hf_dir: str, clip_dir: str | None = None, *, tokenizer_dir: str
 
   entries = layouts.layout_entries(layout, cfg)
   abstract, shardings = placement.expected_params(cfg, mesh, rules)
-  groups: dict[layouts.Path, list[tuple[int | None, layouts.Entry]]] = {}
+  groups: dict[layouts.Path, Group] = {}
   for entry in entries:
     path, index = layouts.param_location(entry.path, cfg.llm)
     groups.setdefault(path, []).append((index, entry))
@@ -205,34 +234,12 @@ def import_model(hf_dir: str, clip_dir: str | None = None, *, tokenizer_dir: str
           f"{len(missing)} tensors missing from {hf_dir} ({layout} layout): {missing[:8]}; "
           "allow_missing=True initialises them (and reports them)")
     for path, group in groups.items():
-      leaf_shape = abstract[path].shape
-      for index, entry in group:
-        if not sources.has(entry):
-          continue
-        want = _expected_hf_shape(entry, leaf_shape if index is None else leaf_shape[1:],
-                                  checkpoint_vocab)
-        found = sources.shape(entry)
-        if tuple(found) != want:
-          raise ShapeMismatchError(
-              f"tensor {entry.name}: expected shape {want} for {placement.path_name(path)} "
-              f"(config: {layout} layout), found {tuple(found)}")
-
-    params: dict[layouts.Path, jax.Array] = {}
+      sources.check_shapes(path, group, abstract[path].shape, checkpoint_vocab)
     fresh = {p for p in abstract if p not in groups or not all(
         sources.has(e) for _, e in groups[p])}
-    for path, group in groups.items():
-      if path in fresh:
-        continue
-      leaf = abstract[path]
-      dtype = np.dtype(leaf.dtype)
-      if group[0][0] is None:
-        host = _convert(group[0][1], sources.read(group[0][1]), leaf.shape, dtype)
-      else:
-        host = np.empty(leaf.shape, dtype)
-        for index, entry in group:
-          host[index] = _convert(entry, sources.read(entry), leaf.shape[1:], dtype)
-      params[path] = placement.place(host, shardings[path], path)
-      del host
+    params = {path: placement.place(sources.read_leaf(group, abstract[path]), shardings[path],
+                                    path)
+              for path, group in groups.items() if path not in fresh}
     params.update(placement.init_leaves(cfg, fresh, shardings, seed))
     report = {"missing": missing, "unexpected": sorted(sources.unexpected),
               "initialised": sorted(placement.path_name(p) for p in fresh),
