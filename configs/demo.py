@@ -43,6 +43,9 @@ def get_config(arg=None):
   c.train.checkpoint_every = 50
   c.train.async_checkpoint = False
   c.eval.max_new_tokens = 16
+  # The tiny model knows no chat but the one it was trained on: ask in the training
+  # template (the release's "simple" one is for LLaMA-based models).
+  c.eval.template = "train"
   c.eval.batch_size = 16
   c.export.after_training = True
   return c

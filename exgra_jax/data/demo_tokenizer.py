@@ -1,7 +1,8 @@
 """The demo tokenizer: a byte-level BPE with exactly 1024 entries, trained on the demo world.
 
 Why: the tiny model preset has `llm.vocab_size = 1024` and nothing may be downloaded, so
-the demo needs its own LLaMA-like tokenizer. Byte-level pre-tokenisation covers every
+the demo needs its own LLaMA-like tokenizer (merges the text does not supply are filled
+with reserved tokens). Byte-level pre-tokenisation covers every
 possible character (no `<unk>` in practice) and decodes exactly; the LLaMA specials keep
 their ids (`<unk>`=0, `<s>`=1, `</s>`=2), and `<pad>`, `<image>`, `<im_start>`,
 `<im_patch>`, `<im_end>` are added special tokens that never split. The chat template's
@@ -36,21 +37,25 @@ def train_demo_tokenizer(texts: Sequence[str], out_dir: str
                          ) -> transformers.PreTrainedTokenizerFast:
   """Trains on `texts` (+ the template strings) and saves to `out_dir`; same input, same bytes."""
   tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
-  # Whole lines (split at newlines and at `###`) are the BPE "words", so merges may span
-  # spaces: the demo text is too small to fill 1024 entries with within-word merges.
+  # GPT-2 style words (a leading space belongs to the word; punctuation apart), with `###`
+  # kept whole: the prompt a model is asked with ("... ### Assistant:") then tokenizes
+  # exactly as the same text inside a training conversation, which merges across spaces
+  # (": Yes" as one token) would break.
   tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split("\n", behavior="isolated"),
       pre_tokenizers.Split("###", behavior="isolated"),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 min_frequency=1, show_progress=False)
   corpus = sorted(texts) + sorted(TEMPLATE_TEXTS) * TEMPLATE_WEIGHT
   tok.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
-  if tok.get_vocab_size() != VOCAB_SIZE:
-    raise ValueError(f"demo tokenizer has {tok.get_vocab_size()} entries, not {VOCAB_SIZE}: "
-                     "the training text is too small to learn enough merges")
+  # The demo text may hold fewer merges than the tiny preset's 1024 rows: reserved tokens
+  # (never produced by the text) fill the vocabulary to exactly its size.
+  reserved = VOCAB_SIZE - tok.get_vocab_size()
+  if reserved < 0:
+    raise ValueError(f"demo tokenizer has {tok.get_vocab_size()} entries, over {VOCAB_SIZE}")
+  tok.add_special_tokens([f"<reserved_{i}>" for i in range(reserved)])
   tok.post_processor = processors.TemplateProcessing(
       single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
   fast = transformers.PreTrainedTokenizerFast(

@@ -37,7 +37,7 @@ import pydicom.data
 
 from exgra_jax.data import demo_tokenizer
 
-VERSION = 1
+VERSION = 2  # 2: GPT-2 style word splitting in the demo tokenizer
 SIZES = {"small": dict(images=120, vqa_images=60), "medium": dict(images=2400, vqa_images=600)}
 IMAGE_PX = 128
 MODALITIES = ("ct", "mri", "xray", "histology")
