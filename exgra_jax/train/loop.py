@@ -163,10 +163,15 @@ def load_weights(config, path: str, mesh) -> Any:
   `init.clip_dir` for the vision tower), laid out on `mesh` tensor by tensor."""
   # Imported here: the HF path pulls in transformers, which a run from its own checkpoints
   # or from random weights never needs.
+  from exgra_jax.hf import hf_configs  # pylint: disable=g-import-not-at-top
   from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
+  # What an HF directory does not decide (layer scanning, dtypes, the projector of a plain
+  # LLaMA start, a release checkpoint's connector) comes from config.model.
+  overrides = {key: config.model[key] for key in hf_configs.OVERRIDABLE}
   return model_checkpoint.load(path, tokenizer_dir=pipeline_lib.tokenizer_dir(config),
                                mesh=mesh, rules=config.logical_axis_rules,
-                               clip_dir=config.init.clip_dir or None).params
+                               clip_dir=config.init.clip_dir or None,
+                               overrides=overrides).params
 
 
 def _any_process(flag: bool) -> bool:
