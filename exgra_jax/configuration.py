@@ -37,6 +37,8 @@ CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "eval.template": ("simple", "train", "none"),
     "export.layout": ("llava", "release"),
+    "distributed.mode": ("none", "auto", "explicit"),
+    "distributed.cpu_collectives": ("gloo", "mpi"),
 }
 STAGE_CHOICES = {
     "trainable": ("projector_and_new_tokens", "all_but_vision"),
@@ -162,6 +164,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   problems += _model_problems(config.model)
   problems += _stage_problems(config, num_devices)
   problems += _data_problems(config)
+  d = config.distributed
+  if d.mode == "explicit" and not (d.coordinator_address and 0 <= d.process_id < d.num_processes):
+    problems.append("distributed.mode=explicit needs coordinator_address 'host:port' and "
+                    f"0 <= process_id < num_processes (got {d.coordinator_address!r}, "
+                    f"{d.process_id}, {d.num_processes})")
   if mode == "train" and not config.init.random and not (
       config.init.hf_dir or config.init.checkpoint or
       (config.init.llm_dir and config.init.clip_dir) or

@@ -104,3 +104,10 @@ def test_mesh_fills_one_axis():
   assert configuration.mesh_shape(config, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
   with pytest.raises(configuration.ConfigError, match="do not divide"):
     configuration.mesh_shape(_cfg("pmc10.py", "mesh.tensor=3"), 8)
+
+
+def test_distributed_mode_checked():
+  with pytest.raises(configuration.ConfigError, match="coordinator_address"):
+    configuration.validate(_cfg("demo.py", "distributed.mode=explicit"))
+  with pytest.raises(configuration.ConfigError, match="distributed.mode"):
+    configuration.validate(_cfg("demo.py", "distributed.mode=slurm"))
