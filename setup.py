@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
     "nltk>=3.8",
     "absl-py>=2.0",
     "etils[epath]>=1.7",
+    "tqdm>=4.60",               # progress bars of the caption-extension tool
 ]
 
 setup(
