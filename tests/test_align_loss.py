@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from align_reference import numpy_gnn, numpy_knn
 from exgra_jax.align import costs, equivalence, imle, loss, solver
 
 
@@ -83,27 +84,6 @@ def test_vmap_and_leading_axes_equal_single_solves():
     np.testing.assert_array_equal(batched[p], solver.solve(unary[p], quadratic[p], edges, edges))
 
 
-def _numpy_gnn(params, x, edges):
-  h = x
-  for layer in sorted(params):
-    agg = np.zeros_like(h)
-    for j in range(len(h)):
-      src = edges[edges[:, 1] == j, 0]
-      if len(src):
-        agg[j] = h[src].max(0)
-    rel, root = params[layer]["lin_rel"], params[layer]["lin_root"]
-    h = np.maximum(agg @ np.asarray(rel["kernel"]) + np.asarray(rel["bias"])
-                   + h @ np.asarray(root["kernel"]), 0)
-  return h
-
-
-def _numpy_knn(x, k):
-  d = ((x[:, None] - x[None]) ** 2).sum(-1)
-  np.fill_diagonal(d, np.inf)
-  return np.array([(i, j) for i in range(len(x)) for j in np.argsort(d[i], kind="stable")[:k]],
-                  np.int32)
-
-
 def _unit(a):
   return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
 
@@ -133,8 +113,8 @@ def test_equivalence_entry_point_against_hand_built_problems():
   pairs = [(fi, c), (c, fi), (fs, c), (c, fs), (fl, c), (c, fl)]
   hamming = []
   for p, (x, y) in enumerate(pairs):
-    edges = _numpy_knn(x, k)
-    hx, hy = _numpy_gnn(params, x, edges), _numpy_gnn(params, y, edges)
+    edges = numpy_knn(x, k)
+    hx, hy = numpy_gnn(params, x, edges), numpy_gnn(params, y, edges)
     unary = -(_unit(hx) @ _unit(hy).T + node_noise - 0.5)
     ex = _unit(hx[edges[:, 0]] - hx[edges[:, 1]])
     ey = _unit(hy[edges[:, 0]] - hy[edges[:, 1]])
@@ -178,6 +158,18 @@ def test_loss_jit_grad_and_aux():
       p, *f, jax.random.key(2), settings)[0], argnums=(0, 1)))(params, feats)
   assert float(jnp.abs(grads[1]).sum()) > 0
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(grads))
+
+
+def test_loss_and_gradient_under_vmap_equal_single_calls():
+  settings, feats, params = _setup()
+  batch = jnp.stack([feats, feats[:, ::-1]])  # two feature sets: [2, 3, G, g, d]
+  value_and_grad = jax.value_and_grad(lambda f: loss.multi_graph_alignment_loss(
+      params, *f, jax.random.key(3), settings)[0])
+  values, grads = jax.jit(jax.vmap(value_and_grad))(batch)
+  for i in range(2):
+    value, grad = value_and_grad(batch[i])
+    np.testing.assert_allclose(values[i], value, atol=1e-6)
+    np.testing.assert_allclose(grads[i], grad, atol=1e-6)
 
 
 def test_node_noise_shared_edge_noise_per_problem():
