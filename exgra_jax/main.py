@@ -70,9 +70,9 @@ def main(argv):
     from exgra_jax.hf import exporter  # pylint: disable=g-import-not-at-top
     result = exporter.export_from_workdir(config, workdir)
   else:
-    from exgra_jax import predict  # pylint: disable=g-import-not-at-top
-    result = predict.predict_from_workdir(config, workdir, image=_IMAGE.value,
-                                          question=_QUESTION.value)
+    from exgra_jax.eval import single_question  # pylint: disable=g-import-not-at-top
+    result = single_question.answer_from_workdir(config, workdir, image=_IMAGE.value,
+                                                 question=_QUESTION.value)
   if jax.process_index() == 0:
     print(json.dumps(result, indent=2, default=str))
 

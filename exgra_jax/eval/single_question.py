@@ -7,12 +7,16 @@ decoded greedily with the stop string and clean-up of `generate`.
 """
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
-from exgra_jax.data import images
+import ml_collections
+import numpy as np
+from etils import epath
+
+from exgra_jax.data import images, pipeline, text
 from exgra_jax.data.records import IMAGE_TOKEN
 from exgra_jax.eval import generate, prompts
-from exgra_jax.models.config import num_image_tokens
+from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
 
 
@@ -36,3 +40,36 @@ def answer_question(model: LlavaModel, params, tokenizer, image_path: str, quest
   pixels = load_pixels(image_path, model.cfg.vision.image_size)[None]
   (answer,) = generate.answer_prompts(model, params, tokenizer, [prompt], pixels, settings)
   return answer
+
+
+def answer_from_checkpoint(model_dir: str, image: str, question: str, *,
+                           template: str = "simple", max_new_tokens: int = 128,
+                           temperature: float = 0.0, stop: str = "###",
+                           tokenizer_dir: str | None = None, clip_dir: str | None = None) -> str:
+  """The answer of the model at `model_dir`: anything `train.model_checkpoint.load` reads
+  (train / params-only checkpoint, HF directory). Refuses incomplete weights."""
+  from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
+  loaded = model_checkpoint.load(model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir)
+  if loaded.report["missing"]:
+    raise ValueError(f"{model_dir} lacks parameters: {loaded.report['missing'][:8]}")
+  if not loaded.tokenizer_dir:
+    raise ValueError(f"{model_dir} holds no tokenizer: pass --tokenizer=DIR")
+  model = LlavaModel(LlavaConfig.from_config(loaded.model_config))
+  return answer_question(model, loaded.params, text.load_tokenizer(loaded.tokenizer_dir),
+                         image, question, template=template, max_new_tokens=max_new_tokens,
+                         stop=stop, temperature=temperature)
+
+
+def answer_from_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, *,
+                        image: str | None, question: str | None) -> dict[str, Any]:
+  """`main --mode=predict`: the run's best (else newest) checkpoint answers one question,
+  with config.eval's template and decoding."""
+  from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top
+  if not image or not question:
+    raise ValueError("--mode=predict needs --image and --question")
+  checkpoint = str(vqa.default_checkpoint(config, workdir))
+  answer = answer_from_checkpoint(checkpoint, image, question, template=config.eval.template,
+                                  max_new_tokens=config.eval.max_new_tokens,
+                                  temperature=config.eval.temperature, stop=config.eval.stop,
+                                  tokenizer_dir=pipeline.tokenizer_dir(config))
+  return {"checkpoint": checkpoint, "image": image, "question": question, "answer": answer}
