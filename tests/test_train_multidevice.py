@@ -65,7 +65,7 @@ def test_two_processes_match_one_process(single, multi):
 def test_plan_memory_tool_compiles_the_tiny_step_on_fake_devices():
   out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plan_memory.py"),
                         "--config=" + os.path.join(ROOT, "configs", "demo.py"), "--stage=stage2",
-                        "--devices=4", "--mesh=data=2,fsdp=2", "--samples_per_device=1",
+                        "--devices=4", "--mesh=data=2,fsdp=2", "--samples_per_device=2",
                         "--length=72"], capture_output=True, text=True, env=ENV, timeout=600,
                        check=False)
   assert out.returncode == 0, out.stderr[-3000:]
