@@ -9,9 +9,10 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config file")
+from exgra_jax import configuration
+
+_CONFIG = configuration.define_config_flag()
 _STAGE = flags.DEFINE_string("stage", "stage2", "stage whose step is planned")
 _DEVICES = flags.DEFINE_integer("devices", 8, "fake devices (the mesh must use them all)")
 _MESH = flags.DEFINE_string("mesh", "", "axis=size,... overrides of config.mesh, e.g. fsdp=8,data=1")
@@ -42,4 +43,4 @@ if __name__ == "__main__":
   count = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), "8")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + f" --xla_force_host_platform_device_count={count}")
-  app.run(main)
+  app.run(main, flags_parser=configuration.parse_flags)
