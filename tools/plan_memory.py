@@ -36,7 +36,7 @@ def main(argv):
                       ("temporaries", plan.temp_bytes), ("aliased", plan.alias_bytes),
                       ("peak", plan.peak_bytes)):
     print(f"  {name:12s} {value / mib:12.1f} MiB per device")
-  print(f"  (stage {_STAGE.value}, alignment branch {'in' if config[_STAGE.value].align else 'not'} in the step)")
+  print(f"  (stage {_STAGE.value}, alignment branch {'included' if config[_STAGE.value].align else 'absent'})")
 
 
 if __name__ == "__main__":
