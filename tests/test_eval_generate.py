@@ -1,19 +1,27 @@
 """Batched generation: greedy equals transformers' generate across buckets and partial
-batches; sampling keys; the release's answer clean-up."""
+batches, and on our own model exported to transformers; sampling keys; the release's answer
+clean-up."""
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
 from configs import base
+from exgra_jax import configuration
+from exgra_jax.data import text
 from exgra_jax.eval import generate as gen
+from exgra_jax.eval import prompts as prompts_lib
+from exgra_jax.eval import single_question
+from exgra_jax.hf import exporter
 from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig
 from exgra_jax.models.llava import LlavaModel
 from models_torch_weights import hf_llava_config, llava_params
@@ -115,3 +123,38 @@ def test_generation_sharded_over_two_devices_matches_unsharded():
   assert result["sharded_0.0"] == result["plain_0.0"]
   assert result["sharded_2.0"] == result["plain_2.0"]
   assert len(result["plain_0.0"]) == 3 and all(result["plain_0.0"])
+
+
+def test_greedy_answers_equal_transformers_generate_on_our_export(demo_world, tmp_path):
+  """Our tiny model, exported to a transformers LLaVA directory, decodes the same tokens
+  with transformers' `generate` as with ours (demo tokenizer, a demo image)."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  config = configuration.load(str(root / "configs" / "demo.py"), [])
+  cfg = LlavaConfig.from_config(config.model)
+  model = LlavaModel(cfg)
+  n = cfg.vision.num_patches
+  ids = jnp.zeros((1, n + 2), jnp.int32)
+  mask = jnp.zeros((1, n + 2), bool).at[:, 1:1 + n].set(True)
+  params = nn.unbox(model.init(jax.random.key(3), ids, ids, mask,
+                               jnp.zeros((1, 112, 112, 3)))["params"])
+  tokenizer_dir = os.path.join(demo_world, "tokenizer")
+  exporter.export(params, config.model, str(tmp_path / "hf"), tokenizer_dir=tokenizer_dir)
+  hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+  tok = text.load_tokenizer(tokenizer_dir)
+  prompt = prompts_lib.build_prompt("Which organ is shown?\n<image>", "train", n)
+  prompt_ids = tok(prompt).input_ids
+  pixels = single_question.load_pixels(os.path.join(demo_world, "images", "CT_small.dcm"),
+                                        112)[None]
+  settings = gen.GenerationSettings(batch_size=1, length_buckets=(len(prompt_ids),),
+                                    max_new_tokens=NEW)
+  (ours,) = gen.generate(model, params, [prompt_ids], pixels, settings,
+                         image_patch_id=tok.convert_tokens_to_ids("<im_patch>"), eos_id=-1,
+                         pad_id=tok.pad_token_id, detokenize=lambda t: " ".join(map(str, t)))
+  with torch.no_grad():
+    ref = hf.generate(input_ids=torch.tensor([prompt_ids]),
+                      pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)),
+                      do_sample=False, max_new_tokens=NEW, eos_token_id=None,
+                      pad_token_id=tok.pad_token_id)
+  expected = ref[0, len(prompt_ids):].tolist()
+  assert len(set(expected)) > 2, "degenerate reference"
+  assert ours == " ".join(map(str, expected))
