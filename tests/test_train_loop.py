@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from exgra_jax.train import checkpoint_inspection
 
@@ -69,8 +70,16 @@ def test_uninterrupted_run_writes_stages_and_dashboards(reference, demo_world):
   final = _final(workdir)
   assert final["step"] == 8 and final["skipped"] == 0
   assert any(name.startswith("gnn/") for name in final["shapes"])
-  events = os.listdir(os.path.join(workdir, "tensorboard", "stage2"))
-  assert any(e.startswith("events.out.tfevents") for e in events)
+  logdir = os.path.join(workdir, "tensorboard", "stage2")
+  (events,) = [e for e in os.listdir(logdir) if e.startswith("events.out.tfevents")]
+  accumulator = event_accumulator.EventAccumulator(os.path.join(logdir, events),
+                                                   size_guidance={"tensors": 0})
+  accumulator.Reload()
+  tags = set(accumulator.Tags()["tensors"])
+  for tag in ("loss", "lm_loss", "align_loss", "align/hamming_image", "learning_rate",
+              "grad_norm", "steps_per_s", "tokens_per_s", "solver_seconds", "skipped",
+              "data/skipped", "matching_vs_identity"):
+    assert tag in tags, (tag, sorted(tags))
   again = _run(demo_world, workdir)  # both stages complete: nothing is retrained
   assert again.returncode == 0 and again.stdout.count('"status": "complete"') == 2
 
