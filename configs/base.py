@@ -96,6 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.root = ""                  # dataset root; relative stage paths resolve against it
   c.data.demo_world = ""            # "", "small" or "medium": generate the demo world here
+  c.data.demo_seed = 0              # seed of the generated world (not c.seed: seeds share a world)
   c.data.tokenizer_dir = ""         # HF tokenizer dir, relative to data.root ("" = init.hf_dir / llm_dir's)
   c.data.max_length = 2048          # tokens per conversation (longer: truncated, counted)
   c.data.length_buckets = (512, 1024, 2048)  # padded lengths (few compiled shapes)

@@ -35,7 +35,7 @@ def prepare_data_root(config) -> None:
   if config.data.demo_world:
     from exgra_jax.data import demo_world  # pylint: disable=g-import-not-at-top
     demo_world.make_demo_world(config.data.root, size=config.data.demo_world,
-                               seed=config.seed)
+                               seed=config.data.demo_seed)
 
 
 def write_resolved_config(config, workdir: epath.Path) -> None:

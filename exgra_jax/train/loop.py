@@ -211,7 +211,10 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
   start = int(jax.device_get(state.step))
   if start >= stage.total_steps:
     ckpt.close()
-    return {"status": "complete", "steps": start, "params": state.params}
+    # A finished fine-tune still reports its test metrics (answers already written are
+    # reused: the answers file is resumable).
+    return {"status": "complete", "steps": start, "params": state.params,
+            **FinetuneValidation(config, stage, workdir, mesh).finish(state.params)}
 
   logdir = str(workdir / "tensorboard" / stage.name)
   writer = metrics.create_writer(logdir)
@@ -314,7 +317,7 @@ class FinetuneValidation:
       out["validation"] = {"history": self.history, "best_step": self.best_step,
                            "best_selection_score": self.best_score}
     if cfg.test_records:
-      if self.best_step is not None:
+      if cfg.val_records and self.best_dir.exists():
         from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
         params = model_checkpoint.load(str(self.best_dir)).params
       out["test"] = self._evaluate(params, cfg.test_records, "test")
