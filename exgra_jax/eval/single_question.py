@@ -18,6 +18,7 @@ from exgra_jax.data.records import IMAGE_TOKEN
 from exgra_jax.eval import generate, prompts
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
+from exgra_jax.train import model_checkpoint
 
 
 def load_pixels(path: str, image_size: int) -> np.ndarray:
@@ -48,7 +49,6 @@ def answer_from_checkpoint(model_dir: str, image: str, question: str, *,
                            tokenizer_dir: str | None = None, clip_dir: str | None = None) -> str:
   """The answer of the model at `model_dir`: anything `train.model_checkpoint.load` reads
   (train / params-only checkpoint, HF directory). Refuses incomplete weights."""
-  from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
   loaded = model_checkpoint.load(model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir)
   if loaded.report["missing"]:
     raise ValueError(f"{model_dir} lacks parameters: {loaded.report['missing'][:8]}")
@@ -64,7 +64,7 @@ def answer_from_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, 
                         image: str | None, question: str | None) -> dict[str, Any]:
   """`main --mode=predict`: the run's best (else newest) checkpoint answers one question,
   with config.eval's template and decoding."""
-  from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top
+  from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top  (vqa imports this module)
   if not image or not question:
     raise ValueError("--mode=predict needs --image and --question")
   checkpoint = str(vqa.default_checkpoint(config, workdir))

@@ -23,6 +23,7 @@ from exgra_jax.data import records as records_lib
 from exgra_jax.eval import answers, generate, prompts, report, single_question, vqa_metrics
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
+from exgra_jax.train import model_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +118,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   """`--mode=eval`: the test split (`eval.records`, else `finetune.test_records`) answered by
   `checkpoint` (default: the fine-tune's best, else the newest checkpoint of the last
   stage); answers, metrics and the protocol report go to `workdir/eval/<split name>`."""
-  from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
   records = config.eval.records or config.finetune.test_records
   if not records:
     raise ValueError("nothing to evaluate: set config.eval.records or "

@@ -35,10 +35,12 @@ from exgra_jax.align import imle
 from exgra_jax.align import loss as align_loss
 from exgra_jax.data import pipeline as pipeline_lib
 from exgra_jax.data import records, text
+from exgra_jax.eval import vqa
+from exgra_jax.hf import exporter, hf_configs
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.train import (checkpointing, initial_weights, metrics, optimizer,
-                             sharded_state, step)
+from exgra_jax.train import (checkpointing, initial_weights, metrics, model_checkpoint,
+                             optimizer, sharded_state, step)
 from exgra_jax.train import mesh as mesh_lib
 
 
@@ -121,20 +123,7 @@ def _restore(stage: Stage, ckpt: checkpointing.StageCheckpointer, at: int):
   return ckpt.restore(at, target)
 
 
-def final_params(config, workdir: epath.Path, mesh, name: str, token_ids) -> Any:
-  """The parameters a completed stage ended with (restored from its newest checkpoint)."""
-  ckpt = _checkpointer(config, workdir, name)
-  latest = ckpt.latest_step()
-  if latest is None:
-    raise initial_weights.InitialWeightsError(
-        f"stage {name!r} has no checkpoint in {workdir / 'checkpoints' / name}")
-  stage = build_stage(config, name, mesh, config[name].global_batch, token_ids)
-  state, _, _ = _restore(stage, ckpt, latest)
-  ckpt.close()
-  return state.params
-
-
-def starting_state(config, stage: Stage, workdir: epath.Path, mesh, token_ids,
+def starting_state(config, stage: Stage, workdir: epath.Path, mesh,
                    previous: tuple[str, Any] | None):
   """A fresh sharded state whose params come from the stage's weight source."""
   state = sharded_state.init_sharded_state(stage.init_boxed_params, stage.tx, config.seed,
@@ -143,14 +132,10 @@ def starting_state(config, stage: Stage, workdir: epath.Path, mesh, token_ids,
   if kind == "random":
     logging.info("stage %s starts from random weights (config.init.random)", stage.name)
     return state
-  if kind == "previous_stage":
-    name = config.stages[list(config.stages).index(stage.name) - 1]
-    loaded = previous[1] if previous and previous[0] == name else final_params(
-        config, workdir, mesh, name, token_ids)
-    source = f"the end of stage {name}"
-  else:
-    loaded = load_weights(config, path, mesh)
-    source = path
+  if kind == "previous_stage" and previous and previous[0] == epath.Path(path).name:
+    loaded, source = previous[1], f"the end of stage {previous[0]}"
+  else:  # a checkpoint (the previous stage's newest, when not in memory) or an HF directory
+    loaded, source = load_weights(config, path, mesh), path
   if stage.cfg.align:
     loaded = {k: v for k, v in loaded.items() if k != "gnn"}  # the GNN starts fresh
   logging.info("stage %s starts from %s", stage.name, source)
@@ -161,10 +146,6 @@ def starting_state(config, stage: Stage, workdir: epath.Path, mesh, token_ids,
 def load_weights(config, path: str, mesh) -> Any:
   """Params of an exgra-jax checkpoint or an HF directory (LLaVA / release layouts, with
   `init.clip_dir` for the vision tower), laid out on `mesh` tensor by tensor."""
-  # Imported here: the HF path pulls in transformers, which a run from its own checkpoints
-  # or from random weights never needs.
-  from exgra_jax.hf import hf_configs  # pylint: disable=g-import-not-at-top
-  from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
   # What an HF directory does not decide (layer scanning, dtypes, the projector of a plain
   # LLaMA start, a release checkpoint's connector) comes from config.model.
   overrides = {key: config.model[key] for key in hf_configs.OVERRIDABLE}
@@ -196,7 +177,7 @@ def _write_summaries(writer, at: int, pending: list[dict], extra: dict[str, floa
 
 
 def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: epath.Path,
-              mesh, token_ids, previous, preemption: checkpointing.PreemptionFlag
+              mesh, previous, preemption: checkpointing.PreemptionFlag
               ) -> dict[str, Any]:
   """Trains one stage to its last step (or until pre-empted); returns its summary."""
   ckpt = _checkpointer(config, workdir, stage.name)
@@ -207,7 +188,7 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
     pipe.set_state(data_state)
     logging.info("stage %s resumes at step %d of %d", stage.name, latest, stage.total_steps)
   else:
-    state = starting_state(config, stage, workdir, mesh, token_ids, previous)
+    state = starting_state(config, stage, workdir, mesh, previous)
   start = int(jax.device_get(state.step))
   if start >= stage.total_steps:
     ckpt.close()
@@ -281,7 +262,6 @@ class FinetuneValidation:
     self.best_score, self.best_step, self.history = None, None, []
 
   def _evaluate(self, params, records: str, name: str) -> dict[str, Any]:
-    from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top
     model_params = {k: v for k, v in params.items() if k != "gnn"}
     return vqa.evaluate_split(
         self.config, self.stage.model, model_params, records=records,
@@ -303,7 +283,6 @@ class FinetuneValidation:
     self.history.append({"step": done, "selection_score": score})
     logging.info("%s validation at step %d: selection score %s", self.stage.name, done, score)
     if score is not None and (self.best_score is None or score > self.best_score):
-      from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
       self.best_score, self.best_step = score, done
       model_checkpoint.save_params(str(self.best_dir), {k: v for k, v in params.items()
                                                         if k != "gnn"},
@@ -318,7 +297,6 @@ class FinetuneValidation:
                            "best_selection_score": self.best_score}
     if cfg.test_records:
       if cfg.val_records and self.best_dir.exists():
-        from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
         params = model_checkpoint.load(str(self.best_dir)).params
       out["test"] = self._evaluate(params, cfg.test_records, "test")
     return out
@@ -335,7 +313,7 @@ def _train_stage(config, name: str, workdir: epath.Path, mesh, token_ids, previo
                       token_ids)
   logging.info("stage %s: %d steps (%d per epoch) of %d samples", name, stage.total_steps,
                stage.steps_per_epoch, stage.cfg.global_batch)
-  return run_stage(config, stage, pipe, workdir, mesh, token_ids, previous, preemption)
+  return run_stage(config, stage, pipe, workdir, mesh, previous, preemption)
 
 
 def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:
@@ -355,6 +333,5 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, A
   finally:
     preemption.restore_handler()
   if config.export.after_training:
-    from exgra_jax.hf import exporter  # pylint: disable=g-import-not-at-top
     results["export"] = exporter.export_from_workdir(config, workdir)
   return results
