@@ -18,12 +18,12 @@ timed here, its host solves taken as measured and its device FLOPs (XLA count) p
 device (6 N per trained token for the conversation and both alignment texts, 2 N per
 vision token) at the same rate.
 """
+import functools
 import statistics
 import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
@@ -32,7 +32,7 @@ from exgra_jax import configuration
 from exgra_jax.align import imle
 from exgra_jax.align import loss as align_loss
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
-from exgra_jax.models.llava import LlavaModel
+from exgra_jax.models import llava
 from exgra_jax.train import loop, mesh as mesh_lib, sharded_state, sharding
 
 _BATCH = flags.DEFINE_integer("batch", 16, "Global batch.")
@@ -131,13 +131,9 @@ def tiny_split() -> None:
 
 def parameter_counts(model_config) -> dict[str, int]:
   """Parameters per top-level collection of the model, from shapes alone (nothing allocated)."""
-  model = LlavaModel(LlavaConfig.from_config(model_config))
-  n = num_image_tokens(model_config)
-  size = model_config.vision.image_size
-  ids = jnp.zeros((1, n + 2), jnp.int32)
-  mask = jnp.zeros((1, n + 2), bool).at[:, 1:1 + n].set(True)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, mask,
-                                             jnp.zeros((1, size, size, 3))))["params"]
+  shapes = jax.eval_shape(functools.partial(llava.init_boxed_params,
+                                            LlavaConfig.from_config(model_config)),
+                          jax.random.key(0))
   return {name: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.unbox(tree)))
           for name, tree in shapes.items()}
 

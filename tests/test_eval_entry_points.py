@@ -7,12 +7,12 @@ import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import pytest
 
 from exgra_jax import configuration
 from exgra_jax.eval import single_question
-from exgra_jax.models.config import LlavaConfig, num_image_tokens
+from exgra_jax.models.config import LlavaConfig
+from exgra_jax.models import llava
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import model_checkpoint
 
@@ -26,11 +26,7 @@ def run(demo_world, tmp_path_factory):
   config = configuration.load(os.path.join(REPO, "configs", "demo.py"),
                               [f"data.root={demo_world}"])
   model = LlavaModel(LlavaConfig.from_config(config.model))
-  n = num_image_tokens(config.model)
-  ids = jnp.zeros((1, n + 2), jnp.int32)
-  mask = jnp.zeros((1, n + 2), bool).at[:, 1:1 + n].set(True)
-  params = nn.unbox(model.init(jax.random.key(0), ids, ids, mask,
-                               jnp.zeros((1, 112, 112, 3)))["params"])
+  params = nn.unbox(llava.init_boxed_params(model.cfg, jax.random.key(0)))
   model_checkpoint.save_params(str(workdir / "checkpoints" / "finetune_best"), params,
                                config.model.to_dict(),
                                tokenizer_dir=os.path.join(demo_world, "tokenizer"))

@@ -9,7 +9,6 @@ import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -23,6 +22,7 @@ from exgra_jax.eval import prompts as prompts_lib
 from exgra_jax.eval import single_question
 from exgra_jax.hf import exporter
 from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig
+from exgra_jax.models import llava
 from exgra_jax.models.llava import LlavaModel
 from models_torch_weights import hf_llava_config, llava_params
 
@@ -133,10 +133,7 @@ def test_greedy_answers_equal_transformers_generate_on_our_export(demo_world, tm
   cfg = LlavaConfig.from_config(config.model)
   model = LlavaModel(cfg)
   n = cfg.vision.num_patches
-  ids = jnp.zeros((1, n + 2), jnp.int32)
-  mask = jnp.zeros((1, n + 2), bool).at[:, 1:1 + n].set(True)
-  params = nn.unbox(model.init(jax.random.key(3), ids, ids, mask,
-                               jnp.zeros((1, 112, 112, 3)))["params"])
+  params = nn.unbox(llava.init_boxed_params(cfg, jax.random.key(3)))
   tokenizer_dir = os.path.join(demo_world, "tokenizer")
   exporter.export(params, config.model, str(tmp_path / "hf"), tokenizer_dir=tokenizer_dir)
   hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()

@@ -15,7 +15,7 @@ from etils import epath
 
 from exgra_jax.data import images, pipeline, text
 from exgra_jax.data.records import IMAGE_TOKEN
-from exgra_jax.eval import generate, prompts
+from exgra_jax.eval import generate, prompts, report
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import model_checkpoint
@@ -50,8 +50,7 @@ def answer_from_checkpoint(model_dir: str, image: str, question: str, *,
   """The answer of the model at `model_dir`: anything `train.model_checkpoint.load` reads
   (train / params-only checkpoint, HF directory). Refuses incomplete weights."""
   loaded = model_checkpoint.load(model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir)
-  if loaded.report["missing"]:
-    raise ValueError(f"{model_dir} lacks parameters: {loaded.report['missing'][:8]}")
+  report.require_complete_weights(loaded.report)
   if not loaded.tokenizer_dir:
     raise ValueError(f"{model_dir} holds no tokenizer: pass --tokenizer=DIR")
   model = LlavaModel(LlavaConfig.from_config(loaded.model_config))

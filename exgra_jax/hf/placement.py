@@ -9,35 +9,21 @@ returns only them (XLA drops the rest of the model's initialisers).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from exgra_jax.models.config import LlavaConfig, num_image_tokens
-from exgra_jax.models.llava import LlavaModel
+from exgra_jax.models.config import LlavaConfig
+from exgra_jax.models.llava import init_boxed_params
 from exgra_jax.train import sharding as sharding_lib
 
 Path = tuple[str, ...]
-
-
-def _init_fn(cfg: LlavaConfig):
-  """key -> boxed params of `LlavaModel(cfg)` (one sample, one image, minimal length)."""
-  model = LlavaModel(cfg)
-  length = num_image_tokens(cfg) + 2
-  size = cfg.vision.image_size
-
-  def init(key: jax.Array) -> Any:
-    ids = jnp.zeros((1, length), jnp.int32)
-    image_mask = jnp.zeros((1, length), bool).at[:, 1:-1].set(True)
-    return model.init(key, ids, jnp.ones_like(ids), image_mask,
-                      jnp.zeros((1, size, size, 3)))["params"]
-  return init
 
 
 def expected_params(cfg: LlavaConfig, mesh: jax.sharding.Mesh | None = None,
@@ -48,7 +34,7 @@ def expected_params(cfg: LlavaConfig, mesh: jax.sharding.Mesh | None = None,
   With a mesh, shardings follow the logical axis names through `rules`; without one,
   every leaf goes to this process's first device.
   """
-  boxed = jax.eval_shape(_init_fn(cfg), jax.random.key(0))
+  boxed = jax.eval_shape(functools.partial(init_boxed_params, cfg), jax.random.key(0))
   abstract = traverse_util.flatten_dict(nn.unbox(boxed))
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -76,10 +62,9 @@ def init_leaves(cfg: LlavaConfig, paths: Iterable[Path],
   names = {"/".join(path): path for path in paths}
   if not names:
     return {}
-  init = _init_fn(cfg)
 
   def subset(key: jax.Array) -> dict[str, jax.Array]:
-    flat = traverse_util.flatten_dict(nn.unbox(init(key)))
+    flat = traverse_util.flatten_dict(nn.unbox(init_boxed_params(cfg, key)))
     return {name: flat[path] for name, path in names.items()}
 
   out = jax.jit(subset, out_shardings={n: shardings[p] for n, p in names.items()})(

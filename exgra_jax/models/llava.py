@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from exgra_jax.models.config import LlavaConfig
+from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.connector import Projector, connector_features
 from exgra_jax.models.llama import Cache, Llama
 from exgra_jax.models.vit import ClipVisionTower
@@ -123,3 +123,17 @@ class LlavaModel(nn.Module):
     hidden, cache = self.llm.hidden_states(embeds, ones, positions=positions[:, None],
                                            cache=cache)
     return self.llm.logits(hidden)[:, 0], cache
+
+
+def init_boxed_params(cfg: LlavaConfig, key: jax.Array):
+  """Fresh, logically annotated (boxed) params of `LlavaModel(cfg)`.
+
+  Initialised on the smallest valid input (one sample: a token, the N image tokens, a
+  token); parameter shapes do not depend on it. Wrap in `jax.eval_shape` for shapes only.
+  """
+  n = num_image_tokens(cfg)
+  size = cfg.vision.image_size
+  ids = jnp.zeros((1, n + 2), jnp.int32)
+  image_mask = jnp.zeros((1, n + 2), bool).at[:, 1:1 + n].set(True)
+  return LlavaModel(cfg).init(key, ids, jnp.ones_like(ids), image_mask,
+                              jnp.zeros((1, size, size, 3)))["params"]

@@ -24,7 +24,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -38,6 +37,7 @@ from exgra_jax.data import records, text
 from exgra_jax.eval import vqa
 from exgra_jax.hf import exporter, hf_configs
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
+from exgra_jax.models import llava
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import (checkpointing, initial_weights, metrics, model_checkpoint,
                              optimizer, sharded_state, step)
@@ -79,15 +79,10 @@ def build_stage(config: ml_collections.ConfigDict, name: str, mesh: jax.sharding
   """The stage's model, optimizer, abstract sharded state and step function."""
   cfg = config[name]
   model = LlavaModel(LlavaConfig.from_config(config.model))
-  n = num_image_tokens(config.model)
-  size = config.model.vision.image_size
   settings = align_loss.AlignSettings.from_config(config.align) if cfg.align else None
 
   def init_boxed_params():
-    ids = jnp.zeros((1, n + 2), jnp.int32)
-    image_mask = jnp.zeros((1, n + 2), bool).at[:, 1:1 + n].set(True)
-    params = dict(model.init(jax.random.key(config.seed), ids, jnp.ones_like(ids), image_mask,
-                             jnp.zeros((1, size, size, 3)))["params"])
+    params = dict(llava.init_boxed_params(model.cfg, jax.random.key(config.seed)))
     if settings is not None:
       params["gnn"] = align_loss.init_gnn_params(jax.random.key(config.seed + 1), settings,
                                                  config.model.llm.hidden_size)
@@ -137,7 +132,7 @@ def starting_state(config, stage: Stage, workdir: epath.Path, mesh,
   else:  # a checkpoint (the previous stage's newest, when not in memory) or an HF directory
     loaded, source = load_weights(config, path, mesh), path
   if stage.cfg.align:
-    loaded = {k: v for k, v in loaded.items() if k != "gnn"}  # the GNN starts fresh
+    loaded = step.model_params(loaded)  # the GNN starts fresh
   logging.info("stage %s starts from %s", stage.name, source)
   params = initial_weights.merge_loaded(state.params, loaded, stage.shardings.params, source)
   return state.replace(params=params)
@@ -163,7 +158,9 @@ def _any_process(flag: bool) -> bool:
 
 
 def _host_tokens(batch: dict) -> float:
-  return float((batch["labels"][:, 1:] != step.IGNORE_INDEX).sum()) * jax.process_count()
+  """Supervised tokens of the global batch, counted on this process's host rows."""
+  mask = step.supervised_token_mask(batch["labels"], batch["sample_weight"])
+  return float(mask.sum()) * jax.process_count()
 
 
 def _write_summaries(writer, at: int, pending: list[dict], extra: dict[str, float]) -> dict:
@@ -195,14 +192,14 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
     # A finished fine-tune still reports its test metrics (answers already written are
     # reused: the answers file is resumable).
     return {"status": "complete", "steps": start, "params": state.params,
-            **FinetuneValidation(config, stage, workdir, mesh).finish(state.params)}
+            **FinetuneValidation(config, stage, workdir).finish(state.params)}
 
   logdir = str(workdir / "tensorboard" / stage.name)
   writer = metrics.create_writer(logdir)
   hooks = metrics.progress_hooks(stage.total_steps, writer, logdir,
                                  metrics.parse_profile_steps(config.train.profile_steps))
   throughput = metrics.Throughput()
-  validation = FinetuneValidation(config, stage, workdir, mesh)
+  validation = FinetuneValidation(config, stage, workdir)
   train_step, pending, last = None, [], {}
   imle.SOLVER_CLOCK.take()
   try:
@@ -256,15 +253,14 @@ class FinetuneValidation:
   (the final ones when there is no validation split) answer `test_records`.
   """
 
-  def __init__(self, config, stage: Stage, workdir: epath.Path, mesh):
-    self.config, self.stage, self.workdir, self.mesh = config, stage, workdir, mesh
+  def __init__(self, config, stage: Stage, workdir: epath.Path):
+    self.config, self.stage, self.workdir = config, stage, workdir
     self.every = config.train.eval_every or stage.steps_per_epoch
     self.best_score, self.best_step, self.history = None, None, []
 
   def _evaluate(self, params, records: str, name: str) -> dict[str, Any]:
-    model_params = {k: v for k, v in params.items() if k != "gnn"}
     return vqa.evaluate_split(
-        self.config, self.stage.model, model_params, records=records,
+        self.config, self.stage.model, step.model_params(params), records=records,
         image_root=self.stage.cfg.image_root, candidates=self.stage.cfg.candidates,
         output_dir=str(self.workdir / "eval" / self.stage.name / name),
         checkpoint=str(self.workdir / "checkpoints" / self.stage.name),
@@ -284,8 +280,7 @@ class FinetuneValidation:
     logging.info("%s validation at step %d: selection score %s", self.stage.name, done, score)
     if score is not None and (self.best_score is None or score > self.best_score):
       self.best_score, self.best_step = score, done
-      model_checkpoint.save_params(str(self.best_dir), {k: v for k, v in params.items()
-                                                        if k != "gnn"},
+      model_checkpoint.save_params(str(self.best_dir), step.model_params(params),
                                    self.config.model.to_dict(),
                                    tokenizer_dir=pipeline_lib.tokenizer_dir(self.config))
 

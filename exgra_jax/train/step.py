@@ -29,6 +29,11 @@ IGNORE_INDEX = -100
 AlignFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 
+def model_params(params: dict[str, Any]) -> dict[str, Any]:
+  """The model's parameter collections: everything but the alignment GNN (`gnn`)."""
+  return {k: v for k, v in params.items() if k != "gnn"}
+
+
 def supervised_token_mask(labels: jax.Array, sample_weight: jax.Array) -> jax.Array:
   """[B, T-1] bool: shifted targets that count (not -100, real sample)."""
   return (labels[:, 1:] != IGNORE_INDEX) & (sample_weight[:, None] > 0)
@@ -66,8 +71,7 @@ def make_loss_fn(model: nn.Module, *, align_fn: AlignFn | None = None, alpha: fl
   The scaled loss is this micro-batch's share of the step's total loss (see module doc).
   """
   def loss_fn(params, mb, token_count, group_count, key):
-    model_params = {k: v for k, v in params.items() if k != "gnn"}
-    variables = {"params": model_params}
+    variables = {"params": model_params(params)}
     out = model.apply(variables, mb["input_ids"], mb["attention_mask"], mb["image_mask"],
                       mb["pixel_values"], deterministic=False)
     lm = token_cross_entropy_sum(out["logits"], mb["labels"], mb["sample_weight"]) / token_count
