@@ -87,3 +87,67 @@ def test_tokenizer_without_image_tokens_is_refused(tmp_path):
   fast.save_pretrained(tmp_path)
   with pytest.raises(ValueError, match=r"<im_start> is missing.*no pad token"):
     text.load_tokenizer(tmp_path)
+
+
+def _expanded_reference(tok, turns, n, mode):
+  """The straightforward algorithm: tokenise the text with all N patches written out."""
+  header, pieces = text.training_pieces(turns, n)
+  full = header + "".join(pieces) + text.BEGIN_SIGNAL
+  if mode == "per_turn":
+    spans, start = [], len(header)
+    for turn, piece in zip(turns, pieces):
+      if turn.role == "gpt":
+        spans.append((start, start + len(piece)))
+      start += len(piece)
+    spans.append((start, len(full)))
+    enc = tok(full, return_offsets_mapping=True)
+    return enc["input_ids"], [i if e > s and any(a <= s < b for a, b in spans) else -100
+                              for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
+  ids = tok(full)["input_ids"]
+  labels = list(ids)
+  lengths = [len(tok(p)["input_ids"]) for p in [header] + pieces]
+  cur = lengths[0]
+  labels[:cur] = [-100] * min(cur, len(labels))
+  for length, turn in zip(lengths[1:], turns):
+    if turn.role == "human":
+      lo, hi = min(cur + 2, len(labels)), min(cur + length, len(labels))
+      labels[lo:hi] = [-100] * (hi - lo)
+    cur += length
+  return ids, labels
+
+
+def _sentencepiece_tokenizer(directory):
+  """A LLaMA-shaped tokenizer (sentencepiece BPE, Metaspace, BOS) with the image tokens
+  added the way `hf/importer` adds them."""
+  corpus = [text.SYSTEM, "### Human: what is this?", "### Assistant: a lung, left side",
+            "the scan shows an opacity in the right lower lobe"] * 20
+  sp = tokenizers.SentencePieceBPETokenizer()
+  sp.train_from_iterator(corpus, vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"])
+  sp.post_processor = tokenizers.processors.TemplateProcessing(
+      single="<s> $A", special_tokens=[("<s>", sp.token_to_id("<s>"))])
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>",
+                                              bos_token="<s>", eos_token="</s>")
+  fast.add_special_tokens({"pad_token": "<pad>"})
+  fast.add_tokens([text.IM_START, text.IM_PATCH, text.IM_END], special_tokens=True)
+  fast.save_pretrained(directory)
+  return text.load_tokenizer(directory)
+
+
+CONVERSATIONS = [
+    TURNS,
+    (Turn("human", "<image>\nwhat is this?"), Turn("gpt", "a lung, left side")),
+    (Turn("human", "what is this?"), Turn("gpt", "the scan"), Turn("human", "and<image>here?"),
+     Turn("gpt", "an opacity\nin the right lower lobe")),
+    (Turn("human", "describe"), Turn("gpt", "<image> a lung")),
+]
+
+
+@pytest.mark.parametrize("mode", ["per_turn", "release"])
+def test_single_patch_expansion_equals_the_expanded_text(tok, tmp_path, mode):
+  for t in (tok, _sentencepiece_tokenizer(tmp_path / "sp")):
+    for turns in CONVERSATIONS:
+      ids, labels = _expanded_reference(t, turns, 7, mode)
+      out = text.tokenize_conversation(t, turns, num_image_tokens=7, max_length=10_000,
+                                       label_mode=mode)
+      assert out.input_ids.tolist() == ids
+      assert out.labels.tolist() == labels
