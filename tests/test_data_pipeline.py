@@ -110,12 +110,31 @@ def test_bad_inputs_skipped_counted_and_stop(world, tmp_path):
               records.parse_record(no_long, 0)]
   pipe = _pipe(world, recs=recs[:5] + bad_recs, batch_size=4, max_bad_fraction=0.5)
   batches = list(pipe)
-  assert sum(b["sample_weight"].sum() for b in batches) == 7, pipe.log.summary()
-  assert pipe.log.examples[bad.MISSING_IMAGE] == ["r100"]
-  assert pipe.log.examples[bad.CORRUPT_IMAGE] == ["r101"]
-  assert pipe.log.examples[bad.TRUNCATED] == ["r102"]
-  assert pipe.log.examples[bad.NO_LONG_CAPTION] == ["r103"]
-  assert pipe.log.counts()["data/skipped"] == 2
+  # 9 positions, every one filled with a real sample (a bad record's slot goes to a
+  # deterministic substitute); the last batch of 1 is padded.
+  assert [b["sample_weight"].sum() for b in batches] == [4, 4, 1], pipe.log.summary()
+  counts = pipe.log.counts()
+  assert set(pipe.log.examples[bad.MISSING_IMAGE]) == {"r100"}
+  assert set(pipe.log.examples[bad.CORRUPT_IMAGE]) == {"r101"}
+  assert set(pipe.log.examples[bad.TRUNCATED]) == {"r102"}
+  assert set(pipe.log.examples[bad.NO_LONG_CAPTION]) == {"r103"}
+  # Both unusable records were read at their own positions (substitutes may meet them
+  # again: every read is counted); each skipped read cost one more read.
+  assert counts["data/bad/missing_image"] >= 1 and counts["data/bad/corrupt_image"] >= 1
+  assert counts["data/skipped"] == counts["data/bad/missing_image"] + counts[
+      "data/bad/corrupt_image"]
+  assert counts["data/seen"] == 9 + counts["data/skipped"]
+  # Substitutes are a pure function of (seed, position): same batches and counts with
+  # worker processes.
+  again = _pipe(world, recs=recs[:5] + bad_recs, batch_size=4, max_bad_fraction=0.5,
+                workers=2)
+  assert [_ids(b) for b in again] == [_ids(b) for b in batches]
+  assert again.log.counts() == counts
+  hopeless = _pipe(world, recs=bad_recs[:1] * 2, batch_size=4, max_bad_fraction=1.0)
+  (only,) = list(hopeless)  # every draw bad: padding rows, each read counted
+  assert only["sample_weight"].sum() == 0
+  assert hopeless.log.counts()["data/bad/missing_image"] == 2 * (
+      pipeline.ExampleAt.SUBSTITUTE_DRAWS + 1)
   strict = _pipe(world, recs=recs[:5] + bad_recs, batch_size=4, max_bad_fraction=0.1)
   with pytest.raises(bad.TooManyBadRecords, match="missing_image"):
     list(strict)

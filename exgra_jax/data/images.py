@@ -126,12 +126,13 @@ def decode_image(data: bytes) -> np.ndarray:
     raise ImageDecodeError(f"truncated or corrupt image: {e}") from e
 
 
-def clip_preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
+def clip_preprocess(rgb: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
   """`[H, W, 3] uint8` -> `[size, size, 3] float32` CLIP input (NHWC, normalised).
 
   Shortest side to `size` with PIL bicubic (the long side is `int(size * long / short)`,
   as transformers computes it), centre crop (top/left offsets rounded down), then
-  `(x / 255 - mean) / std`.
+  `(x / 255 - mean) / std`, computed in place in `out` when given (e.g. a row of a batch
+  buffer: no per-image array, no copy), else in a new array.
   """
   if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
     raise ValueError(f"expected [H, W, 3] uint8, got {rgb.shape} {rgb.dtype}")
@@ -144,7 +145,11 @@ def clip_preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
     image = image.resize((new_w, new_h), resample=PIL.Image.Resampling.BICUBIC)
   resized = np.asarray(image)
   top, left = (new_h - size) // 2, (new_w - size) // 2
-  crop = resized[top:top + size, left:left + size].astype(np.float32)
-  mean = np.asarray(CLIP_MEAN, np.float32)
-  std = np.asarray(CLIP_STD, np.float32)
-  return (crop * np.float32(1.0 / 255.0) - mean) / std
+  if out is None:
+    out = np.empty((size, size, 3), np.float32)
+  # The same float32 operations, in the same order, as (crop.astype(f32) / 255 - m) / s.
+  np.multiply(resized[top:top + size, left:left + size], np.float32(1.0 / 255.0), out=out,
+              dtype=np.float32)
+  np.subtract(out, np.asarray(CLIP_MEAN, np.float32), out=out)
+  np.divide(out, np.asarray(CLIP_STD, np.float32), out=out)
+  return out

@@ -30,6 +30,7 @@ fully expanded text (tested against it) while the tokenizer and the label loop s
 import dataclasses
 
 import numpy as np
+import tokenizers
 import transformers
 from etils import epath
 
@@ -87,6 +88,9 @@ def load_tokenizer(directory: str | epath.Path) -> transformers.PreTrainedTokeni
   """A local HF fast tokenizer (never remote code) with the image tokens and a pad token."""
   tok = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
   check_tokenizer(tok)
+  # `encode` calls the Rust tokenizer directly: it must not truncate or pad on its own.
+  tok.backend_tokenizer.no_truncation()
+  tok.backend_tokenizer.no_padding()
   return tok
 
 
@@ -113,6 +117,12 @@ class TokenizedConversation:
   truncated: bool          # the text was cut at max_length
 
 
+def encode(tok, text: str) -> tokenizers.Encoding:
+  """`tok(text)` (special tokens added), straight from the Rust tokenizer: the Python
+  wrapper costs as much again per call as the encoding of a short text."""
+  return tok.backend_tokenizer.encode(text)
+
+
 def _expand_patches(ids: list[int], patch_id: int, num_image_tokens: int) -> np.ndarray:
   """Index map that repeats every `<im_patch>` position N times (others once)."""
   ids = np.asarray(ids, np.int64)
@@ -128,9 +138,9 @@ def _per_turn_labels(tok, turns, num_image_tokens, patch_id) -> tuple[np.ndarray
       spans.append((start, start + len(piece)))
     start += len(piece)
   spans.append((start, len(text)))  # the final stop signal
-  enc = tok(text, return_offsets_mapping=True)
-  ids = np.asarray(enc["input_ids"], np.int64)
-  offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+  enc = encode(tok, text)
+  ids = np.asarray(enc.ids, np.int64)
+  offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
   first = offsets[:, 0]
   in_span = np.zeros(len(ids), bool)
   for a, b in spans:
@@ -142,12 +152,12 @@ def _per_turn_labels(tok, turns, num_image_tokens, patch_id) -> tuple[np.ndarray
 
 def _release_labels(tok, turns, num_image_tokens, patch_id) -> tuple[np.ndarray, np.ndarray]:
   header, pieces = training_pieces(turns, 1)
-  compact = tok(header + "".join(pieces) + BEGIN_SIGNAL)["input_ids"]
+  compact = encode(tok, header + "".join(pieces) + BEGIN_SIGNAL).ids
   ids = np.asarray(compact, np.int64)[_expand_patches(compact, patch_id, num_image_tokens)]
   labels = ids.copy()
   extra = num_image_tokens - 1  # each piece's length as if tokenised with N patches
   lengths = [len(piece_ids) + extra * piece_ids.count(patch_id)
-             for piece_ids in (tok(p)["input_ids"] for p in [header] + pieces)]
+             for piece_ids in (encode(tok, p).ids for p in [header] + pieces)]
   cur = lengths[0]
   labels[:cur] = IGNORE
   for length, turn in zip(lengths[1:], turns):
@@ -184,7 +194,7 @@ def tokenize_conversation(tok, turns: tuple[Turn, ...], *, num_image_tokens: int
 
 def tokenize_alignment_text(tok, text: str, max_length: int) -> tuple[np.ndarray, np.ndarray]:
   """Alignment text -> (ids [max_length] int32, mask [max_length] int32), right-padded."""
-  ids = list(tok(text)["input_ids"])[:max_length]
+  ids = encode(tok, text).ids[:max_length]
   out = np.full((max_length,), tok.pad_token_id, np.int32)
   mask = np.zeros((max_length,), np.int32)
   out[:len(ids)] = ids

@@ -234,6 +234,7 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
         logging.warning("stage %s pre-empted at step %d: checkpoint written", stage.name, done)
         return {"status": "preempted", "steps": done}
   finally:
+    pipe.close()
     ckpt.wait()
     ckpt.close()
     writer.flush()
