@@ -10,7 +10,7 @@ INSTALL_REQUIRES = [
     "flax>=0.12,<0.13",
     "optax>=0.2.5",
     "orbax-checkpoint>=0.12,<0.13",
-    "grain==0.2.18",            # iterator-state format is saved in our checkpoints
+    "grain==0.2.18",            # mp_prefetch slicing and the batch_fn shared-memory hook
     "array_record>=0.8",
     "clu==0.0.12",              # metric writers; needs tensorflow-cpu + tensorboard
     "tensorflow-cpu>=2.18",

@@ -103,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.text_max_length = 512      # tokens of the alignment texts (short / long)
   c.data.label_mode = "per_turn"    # per_turn (clean) | release (release masking)
   c.data.workers = 2                # grain worker processes decoding images
-  c.data.prefetch = 2               # batches prefetched per worker
+  c.data.prefetch = 2               # batches made ahead per worker (or in-process thread)
   c.data.shuffle = True             # seeded shuffle each epoch
   c.data.max_bad_fraction = 0.01    # stop the run when more records than this are bad
 

@@ -299,6 +299,8 @@ def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
   if image_tokens + 2 >= d.max_length:
     out.append(f"data.max_length={d.max_length} leaves no room for text after the "
                f"{image_tokens + 2} image tokens")
+  if d.workers < 0 or d.prefetch < 1:
+    out.append(f"data.workers={d.workers} must be >= 0 and data.prefetch={d.prefetch} >= 1")
   if not 0.0 <= d.max_bad_fraction <= 1.0:
     out.append(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
   if not d.demo_world:

@@ -81,6 +81,7 @@ def test_command_line_errors_are_one_readable_line():
     (("model.llm.num_kv_heads=3",), "not a multiple of num_kv_heads=3"),
     (("mesh.data=3",), "needs 3 devices, have 8"),
     (("data.length_buckets=(512,256)",), "must be non-empty and increasing"),
+    (("data.prefetch=0",), "data.prefetch=0 >= 1"),
     (("model.llm.rope_scaling={\"rope_type\":\"quadratic\"}",), "'quadratic' is not one of"),
     (("stages=stage1,stage3",), "did you mean 'stage1'"),
     (("init.random=False",), "no weights given"),

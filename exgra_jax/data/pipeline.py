@@ -253,7 +253,8 @@ class InputPipeline:
     batch_size: samples per host batch.
     length_buckets: padded lengths (config.data.length_buckets).
     seed: shuffle seed; shuffle: shuffle each epoch; num_epochs: None = repeat forever.
-    workers: grain worker processes (0 = in-process); max_bad_fraction: stop threshold.
+    workers: grain worker processes (0 = in-process); prefetch: batches made ahead per
+      worker (or by the in-process thread); max_bad_fraction: stop threshold.
     log: bad-record log to continue (e.g. the one `records.load_records` filled).
     process_index / process_count: default `jax.process_index()` / `jax.process_count()`.
   """
@@ -261,7 +262,8 @@ class InputPipeline:
   def __init__(self, source, spec: ExampleSpec, *,
                batch_size: int, length_buckets: tuple[int, ...], seed: int,
                shuffle: bool = True, num_epochs: int | None = None, workers: int = 0,
-               max_bad_fraction: float = 0.01, log: bad.BadRecordLog | None = None,
+               prefetch: int = 2, max_bad_fraction: float = 0.01,
+               log: bad.BadRecordLog | None = None,
                process_index: int | None = None, process_count: int | None = None):
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
@@ -271,7 +273,7 @@ class InputPipeline:
                    len(source) - len(self._source) * count, count)
     self._spec = spec
     self._batch_size = batch_size
-    self._workers = workers
+    self._workers, self._prefetch = workers, prefetch
     self._max_bad_fraction = max_bad_fraction
     self._seed = seed
     self._order = RecordOrder(len(self._source), seed=seed, shuffle=shuffle,
@@ -297,13 +299,15 @@ class InputPipeline:
     batches = batches.batch(self._batch_size, batch_fn=self._collate)
     if self._workers:  # (in-process, nobody would unlink the segments)
       batches.enable_shared_memory_output()
-    stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    stream = batches.to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=self._prefetch))
     if self._workers:
       # The small arrays are pickled: a segment each would cost more (creation, resource-
       # tracker round trips) than the copy it saves.
       stream = grain.experimental.WithOptionsIterDataset(
           stream, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHARED_MEMORY_BYTES))
-      stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+      stream = stream.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self._workers, per_worker_buffer_size=self._prefetch))
     return iter(stream)
 
   def __iter__(self):
@@ -417,4 +421,5 @@ def pipeline_from_config(config, stage: str, *, num_image_tokens: int, batch_siz
   return InputPipeline(stage_source(config, stage, log), spec, batch_size=batch_size,
                        length_buckets=tuple(data.length_buckets), seed=config.seed,
                        shuffle=data.shuffle, num_epochs=num_epochs, workers=data.workers,
+                       prefetch=data.prefetch,
                        max_bad_fraction=data.max_bad_fraction, log=log)
