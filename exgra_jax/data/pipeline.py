@@ -220,6 +220,7 @@ class Collate:
   def __init__(self, batch_size: int, buckets: tuple[int, ...], pad_id: int,
                image_size: int, text_width: int):
     self._args = (batch_size, buckets, pad_id, image_size, text_width)
+    self._pixels_shape = (batch_size, image_size, image_size, 3)
     self._shared_memory = False
 
   def enable_shared_memory_output(self) -> None:
@@ -238,8 +239,7 @@ class Collate:
               "read": len(examples) + sum(len(met) for _, met in items)}
     pixels = None
     if self._shared_memory:  # a new segment is zero-filled, as padding rows need
-      batch_size, _, _, size, _ = self._args
-      pixels = grain_multiprocessing.SharedMemoryArray((batch_size, size, size, 3), np.float32)
+      pixels = grain_multiprocessing.SharedMemoryArray(self._pixels_shape, np.float32)
     return collate(examples, *self._args, pixels=pixels), report
 
 
