@@ -90,9 +90,9 @@ def _common(workdir: str, seed: int, stage: str, world_root: str,
             mode: str = "train") -> list[str]:
   return [sys.executable, "-m", "exgra_jax.main", f"--config=configs/demo.py:{_WORLD.value}",
           f"--workdir={workdir}", f"--mode={mode}", f"--config.seed={seed}",
-          # The world is built once (seed --world_seed) and shared: with demo_world set,
-          # main would build one per config.seed and refuse the existing one.
-          "--config.data.demo_world=", f"--config.data.root={world_root}",
+          # Every run shares one world: main builds it (or finds it built) from demo_seed,
+          # whatever config.seed.
+          f"--config.data.demo_seed={_WORLD_SEED.value}", f"--config.data.root={world_root}",
           "--config.export.after_training=False", f"--config.stages=('{stage}',)"]
 
 
@@ -245,8 +245,6 @@ def main(argv):
     for job in jobs:
       print(("# done: " if job.done() else "") + shlex.join(job.argv))
     return
-  from exgra_jax.data import demo_world  # pylint: disable=g-import-not-at-top
-  demo_world.make_demo_world(world_root, size=_WORLD.value, seed=_WORLD_SEED.value)
   start = time.time()
   for job in jobs:
     run(job)
