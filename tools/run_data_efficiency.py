@@ -156,8 +156,8 @@ def run(job: Job) -> dict:
       break
     if summary.get("status") == "complete" and attempt == 1 and job.stage != "stage1":
       # The stage had finished but its summary was never kept (killed between the last
-      # checkpoint and the print): a resumed complete stage reports no metrics (no test
-      # for the fine-tune), so run it again from its start.
+      # checkpoint and the print): a resumed complete stage reports no final training
+      # metrics (only the fine-tune's test), so run it again from its start.
       logging.warning("%s in %s was complete without a kept summary: running it again",
                       job.stage, job.workdir)
       for name in (job.stage, f"{job.stage}_best"):
