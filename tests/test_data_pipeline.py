@@ -134,7 +134,7 @@ def test_bad_inputs_skipped_counted_and_stop(world, tmp_path):
   (only,) = list(hopeless)  # every draw bad: padding rows, each read counted
   assert only["sample_weight"].sum() == 0
   assert hopeless.log.counts()["data/bad/missing_image"] == 2 * (
-      pipeline.ExampleAt.SUBSTITUTE_DRAWS + 1)
+      pipeline.BatchMaker.SUBSTITUTE_DRAWS + 1)
   strict = _pipe(world, recs=recs[:5] + bad_recs, batch_size=4, max_bad_fraction=0.1)
   with pytest.raises(bad.TooManyBadRecords, match="missing_image"):
     list(strict)
