@@ -1,5 +1,6 @@
 """The grain pipeline: batch schema, determinism, resume (also across worker counts),
 per-process shards, bad input inside the pipeline, padded last batch, global arrays."""
+import gc
 import json
 import os
 import pathlib
@@ -84,6 +85,20 @@ def test_resume_identical_across_worker_counts(world):
   resumed = _pipe(world, num_epochs=2, workers=2)
   resumed.set_state(state)
   assert [_ids(b) for b in resumed] == full[2:]
+
+
+def test_worker_batches_in_shared_memory_outlive_the_host_batch(world):
+  """Worker-made pixels arrive in shared memory, unlinked when the host batch goes; a
+  global array made from them (zero-copy on CPU) must keep them alive."""
+  pipe = _pipe(world, workers=2)
+  host = next(pipe)
+  expected = np.array(host["pixel_values"])
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+  global_batch = pipeline.to_global_batch(host, mesh)
+  del host
+  pipe.close()
+  gc.collect()
+  np.testing.assert_array_equal(np.asarray(global_batch["pixel_values"]), expected)
 
 
 def test_process_shards_disjoint_and_covering(world):
