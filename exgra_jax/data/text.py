@@ -123,7 +123,8 @@ def encode(tok, text: str) -> tokenizers.Encoding:
   return tok.backend_tokenizer.encode(text)
 
 
-def _expand_patches(ids: list[int], patch_id: int, num_image_tokens: int) -> np.ndarray:
+def _expand_patches(ids: np.ndarray | list[int], patch_id: int, num_image_tokens: int
+                    ) -> np.ndarray:
   """Index map that repeats every `<im_patch>` position N times (others once)."""
   ids = np.asarray(ids, np.int64)
   return np.repeat(np.arange(len(ids)), np.where(ids == patch_id, num_image_tokens, 1))
