@@ -101,6 +101,18 @@ def test_worker_batches_in_shared_memory_outlive_the_host_batch(world):
   np.testing.assert_array_equal(np.asarray(global_batch["pixel_values"]), expected)
 
 
+def test_full_shared_memory_is_a_clear_error(world, monkeypatch):
+  root, recs, spec = world
+  source = sources.ShardView(sources.RecordImageSource(recs, root / "images"), 0, 1)
+  maker = pipeline.BatchMaker(
+      source, pipeline.RecordOrder(len(source), seed=0, shuffle=False, num_epochs=1), spec,
+      seed=0, batch_size=4, buckets=BUCKETS, pad_id=0, first=0, shared_memory=True)
+  free = os.statvfs_result((4096, 4096, 100, 1, 1, 100, 100, 100, 0, 255))  # 4 KiB free
+  monkeypatch.setattr(pipeline.os, "statvfs", lambda path: free)
+  with pytest.raises(MemoryError, match=r"/dev/shm has 0 MiB free.*--shm-size"):
+    maker(0)
+
+
 def test_process_shards_disjoint_and_covering(world):
   _, recs, _ = world
   seen = []

@@ -21,6 +21,7 @@ floor(n / P) * P (`sources.ShardView`: equal step counts on every host; the < P 
 left out are logged).
 """
 import dataclasses
+import os
 import sys
 
 import grain.python as grain
@@ -147,6 +148,22 @@ class RecordOrder:
     return {**self.__dict__, "_epoch": -1, "_permutation": None}
 
 
+SHARED_MEMORY_DIR = "/dev/shm"
+
+
+def _shared_zeros(shape: tuple[int, ...]) -> np.ndarray:
+  """A zero-filled float32 array in shared memory; a clear error where `/dev/shm` cannot
+  hold it (writing past a full tmpfs would kill the worker with SIGBUS instead)."""
+  needed = int(np.prod(shape)) * 4
+  stat = os.statvfs(SHARED_MEMORY_DIR)
+  if stat.f_bavail * stat.f_frsize < needed:
+    raise MemoryError(
+        f"{SHARED_MEMORY_DIR} has {stat.f_bavail * stat.f_frsize / 2**20:.0f} MiB free, a "
+        f"batch of pixels needs {needed / 2**20:.0f} MiB: give the container more shared "
+        "memory (docker --shm-size) or lower data.prefetch / data.workers / the batch")
+  return grain_multiprocessing.SharedMemoryArray(shape, np.float32)
+
+
 class BatchMaker:
   """Batch index k -> (batch dict, report): positions first + kB ... of the order.
 
@@ -211,8 +228,7 @@ class BatchMaker:
     found = [self._read_and_tokenize(p, 0, met) for p in positions]
     size = self._spec.image_size
     shape = (self._batch_size, size, size, 3)  # zero-filled: padding rows stay 0
-    pixels = (grain_multiprocessing.SharedMemoryArray(shape, np.float32)
-              if self._shared_memory else np.zeros(shape, np.float32))
+    pixels = (_shared_zeros(shape) if self._shared_memory else np.zeros(shape, np.float32))
     examples = []
     for position, slot in zip(positions, found):
       while slot is not None:
