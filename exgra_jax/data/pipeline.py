@@ -148,17 +148,17 @@ class RecordOrder:
     return {**self.__dict__, "_epoch": -1, "_permutation": None}
 
 
-SHARED_MEMORY_DIR = "/dev/shm"
+_SHARED_MEMORY_DIR = "/dev/shm"  # Linux's POSIX shared memory (elsewhere: not checked)
 
 
 def _shared_zeros(shape: tuple[int, ...]) -> np.ndarray:
   """A zero-filled float32 array in shared memory; a clear error where `/dev/shm` cannot
   hold it (writing past a full tmpfs would kill the worker with SIGBUS instead)."""
   needed = int(np.prod(shape)) * 4
-  stat = os.statvfs(SHARED_MEMORY_DIR)
-  if stat.f_bavail * stat.f_frsize < needed:
+  stat = os.statvfs(_SHARED_MEMORY_DIR) if os.path.isdir(_SHARED_MEMORY_DIR) else None
+  if stat is not None and stat.f_bavail * stat.f_frsize < needed:
     raise MemoryError(
-        f"{SHARED_MEMORY_DIR} has {stat.f_bavail * stat.f_frsize / 2**20:.0f} MiB free, a "
+        f"{_SHARED_MEMORY_DIR} has {stat.f_bavail * stat.f_frsize / 2**20:.0f} MiB free, a "
         f"batch of pixels needs {needed / 2**20:.0f} MiB: give the container more shared "
         "memory (docker --shm-size) or lower data.prefetch / data.workers / the batch")
   return grain_multiprocessing.SharedMemoryArray(shape, np.float32)
