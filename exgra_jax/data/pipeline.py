@@ -294,11 +294,13 @@ class InputPipeline:
   def _batches(self):
     """grain: batch indices -> `BatchMaker` -> batches, from position `consumed` on.
 
-    A whole batch is made by one thread of one worker (worker w makes batches w, w + W,
-    ...; grain interleaves them back in order), so its content does not depend on the
-    worker count, and the main process only receives finished batches. One thread per
-    worker: more oversubscribe the cores (measured: 16 threads per worker, grain's
-    default, cost a third of the throughput on 2 cores).
+    A whole batch is made by one worker (worker w makes batches w, w + W, ...; grain
+    interleaves them back in order), so its content does not depend on the worker count,
+    and the main process only receives finished batches. A worker makes its batches in
+    its own main thread, `data.prefetch` ahead in grain's queue: reading threads in the
+    workers oversubscribe the cores (grain's default of 16 per worker cost a third of the
+    throughput on 2 cores), and batches made ahead in such a thread would outlive a
+    closed worker in shared memory. In-process, one thread makes them ahead.
     """
     maker = BatchMaker(self._source, self._order, self._spec, seed=self._seed,
                        batch_size=self._batch_size, buckets=self._buckets,
@@ -306,7 +308,8 @@ class InputPipeline:
                        shared_memory=self._workers > 0)
     count = -(-(self._order.positions - self._consumed) // self._batch_size)
     stream = grain.MapDataset.range(count).map(maker).to_iter_dataset(
-        grain.ReadOptions(num_threads=1, prefetch_buffer_size=self._prefetch))
+        grain.ReadOptions(num_threads=0 if self._workers else 1,
+                          prefetch_buffer_size=self._prefetch))
     if self._workers:
       # Only the pixels travel through shared memory; the small arrays are pickled (a
       # segment each would cost more in creation and resource-tracker round trips).
