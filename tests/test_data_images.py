@@ -91,6 +91,12 @@ def test_bad_bytes_raise_decode_error(data, match):
     images.decode_image(data)
 
 
+def test_decompression_bomb_is_a_decode_error(monkeypatch):
+  monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # errors above 2x this
+  with pytest.raises(images.ImageDecodeError, match="too large"):
+    images.decode_image(data_fixtures.png_bytes(RGB))  # 70 x 93 = 6510 pixels
+
+
 def test_clip_preprocess_rejects_wrong_input():
   with pytest.raises(ValueError, match="uint8"):
     images.clip_preprocess(np.zeros((5, 5), np.float32), SIZE)

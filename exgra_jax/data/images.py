@@ -122,6 +122,8 @@ def decode_image(data: bytes) -> np.ndarray:
       return _pil_to_rgb(image)
   except PIL.UnidentifiedImageError as e:
     raise ImageDecodeError("unknown image format") from e
+  except PIL.Image.DecompressionBombError as e:  # e.g. a whole-slide scan: skip, not crash
+    raise ImageDecodeError(f"image too large: {e}") from e
   except (OSError, SyntaxError, ValueError) as e:
     raise ImageDecodeError(f"truncated or corrupt image: {e}") from e
 
