@@ -42,9 +42,10 @@ def _pipe(world, recs=None, **kw):
   return pipeline.InputPipeline(source, spec, **args)
 
 
-def _pipe_on(world, source):
+def _pipe_on(world, source, workers=0):
   return pipeline.InputPipeline(source, world[2], batch_size=4, length_buckets=BUCKETS,
-                                seed=7, num_epochs=1, process_index=0, process_count=1)
+                                seed=7, num_epochs=1, workers=workers, process_index=0,
+                                process_count=1)
 
 
 def _ids(batch) -> list:
@@ -194,8 +195,10 @@ def test_array_record_round_trip(world, tmp_path):
   for i in range(12):
     element = shards[i]
     assert element == by_id[element["record"]["id"]]
-  from_shards = [b["pixel_values"].sum() for b in _pipe_on(world, shards)]
+  from_shards = [_ids(b) for b in _pipe_on(world, shards)]
   assert len(from_shards) == 3
+  # The shard source also travels to worker processes (pickled) and gives the same batches.
+  assert [_ids(b) for b in _pipe_on(world, shards, workers=2)] == from_shards
 
 
 def test_pipeline_from_config_json_and_shards(world, tmp_path):
