@@ -1,6 +1,6 @@
 """Input pipeline throughput against its decode + preprocess limit, in one run.
 
-python -m benchmarks.bench_data [--images=64] [--batches=12] [--workers=2] [--repeats=3]
+python -m benchmarks.bench_data [--images=64] [--batches=60] [--workers=2] [--repeats=3]
 
 Builds a temporary world of 512-px JPEGs and a word-level tokenizer (the one the data
 tests use), then prints samples/s of (a) decode + CLIP resize/crop/normalise alone in a
@@ -28,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 import data_fixtures  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _IMAGES = flags.DEFINE_integer("images", 64, "distinct 512-px JPEGs")
-_BATCHES = flags.DEFINE_integer("batches", 12, "batches of 16 timed in the pipeline")
+_BATCHES = flags.DEFINE_integer("batches", 60, "batches of 16 timed in the pipeline")
 _WORKERS = flags.DEFINE_integer("workers", 2, "grain worker processes")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "limit / pipeline / limit measurements")
 _SIZE = 224
