@@ -242,8 +242,9 @@ class BatchMaker:
           continue
         examples.append(example)
         break
-    problems = met + [(getattr(bad, key.upper()), e["record_id"]) for e in examples
-                      for key in ("truncated", "no_long_caption") if e[key]]
+    # The kept reasons are also the examples' flag names ("truncated", "no_long_caption").
+    problems = met + [(reason, e["record_id"]) for e in examples
+                      for reason in bad.KEPT_REASONS if e[reason]]
     batch = collate_text(examples, *self._collate_args)
     batch["pixel_values"] = pixels
     return batch, {"problems": problems, "positions": len(positions),
