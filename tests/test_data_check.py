@@ -12,6 +12,12 @@ from exgra_jax.data import dataset_check
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _check_data(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "tools/check_data.py", *args], capture_output=True,
+                        text=True, check=True, cwd=_ROOT,
+                        env={**os.environ, "PYTHONPATH": str(_ROOT)})
+
+
 def test_check_counts_every_problem(tmp_path):
   data_fixtures.make_world(tmp_path, 3)
   tok = data_fixtures.make_tokenizer(tmp_path / "tok")
@@ -28,7 +34,17 @@ def test_check_counts_every_problem(tmp_path):
   assert log.examples == {bad.MISSING_IMAGE: ["r10"], bad.CORRUPT_IMAGE: ["r11"],
                           bad.PATH_ESCAPES_ROOT: ["r12"], bad.MISSING_KEYS: ["nokeys"],
                           bad.TRUNCATED: ["r13"], bad.MALFORMED_JSON: ["line 9"]}
-  result = subprocess.run([sys.executable, "tools/check_data.py", f"--records={path}",
-                           f"--images={tmp_path / 'images'}"], capture_output=True, text=True,
-                          check=True, cwd=_ROOT, env={**os.environ, "PYTHONPATH": str(_ROOT)})
+  result = _check_data(f"--records={path}", f"--images={tmp_path / 'images'}")
   assert "5 of 9 records skipped" in result.stdout and "r11" in result.stdout
+
+
+def test_check_data_exits_0_on_bytes_that_do_not_decode(tmp_path):
+  data_fixtures.make_world(tmp_path, 2)
+  rows = json.dumps([data_fixtures.record(0), data_fixtures.record(1)]).encode()
+  listed = tmp_path / "r.json"
+  listed.write_bytes(rows.replace(b"what", b"wh\xffat", 1))
+  images = f"--images={tmp_path / 'images'}"
+  result = _check_data(f"--records={listed}", images)
+  assert "not UTF-8" in result.stdout and "--to_jsonl" in result.stdout
+  result = _check_data(f"--records={listed}", images, f"--to_jsonl={tmp_path / 'r.jsonl'}")
+  assert "1 of 2 records skipped" in result.stdout and "not_utf8: 1 (e.g. line 1)" in result.stdout

@@ -58,8 +58,33 @@ def test_jsonl_malformed_line_counted(tmp_path):
 def test_broken_json_list_raises(tmp_path):
   path = tmp_path / "r.json"
   path.write_text("[{\"id\": 1},")
-  with pytest.raises(ValueError, match="not a valid JSON list"):
+  with pytest.raises(records.RecordFileError, match="r.json: record file is not a valid JSON"):
     records.load_records(path)
+
+
+def test_jsonl_line_not_utf8_is_a_bad_record(tmp_path):
+  good = [json.dumps(data_fixtures.record(i)).encode() for i in range(2)]
+  bad_line = json.dumps(data_fixtures.record(9)).encode().replace(b"what", b"wh\xffat")
+  path = tmp_path / "r.jsonl"
+  path.write_bytes(b"\n".join([good[0], bad_line, good[1]]) + b"\n")
+  recs, log = records.load_records(path)
+  assert [r.id for r in recs] == ["r0", "r1"]
+  assert log.seen == 3 and log.skipped == 1
+  assert log.examples == {bad.NOT_UTF8: ["line 2"]}
+
+
+def test_json_list_not_utf8_names_offset_and_fix(tmp_path):
+  rows = [data_fixtures.record(0), data_fixtures.record(1)]
+  data = json.dumps(rows, indent=1).encode()
+  offset = data.index(b"what", data.index(b'"r1"'))
+  path = tmp_path / "r.json"
+  path.write_bytes(data[:offset] + b"\xff" + data[offset:])
+  with pytest.raises(records.RecordFileError,
+                     match=rf"r.json: byte offset {offset} .*not UTF-8.*check_data.py.*--to_jsonl"):
+    records.load_records(path)
+  assert records.list_to_jsonl(path, tmp_path / "r.jsonl") == 2
+  recs, log = records.load_records(tmp_path / "r.jsonl")
+  assert [r.id for r in recs] == ["r0"] and log.examples == {bad.NOT_UTF8: ["line 2"]}
 
 
 def test_subsets_nested_deterministic_and_order_free():

@@ -11,6 +11,7 @@ import dataclasses
 
 # Reasons, as they appear in logs and in tools/check_data.py.
 MALFORMED_JSON = "malformed_json"
+NOT_UTF8 = "not_utf8"                    # a JSONL line whose bytes do not decode
 MISSING_KEYS = "missing_keys"
 EMPTY_CONVERSATION = "empty_conversation"
 IMAGE_TOKEN_MISSING = "image_token_missing"

@@ -4,7 +4,9 @@ Formats (SPEC.md section 4): stage-1 captions and stage-2 instructions are
 `{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}...],
 "conversations_long": [...]}`; VQA items add `"answer_type": "OPEN"|"CLOSED"`. A record
 that breaks the format is skipped and counted in a `BadRecordLog` (never dropped
-silently); a file that is not JSON at all raises.
+silently), and so is a JSONL line that is not UTF-8 or not JSON: one bad byte must not
+reject a whole file. A JSON list cannot be read in part, so there it raises
+`RecordFileError`, which says where and how to convert the file to JSONL.
 
 Subsets are nested by construction: records are ranked by a keyed hash of their id and
 the first `fraction` of the ranking is taken, so the 10 % subset lies inside the 40 %
@@ -101,18 +103,42 @@ def parse_record(raw, position: int) -> Record:
                 long, answer_type)
 
 
-def _raw_items(text: str, log: bad.BadRecordLog) -> list[tuple[int, object]]:
-  if text.lstrip().startswith("["):
+class RecordFileError(ValueError):
+  """A record file that cannot be read at all (not one bad record): names the file."""
+
+
+def _json_list(path: str | epath.Path, text: str) -> list:
+  try:
+    items = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise RecordFileError(f"{path}: record file is not a valid JSON list: {e}") from e
+  if not isinstance(items, list):
+    raise RecordFileError(f"{path}: record file is not a JSON list")
+  return items
+
+
+def _raw_items(path: epath.Path, data: bytes, log: bad.BadRecordLog
+               ) -> list[tuple[int, object]]:
+  if data.lstrip().startswith(b"["):
     try:
-      return list(enumerate(json.loads(text)))
-    except json.JSONDecodeError as e:
-      raise ValueError(f"record file is not a valid JSON list: {e}") from e
+      text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+      line = data.count(b"\n", 0, e.start) + 1
+      raise RecordFileError(
+          f"{path}: byte offset {e.start} (line {line}) is not UTF-8, so the JSON list cannot "
+          f"be read. Convert it to JSONL, where such a record is skipped and counted: python "
+          f"tools/check_data.py --records={path} --images=IMAGE_ROOT --to_jsonl=OUT.jsonl"
+      ) from e
+    return list(enumerate(_json_list(path, text)))
   items = []
-  for line_no, line in enumerate(text.splitlines(), start=1):
+  for line_no, line in enumerate(data.split(b"\n"), start=1):
     if not line.strip():
       continue
     try:
-      items.append((line_no, json.loads(line)))
+      items.append((line_no, json.loads(line.decode("utf-8"))))
+    except UnicodeDecodeError:
+      log.seen += 1
+      log.add(bad.NOT_UTF8, f"line {line_no}")
     except json.JSONDecodeError:
       log.seen += 1
       log.add(bad.MALFORMED_JSON, f"line {line_no}")
@@ -121,16 +147,33 @@ def _raw_items(text: str, log: bad.BadRecordLog) -> list[tuple[int, object]]:
 
 def load_records(path: str | epath.Path, log: bad.BadRecordLog | None = None
                  ) -> tuple[list[Record], bad.BadRecordLog]:
-  """Reads a JSON list or JSONL file; bad records are counted in the returned log."""
+  """Reads a JSON list or JSONL file; bad records are counted in the returned log.
+
+  A JSONL line that is not UTF-8 or not JSON is a bad record named by its line number; a
+  JSON list that cannot be decoded raises `RecordFileError` (with the byte offset).
+  """
   log = log if log is not None else bad.BadRecordLog()
+  path = epath.Path(path)
   records = []
-  for position, raw in _raw_items(epath.Path(path).read_text(), log):
+  for position, raw in _raw_items(path, path.read_bytes(), log):
     log.seen += 1
     try:
       records.append(parse_record(raw, position))
     except bad.BadRecordError as e:
       log.add_error(e)
   return records, log
+
+
+def list_to_jsonl(source: str | epath.Path, target: str | epath.Path) -> int:
+  """Rewrites a JSON list record file as JSONL, one item per line; returns the count.
+
+  Undecodable bytes inside strings are carried through unchanged (surrogateescape), so
+  each lands in its own line, where `load_records` skips and counts that record alone.
+  """
+  items = _json_list(source, epath.Path(source).read_bytes().decode("utf-8", "surrogateescape"))
+  lines = [json.dumps(item, ensure_ascii=False) + "\n" for item in items]
+  epath.Path(target).write_bytes("".join(lines).encode("utf-8", "surrogateescape"))
+  return len(items)
 
 
 def _subset_rank(record_id: str) -> bytes:
