@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from exgra_jax.models import attention as attention_lib
 from exgra_jax.models.config import LlmConfig
+from exgra_jax.models.dense import DenseGeneral
 from exgra_jax.models.rope import apply_rope, rope_cos_sin
 
 _INIT = nn.initializers.normal(0.02)
@@ -36,10 +38,9 @@ _REMAT_POLICIES = {
 
 
 def _dense(features: int | tuple[int, ...], axes: tuple[str, ...], cfg: LlmConfig, name: str,
-           axis: int | tuple[int, ...] = -1) -> nn.DenseGeneral:
-  return nn.DenseGeneral(features, axis=axis, use_bias=False, dtype=cfg.dtype,
-                         param_dtype=cfg.param_dtype,
-                         kernel_init=nn.with_logical_partitioning(_INIT, axes), name=name)
+           axis: int | tuple[int, ...] = -1) -> DenseGeneral:
+  return DenseGeneral(features, axes, axis=axis, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      kernel_init=_INIT, name=name)
 
 
 class RMSNorm(nn.Module):

@@ -12,19 +12,16 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from exgra_jax.models.config import VisionConfig
+from exgra_jax.models.dense import DenseGeneral
 
 _INIT = nn.initializers.normal(0.02)
 
 
 def _dense(features: int | tuple[int, ...], axes: tuple[str, ...], cfg: VisionConfig,
-           name: str, axis: int | tuple[int, ...] = -1) -> nn.DenseGeneral:
+           name: str, axis: int | tuple[int, ...] = -1) -> DenseGeneral:
   """Dense layer with bias; `axes` names the kernel dims, the bias takes the output ones."""
-  num_out = len(features) if isinstance(features, tuple) else 1
-  return nn.DenseGeneral(
-      features, axis=axis, use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-      kernel_init=nn.with_logical_partitioning(_INIT, axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-num_out:]),
-      name=name)
+  return DenseGeneral(features, axes, axis=axis, use_bias=True, dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype, kernel_init=_INIT, name=name)
 
 
 def _layer_norm(cfg: VisionConfig, name: str) -> nn.LayerNorm:
