@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from absl import flags
+from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
@@ -83,10 +84,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _exit_usage(str(e))
+    exit_usage(str(e))
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # ConfigDict raises these for unknown keys (with "Did you mean") and wrong types.
-    _exit_usage(f"invalid config override: {_unwrap(e)}")
+    exit_usage(f"invalid config override: {_unwrap(e)}")
 
 
 def _unwrap(e: BaseException) -> str:
@@ -96,7 +97,8 @@ def _unwrap(e: BaseException) -> str:
   return text
 
 
-def _exit_usage(message: str) -> None:
+def exit_usage(message: str) -> None:
+  """Writes `error: message` to stderr and exits with status 2 (a usage error)."""
   sys.stderr.write(f"error: {message}\n")
   sys.exit(2)
 
@@ -154,13 +156,18 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
-             mode: str = "train") -> None:
-  """Raises ConfigError listing every inconsistency of a resolved config."""
+             mode: str = "train", check_paths: bool = False) -> None:
+  """Raises ConfigError listing every inconsistency of a resolved config.
+
+  `check_paths` adds every file and directory `mode` will read that does not exist
+  (`path_problems`), in the same message.
+  """
   problems: list[str] = []
   for key, allowed in CHOICES.items():
     value = _get(config, key)
     if value not in allowed:
       problems.append(f"{key}={value!r} is not one of {allowed} ({closest(str(value), allowed)})")
+  problems += _range_problems(config)
   problems += _model_problems(config.model)
   problems += _stage_problems(config, num_devices)
   problems += _data_problems(config)
@@ -175,8 +182,136 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
       any(config[s].init_from for s in config.stages)):
     problems.append("init: no weights given: set init.hf_dir, init.checkpoint or "
                     "init.llm_dir + init.clip_dir (or init.random=True for a random model)")
+  if check_paths:
+    problems += path_problems(config, mode)
   if problems:
     raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_FRACTION = (lambda v: 0 < v <= 1, "in (0, 1]")
+_UNIT_OPEN = (lambda v: 0 <= v < 1, "in [0, 1)")
+# Numeric settings whose sign or range no run can do without (stage settings: _STAGE_RANGES).
+_RANGES = {
+    **{f"model.vision.{k}": _AT_LEAST_1 for k in (
+        "image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
+        "intermediate_size")},
+    **{f"model.llm.{k}": _AT_LEAST_1 for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+        "num_kv_heads", "max_position_embeddings")},
+    "model.llm.head_dim": _NON_NEGATIVE,
+    "model.vision.layer_norm_eps": _POSITIVE,
+    "model.llm.rms_norm_eps": _POSITIVE,
+    "model.llm.rope_theta": _POSITIVE,
+    "align.alpha": _NON_NEGATIVE,
+    "align.num_neighbors": _AT_LEAST_1,
+    "align.gnn_layers": _AT_LEAST_1,
+    "align.gnn_width": _NON_NEGATIVE,
+    "align.gnn_dropout": _UNIT_OPEN,
+    "align.gumbel_scale": _NON_NEGATIVE,
+    "align.imle_lambda": _POSITIVE,
+    "align.imle_samples": _AT_LEAST_1,
+    "align.group_size": _NON_NEGATIVE,
+    "align.solver_iterations": _AT_LEAST_1,
+    "align.solver_time_limit_s": _NON_NEGATIVE,
+    "align.solver_threads": _NON_NEGATIVE,
+    "data.max_length": _AT_LEAST_1,
+    "data.text_max_length": _AT_LEAST_1,
+    "optim.b1": _UNIT_OPEN,
+    "optim.b2": _UNIT_OPEN,
+    "optim.eps": _POSITIVE,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.clip_norm": _POSITIVE,
+    "distributed.num_processes": _AT_LEAST_1,
+    "train.log_every": _AT_LEAST_1,
+    "train.image_every": _AT_LEAST_1,
+    "train.checkpoint_every": _AT_LEAST_1,
+    "train.keep_checkpoints": _AT_LEAST_1,
+    "train.eval_every": _NON_NEGATIVE,
+    "eval.max_new_tokens": _AT_LEAST_1,
+    "eval.temperature": _NON_NEGATIVE,
+    "eval.batch_size": _AT_LEAST_1,
+    "export.shard_size_gb": _POSITIVE,
+}
+_STAGE_RANGES = {"lr": _POSITIVE, "warmup_ratio": _UNIT_OPEN, "subset_fraction": _FRACTION}
+
+
+def _range_problems(config: ml_collections.ConfigDict) -> list[str]:
+  checks = [(key, _get(config, key), rule) for key, rule in _RANGES.items()]
+  out = []
+  for name in (n for n in config.stages if n in STAGE_NAMES):
+    s = config[name]
+    checks += [(f"{name}.{key}", s[key], rule) for key, rule in _STAGE_RANGES.items()]
+    if s.max_steps != -1 and s.max_steps < 1:
+      out.append(f"{name}.max_steps={s.max_steps} must be -1 (from epochs) or >= 1")
+    elif s.max_steps == -1 and not s.epochs > 0:
+      out.append(f"{name}.epochs={s.epochs} must be > 0 (or set {name}.max_steps)")
+  out += [f"{key}={value!r} must be {text}" for key, value, (ok, text) in checks if not ok(value)]
+  profile = config.train.profile_steps
+  match = re.fullmatch(r"(\d+):(\d+)", profile)
+  if profile and not (match and int(match[1]) < int(match[2])):
+    out.append(f"train.profile_steps={profile!r} must be 'start:stop' with 0 <= start < stop")
+  return out
+
+
+def path_problems(config: ml_collections.ConfigDict, mode: str) -> list[str]:
+  """Every file and directory `mode` will read that is missing, by setting and path.
+
+  train: each stage's records, image folder, id list, validation / test records,
+  candidates and init_from, and the configured init weights; eval: the test records,
+  image folder and candidates; every mode: the tokenizer. A missing `data.root` is one
+  problem (the paths relative to it are not listed again).
+  """
+  from exgra_jax.data import pipeline  # pylint: disable=g-import-not-at-top (heavy: grain)
+  root = config.data.root
+  root_missing = bool(root) and not epath.Path(root).is_dir()
+  out = [f"data.root={root!r} is not a directory"] if root_missing else []
+  needed: dict[str, tuple[epath.Path, str]] = {}   # setting -> (path, "file" | "dir" | "")
+
+  def need(setting: str, kind: str = "", under_root: bool = True) -> None:
+    value = _get(config, setting)
+    if not value or (under_root and root_missing and not epath.Path(value).is_absolute()):
+      return
+    needed[setting] = (pipeline.resolve_path(root, value) if under_root
+                       else epath.Path(value), kind)
+
+  if mode == "train":
+    for name in (n for n in config.stages if n in STAGE_NAMES):
+      need(f"{name}.records")
+      if not pipeline.resolve_path(root, config[name].records).is_dir():
+        need(f"{name}.image_root", "dir")  # (a folder of ArrayRecord shards holds its images)
+      for key in ("subset_ids", "val_records", "test_records", "candidates"):
+        need(f"{name}.{key}", "file")
+      need(f"{name}.init_from", under_root=False)
+    for key in ("hf_dir", "llm_dir", "clip_dir", "checkpoint"):
+      need(f"init.{key}", under_root=False)
+  elif mode == "eval":
+    if not (config.eval.records or config.finetune.test_records):
+      out.append("nothing to evaluate: set eval.records or finetune.test_records")
+    need("eval.records" if config.eval.records else "finetune.test_records", "file")
+    need("finetune.image_root", "dir")
+    need("finetune.candidates", "file")
+  if config.data.tokenizer_dir:
+    need("data.tokenizer_dir", "dir")
+  elif config.init.hf_dir or config.init.llm_dir:
+    need("init.hf_dir" if config.init.hf_dir else "init.llm_dir", "dir", under_root=False)
+  else:
+    out.append("no tokenizer: set data.tokenizer_dir (or init.hf_dir / init.llm_dir, whose "
+               "tokenizer is used)")
+  if not config.data.tokenizer_dir and (
+      mode == "export" or (mode == "train" and config.export.after_training)):
+    out.append("data.tokenizer_dir is empty: the export needs the tokenizer the model was "
+               "trained with")
+  for setting, (path, kind) in needed.items():
+    if not path.exists():
+      out.append(f"{setting}: {path} does not exist")
+    elif kind == "dir" and not path.is_dir():
+      out.append(f"{setting}: {path} is not a directory")
+    elif kind == "file" and path.is_dir():
+      out.append(f"{setting}: {path} is a directory, not a file")
+  return out
 
 
 def _model_problems(m: ml_collections.ConfigDict) -> list[str]:
@@ -257,8 +392,6 @@ def _stage_problems(config: ml_collections.ConfigDict, num_devices: int | None) 
         out.append(f"{name}: a micro-batch of {micro} samples (global_batch "
                    f"{s.global_batch} / micro_batches {s.micro_batches}) does not divide "
                    f"over the {shards} batch shards of the mesh (data x fsdp)")
-    if not 0.0 < s.subset_fraction <= 1.0:
-      out.append(f"{name}.subset_fraction={s.subset_fraction} must be in (0, 1]")
     if s.align:
       out += _group_problems(config, name, micro, mesh)
   return out

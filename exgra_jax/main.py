@@ -6,7 +6,9 @@ r"""exgra-jax entry point: train, evaluate, export or predict with one config.
         --config.init.clip_dir=/weights/clip-vit-large-patch14
 
 Kept short on purpose (as the flax examples are): parse flags, load and validate the
-config, initialise distributed JAX, prepare the data root, dispatch on --mode.
+config, initialise distributed JAX, prepare the data root, dispatch on --mode. A config
+that cannot run (a bad value, a file or folder it needs that is missing) stops here with
+every problem in one message and exit status 2, before any weight is allocated.
 """
 import json
 
@@ -16,7 +18,7 @@ from absl import logging
 import jax
 from etils import epath
 
-from exgra_jax import configuration
+from exgra_jax import configuration, temp_paths
 
 _CONFIG = configuration.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).",
@@ -44,19 +46,36 @@ def write_resolved_config(config, workdir: epath.Path) -> None:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
+def remove_stale_exports(workdir: epath.Path) -> None:
+  """Half-written export folders of a killed run (a killed demo-world build's folder goes
+  when `prepare_data_root` builds the world again)."""
+  for path in temp_paths.remove_stale(str(workdir / "export")):
+    logging.info("removed %s, left by a killed export", path)
+
+
+def validate_or_exit(config, *, check_paths: bool) -> None:
+  """All problems of the config in one message on stderr, exit status 2, no traceback."""
+  try:
+    configuration.validate(config, num_devices=jax.device_count(), mode=_MODE.value,
+                           check_paths=check_paths)
+  except configuration.ConfigError as e:
+    configuration.exit_usage(str(e))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   from exgra_jax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(config)
-  try:
-    configuration.validate(config, num_devices=jax.device_count(), mode=_MODE.value)
-  except configuration.ConfigError as e:
-    raise app.UsageError(str(e)) from None
+  # A demo world's files exist once it is made: its paths are checked after that.
+  validate_or_exit(config, check_paths=not config.data.demo_world)
   workdir = epath.Path(_WORKDIR.value)
   write_resolved_config(config, workdir)
+  remove_stale_exports(workdir)
   prepare_data_root(config)
+  if config.data.demo_world:
+    validate_or_exit(config, check_paths=True)
   logging.info("mode=%s workdir=%s devices=%d processes=%d", _MODE.value, workdir,
                jax.device_count(), jax.process_count())
 

@@ -112,3 +112,100 @@ def test_distributed_mode_checked():
     configuration.validate(_cfg("demo.py", "distributed.mode=explicit"))
   with pytest.raises(configuration.ConfigError, match="distributed.mode"):
     configuration.validate(_cfg("demo.py", "distributed.mode=slurm"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("stage1.lr=-0.001",), "stage1.lr=-0.001 must be > 0"),
+    (("stage2.epochs=-1.0",), "stage2.epochs=-1.0 must be > 0 (or set stage2.max_steps)"),
+    (("stage2.max_steps=0",), "stage2.max_steps=0 must be -1 (from epochs) or >= 1"),
+    (("finetune.warmup_ratio=1.0",), "finetune.warmup_ratio=1.0 must be in [0, 1)"),
+    (("stage1.subset_fraction=1.5",), "stage1.subset_fraction=1.5 must be in (0, 1]"),
+    (("train.log_every=0",), "train.log_every=0 must be >= 1"),
+    (("train.checkpoint_every=0",), "train.checkpoint_every=0 must be >= 1"),
+    (("train.eval_every=-5",), "train.eval_every=-5 must be >= 0"),
+    (("train.profile_steps=5:2",), "train.profile_steps='5:2' must be 'start:stop'"),
+    (("optim.clip_norm=0.0",), "optim.clip_norm=0.0 must be > 0"),
+    (("align.gnn_dropout=1.0",), "align.gnn_dropout=1.0 must be in [0, 1)"),
+    (("eval.batch_size=0",), "eval.batch_size=0 must be >= 1"),
+    (("model.llm.num_layers=0",), "model.llm.num_layers=0 must be >= 1"),
+])
+def test_values_out_of_range_are_named(overrides, message):
+  with pytest.raises(configuration.ConfigError, match=re.escape(message)):
+    configuration.validate(_cfg("demo.py", *overrides), num_devices=1)
+
+
+def test_epochs_may_be_zero_with_max_steps():
+  configuration.validate(_cfg("demo.py", "stage2.epochs=0.0", "stage2.max_steps=3"),
+                         num_devices=1)
+
+
+_FILES = ("s1.json", "s2.jsonl", "vqa/train.json", "vqa/val.json", "vqa/test.json",
+          "vqa/candidate.json")
+_DIRS = ("images", "vqa/images", "tok", "weights/llm", "weights/clip")
+
+
+def _real_data_config(root, *overrides: str):
+  """demo.py pointed at a folder that holds (empty) files for every path it names."""
+  for name in _DIRS:
+    (root / name).mkdir(parents=True, exist_ok=True)
+  for name in _FILES:
+    (root / name).touch()
+  return _cfg("demo.py", "data.demo_world=", f"data.root={root}", "data.tokenizer_dir=tok",
+              "stage1.records=s1.json", "stage2.records=s2.jsonl",
+              "finetune.records=vqa/train.json", "finetune.val_records=vqa/val.json",
+              "finetune.test_records=vqa/test.json", "finetune.candidates=vqa/candidate.json",
+              "init.random=False", f"init.llm_dir={root / 'weights/llm'}",
+              f"init.clip_dir={root / 'weights/clip'}", *overrides)
+
+
+@pytest.mark.parametrize("mode,remove,message", [
+    ("train", "s2.jsonl", "stage2.records: {root}/s2.jsonl does not exist"),
+    ("train", "images", "stage1.image_root: {root}/images does not exist"),
+    ("train", "vqa/candidate.json", "finetune.candidates: {root}/vqa/candidate.json"),
+    ("train", "vqa/val.json", "finetune.val_records: {root}/vqa/val.json does not exist"),
+    ("train", "tok", "data.tokenizer_dir: {root}/tok does not exist"),
+    ("train", "weights/llm", "init.llm_dir: {root}/weights/llm does not exist"),
+    ("train", "weights/clip", "init.clip_dir: {root}/weights/clip does not exist"),
+    ("eval", "vqa/test.json", "finetune.test_records: {root}/vqa/test.json does not exist"),
+    ("eval", "vqa/images", "finetune.image_root: {root}/vqa/images does not exist"),
+    ("predict", "tok", "data.tokenizer_dir: {root}/tok does not exist"),
+])
+def test_missing_paths_are_named_with_their_setting(tmp_path, mode, remove, message):
+  config = _real_data_config(tmp_path)
+  configuration.validate(config, mode=mode, check_paths=True)
+  target = tmp_path / remove
+  if target.is_dir():
+    target.rename(tmp_path / "moved_away")
+  else:
+    target.unlink()
+  with pytest.raises(configuration.ConfigError,
+                     match=re.escape(message.format(root=tmp_path))):
+    configuration.validate(config, mode=mode, check_paths=True)
+
+
+def test_missing_root_and_tokenizer_each_one_problem(tmp_path):
+  config = _real_data_config(tmp_path, f"data.root={tmp_path / 'nowhere'}",
+                             "data.tokenizer_dir=", "init.llm_dir=", "init.clip_dir=",
+                             "init.random=True", "export.after_training=True")
+  with pytest.raises(configuration.ConfigError) as err:
+    configuration.validate(config, check_paths=True)
+  problems = str(err.value).splitlines()[1:]
+  assert len(problems) == 3, problems
+  assert "data.root=" in problems[0] and "is not a directory" in problems[0]
+  assert "no tokenizer" in problems[1] and "data.tokenizer_dir is empty" in problems[2]
+
+
+def test_command_line_lists_every_problem_and_exits_2(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+      [sys.executable, "-m", "exgra_jax.main", "--config=configs/demo.py",
+       f"--workdir={tmp_path / 'run'}", "--config.data.demo_world=",
+       f"--config.data.root={tmp_path / 'nowhere'}", "--config.stage1.lr=-1.0",
+       "--config.train.log_every=0", f"--config.init.llm_dir={tmp_path / 'llama'}"],
+      cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+  assert out.returncode == 2, out.stderr
+  assert "Traceback" not in out.stderr
+  for text in ("stage1.lr=-1.0 must be > 0", "train.log_every=0 must be >= 1",
+               "is not a directory", f"init.llm_dir: {tmp_path / 'llama'} does not exist"):
+    assert text in out.stderr
+  assert not (tmp_path / "run").exists()

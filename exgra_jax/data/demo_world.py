@@ -26,7 +26,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,7 +33,9 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import pydicom.data
+from absl import logging
 
+from exgra_jax import temp_paths
 from exgra_jax.data import demo_tokenizer
 
 VERSION = 2  # 2: GPT-2 style word splitting in the demo tokenizer
@@ -382,7 +383,8 @@ def make_demo_world(root: str, size: str = "small", seed: int = 0) -> dict[str, 
 
   Idempotent: a complete world of the same size, seed and version is returned as is.
   Atomic: the world is built in a sibling temp dir and renamed into place, so a crash
-  never leaves a half-written world that looks complete (manifest.json is written last).
+  never leaves a half-written world that looks complete (manifest.json is written last);
+  the temp dir a killed build left is removed by the next build (`temp_paths`).
   A `root` holding something else (another size/seed/version) is an error, not overwritten.
   """
   if size not in SIZES:
@@ -397,8 +399,9 @@ def make_demo_world(root: str, size: str = "small", seed: int = 0) -> dict[str, 
     raise ValueError(f"{root} exists and is not a demo world of size={size!r} seed={seed} "
                      f"version={VERSION}: remove it or choose another data.root")
   parent = os.path.dirname(root)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".demo_world_", dir=parent)
+  for path in temp_paths.remove_stale(parent):
+    logging.info("removed %s, left by a killed demo-world build", path)
+  tmp = temp_paths.new_dir(parent, os.path.basename(root))
   try:
     manifest = _build(tmp, size, seed)
     files = sorted(os.path.relpath(os.path.join(d, n), tmp)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -37,6 +36,7 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from exgra_jax import temp_paths
 from exgra_jax.data import images as images_lib
 from exgra_jax.data import text as text_lib
 from exgra_jax.hf import hf_configs, layouts, placement
@@ -120,9 +120,7 @@ def export(params: Mapping[str, Any], model_config: ml_collections.ConfigDict | 
   is_writer = jax.process_index() == 0
   tmp = None
   if is_writer:
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-",
-                           dir=os.path.dirname(out_dir))
+    tmp = temp_paths.new_dir(os.path.dirname(out_dir), os.path.basename(out_dir))
   try:
     weights = _write_weights(_tensors(flat, entries, cfg, layouts.MAIN, out_dtype), tmp,
                              shard_bytes)

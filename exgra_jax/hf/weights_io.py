@@ -21,7 +21,6 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,6 +28,8 @@ import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+
+from exgra_jax import temp_paths
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -181,8 +182,7 @@ def replace_directory(tmp: str, out_dir: str) -> None:
   os.chmod(tmp, 0o755)
   old = None
   if os.path.exists(out_dir):
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-",
-                           dir=os.path.dirname(out_dir))
+    old = temp_paths.new_dir(os.path.dirname(out_dir), f"{os.path.basename(out_dir)}.old")
     os.replace(out_dir, os.path.join(old, "previous"))
   os.replace(tmp, out_dir)
   if old:
