@@ -1,6 +1,8 @@
 """The training loop end to end on the demo world: stages in order, exact resume after a
-kill -9 and after SIGTERM (checkpoint, exit 0), dashboards and skipped completed stages."""
+kill -9, after SIGTERM (checkpoint, exit 0) and from a damaged newest checkpoint,
+dashboards and skipped completed stages."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import time
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+import test_train_checkpointing
 from exgra_jax.train import checkpoint_inspection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,4 +111,19 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_identical(reference, demo_wo
   assert steps[-1] < 8
   result = _run(demo_world, workdir)
   assert result.returncode == 0, result.stderr[-4000:]
+  assert _final(workdir)["checksum"] == _final(reference[0])["checksum"]
+
+
+@pytest.mark.parametrize("corrupt", test_train_checkpointing.CORRUPTIONS)
+def test_damaged_newest_checkpoint_falls_back_and_ends_identical(reference, demo_world,
+                                                                 tmp_path, corrupt):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  stage_dir = os.path.join(workdir, "checkpoints", "stage2")
+  corrupt(os.path.join(stage_dir, "8"))
+  result = _run(demo_world, workdir)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert f"checkpoint {stage_dir}/8 cannot be restored" in result.stderr
+  assert "stage stage2 resumes at step 6" in result.stderr
+  assert os.listdir(os.path.join(workdir, "checkpoints", "stage2_unrestorable")) == ["8"]
   assert _final(workdir)["checksum"] == _final(reference[0])["checksum"]

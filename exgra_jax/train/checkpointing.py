@@ -6,6 +6,13 @@ and `model_config` (JSON of `config.model`). Orbax writes each step to a tempora
 directory and renames it when complete, so `latest_step` only ever sees whole checkpoints
 (a run killed mid-write resumes from the previous one). Restoring takes an abstract state
 whose leaves carry the *target* shardings, which is how a checkpoint moves to another mesh.
+
+A complete checkpoint can still be damaged afterwards (a file deleted, truncated or
+overwritten on a shared disk). `restore_newest` then reports the step's path and reason,
+moves it aside to `<stage>_unrestorable/` (never deleting it: it may be worth rescuing) and
+resumes from the newest step that restores, so that one bad step does not stop the run
+for good. When no step restores, which is also what a changed model looks like, nothing is
+moved and one error names the directory and each step's reason.
 """
 import os
 import signal
@@ -13,7 +20,27 @@ import threading
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+
+class NoRestorableCheckpoint(RuntimeError):
+  """Every step of a stage directory failed to restore; the message names each reason."""
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when any process has `flag` set (an agreement point)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def _reason(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  text = lines[0] if lines else ""
+  return f"{type(error).__name__}: {text[:300]}"
 
 
 class StageCheckpointer:
@@ -25,7 +52,8 @@ class StageCheckpointer:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every, max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def save(self, step: int, state: Any, data_state: dict, model_config: dict, *,
            force: bool = False) -> bool:
@@ -43,6 +71,50 @@ class StageCheckpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
         model_config=ocp.args.JsonRestore()))
     return restored.state, restored.data, restored.model_config
+
+  def restore_newest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
+    """-> (step, state, data state, model config) of the newest step that restores, or
+    None when the stage has no checkpoint. Newer steps that fail are moved aside (module
+    doc); NoRestorableCheckpoint when none restores."""
+    failures: list[tuple[int, str]] = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored, reason = self.restore(step, abstract_state), ""
+      except Exception as e:  # pylint: disable=broad-except (any damage: try an older step)
+        restored, reason = None, _reason(e)
+      if not any_process(restored is None):
+        self._move_aside(failures)
+        return step, *restored
+      reason = reason or "failed to restore on another process"
+      logging.warning("checkpoint %s cannot be restored (%s); trying an older step",
+                      self._step_dir(step), reason)
+      failures.append((step, reason))
+    if failures:
+      raise NoRestorableCheckpoint(
+          f"no checkpoint in {self.directory} can be restored (a changed config.model, or "
+          "damaged files); nothing was moved:\n" + "\n".join(
+              f"  {self._step_dir(step)}: {reason}" for step, reason in failures))
+    return None
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _move_aside(self, failures: list[tuple[int, str]]) -> None:
+    """Moves the failed steps to `<stage>_unrestorable/<step>[.n]` (process 0 moves)."""
+    if not failures:
+      return
+    aside = f"{self.directory}_unrestorable"
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step, reason in failures:
+        target, n = os.path.join(aside, str(step)), 1
+        while os.path.exists(target):
+          target, n = os.path.join(aside, f"{step}.{n}"), n + 1
+        os.rename(self._step_dir(step), target)
+        logging.warning("moved unrestorable checkpoint %s to %s (%s)", self._step_dir(step),
+                        target, reason)
+    multihost_utils.sync_global_devices("exgra_jax.checkpoint.move_aside")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

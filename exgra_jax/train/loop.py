@@ -28,7 +28,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
 from exgra_jax.align import imle
 from exgra_jax.align import loss as align_loss
@@ -113,11 +112,6 @@ def _checkpointer(config, workdir: epath.Path, name: str) -> checkpointing.Stage
       keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint)
 
 
-def _restore(stage: Stage, ckpt: checkpointing.StageCheckpointer, at: int):
-  target = checkpointing.abstract_with_shardings(stage.abstract_state, stage.shardings)
-  return ckpt.restore(at, target)
-
-
 def starting_state(config, stage: Stage, workdir: epath.Path, mesh,
                    previous: tuple[str, Any] | None):
   """A fresh sharded state whose params come from the stage's weight source."""
@@ -150,13 +144,6 @@ def load_weights(config, path: str, mesh) -> Any:
                                overrides=overrides).params
 
 
-def _any_process(flag: bool) -> bool:
-  """True on every process when any process has `flag` set (pre-emption agreement)."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
-
-
 def _host_tokens(batch: dict) -> float:
   """Supervised tokens of the global batch, counted on this process's host rows."""
   mask = step.supervised_token_mask(batch["labels"], batch["sample_weight"])
@@ -179,9 +166,10 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
   """Trains one stage to its last step (or until pre-empted); returns its summary."""
   ckpt = _checkpointer(config, workdir, stage.name)
   model_config = config.model.to_dict()
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state, _ = _restore(stage, ckpt, latest)
+  restored = ckpt.restore_newest(
+      checkpointing.abstract_with_shardings(stage.abstract_state, stage.shardings))
+  if restored is not None:
+    latest, state, data_state, _ = restored
     pipe.set_state(data_state)
     logging.info("stage %s resumes at step %d of %d", stage.name, latest, stage.total_steps)
   else:
@@ -227,7 +215,7 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
             np.asarray(jax.device_get(step_metrics["align/matching"])))[None]})
       validation.maybe_run(state.params, done)
       final = done == stage.total_steps
-      stop = _any_process(preemption.requested)
+      stop = checkpointing.any_process(preemption.requested)
       ckpt.save(done, state, pipe.get_state(), model_config, force=final or stop)
       if stop:
         ckpt.wait()
