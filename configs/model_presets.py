@@ -53,6 +53,7 @@ def tiny() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"         # master-weight dtype
   m.remat = "none"                  # none | full | dots (rematerialisation policy)
   m.scan_layers = False             # scan the decoder layers (faster compile at depth)
+  m.attention = "auto"              # auto | xla | splash | cudnn (exgra_jax/models/attention.py)
   return m
 
 

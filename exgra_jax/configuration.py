@@ -30,6 +30,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
+    "model.attention": ("auto", "xla", "splash", "cudnn"),
     "align.imle_noise": ("gumbel", "sum_of_gamma", "none"),
     "align.grouping": ("per_device", "fixed", "global"),
     "align.text_pool": ("masked", "padded"),

@@ -32,7 +32,7 @@ LAYOUT_ARCHITECTURES = {
 }
 # Top-level `config.model` keys an import may set (the rest comes from the checkpoint).
 OVERRIDABLE = ("name", "connector", "connector_layers", "projector", "dtype", "param_dtype",
-               "remat", "scan_layers")
+               "remat", "scan_layers", "attention")
 RELEASE_CLIP_SUBDIR = "vision_tower"  # where the release export writes its CLIP tower
 
 
@@ -208,7 +208,8 @@ def model_config_from_hf(layout: str, config: Mapping[str, Any],
   fields["name"] = config.get("exgra_name") or name
   fields.update(overrides)
   runtime = {k: fields.pop(k) for k in ("dtype", "param_dtype") if k in fields}
-  llm_runtime = {k: fields.pop(k) for k in ("remat", "scan_layers") if k in fields}
+  llm_runtime = {k: fields.pop(k) for k in ("remat", "scan_layers", "attention")
+                 if k in fields}
   vision_cfg = vision_config_from_hf(vision, fields.pop("select_layer"))
   return LlavaConfig(
       vision=dataclasses.replace(vision_cfg, **runtime),

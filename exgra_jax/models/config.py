@@ -15,6 +15,9 @@ import ml_collections
 
 CONNECTORS = ("none", "dci", "sci", "sti")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ATTENTIONS = ("auto", "xla", "splash", "cudnn")  # models/attention.py
+# Fields that say how the model runs, not what it computes: set by config.model's top level.
+RUNTIME = ("dtype", "param_dtype", "remat", "scan_layers", "attention")
 STI_POOL = 8  # tokens averaged per pooled token by the `sti` connector (window = stride)
 _PROJECTOR = re.compile(r"^(linear|identity|mlp(\d+)x_gelu)$")
 
@@ -44,7 +47,8 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LlmConfig:
-  """LLaMA-family decoder. `rope_scaling` is "" or the JSON of an HF rope_scaling dict."""
+  """LLaMA-family decoder. `rope_scaling` is "" or the JSON of an HF rope_scaling dict;
+  `attention` is the implementation without a KV cache (ATTENTIONS, models/attention.py)."""
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008
@@ -61,6 +65,7 @@ class LlmConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   scan_layers: bool = False
+  attention: str = "auto"
 
   @property
   def resolved_head_dim(self) -> int:
@@ -111,6 +116,11 @@ class LlavaConfig:
       problems.append(f"llm.rope_scaling type {kind!r} is not one of {ROPE_TYPES}")
     if self.llm.remat not in ("none", "full", "dots"):
       problems.append(f"remat={self.llm.remat!r} is not one of none, full, dots")
+    if self.llm.attention not in ATTENTIONS:
+      problems.append(f"attention={self.llm.attention!r} is not one of {ATTENTIONS}")
+    elif self.llm.attention == "cudnn" and self.llm.dtype == "float32":
+      problems.append("attention='cudnn' needs dtype bfloat16 (cuDNN flash attention has no "
+                      "float32 kernel; 'auto' uses xla for float32 on GPU)")
     if problems:
       raise ValueError("invalid model config: " + "; ".join(problems))
 
@@ -119,27 +129,28 @@ class LlavaConfig:
     """Builds the typed config from the `config.model` sub-tree."""
     dtypes = dict(dtype=model.dtype, param_dtype=model.param_dtype)
     vision = VisionConfig(**_fields(VisionConfig, model.vision), **dtypes)
+    # A checkpoint's config written before `attention` existed gets the default.
     llm = LlmConfig(**_fields(LlmConfig, model.llm), **dtypes, remat=model.remat,
-                    scan_layers=bool(model.scan_layers))
+                    scan_layers=bool(model.scan_layers),
+                    attention=model.get("attention", "auto"))
     return cls(vision=vision, llm=llm, connector=model.connector,
                connector_layers=tuple(int(i) for i in model.connector_layers),
                projector=model.projector, name=model.name)
 
   def to_dict(self) -> dict[str, Any]:
     """The `config.model` tree (plain JSON-able dict) this config was built from."""
-    runtime = ("dtype", "param_dtype", "remat", "scan_layers")
-    vision = {k: v for k, v in dataclasses.asdict(self.vision).items() if k not in runtime}
-    llm = {k: v for k, v in dataclasses.asdict(self.llm).items() if k not in runtime}
+    vision = {k: v for k, v in dataclasses.asdict(self.vision).items() if k not in RUNTIME}
+    llm = {k: v for k, v in dataclasses.asdict(self.llm).items() if k not in RUNTIME}
     return dict(name=self.name, vision=vision, llm=llm, connector=self.connector,
                 connector_layers=list(self.connector_layers), projector=self.projector,
                 dtype=self.llm.dtype, param_dtype=self.llm.param_dtype,
-                remat=self.llm.remat, scan_layers=self.llm.scan_layers)
+                remat=self.llm.remat, scan_layers=self.llm.scan_layers,
+                attention=self.llm.attention)
 
 
 def _fields(kind: type, node: ml_collections.ConfigDict) -> dict[str, Any]:
   """The entries of `node` that are fields of the dataclass `kind` (runtime ones excluded)."""
-  names = {f.name for f in dataclasses.fields(kind)} - {
-      "dtype", "param_dtype", "remat", "scan_layers"}
+  names = {f.name for f in dataclasses.fields(kind)} - set(RUNTIME)
   unknown = set(node.keys()) - names
   if unknown:
     raise ValueError(f"unknown {kind.__name__} fields in config: {sorted(unknown)}")

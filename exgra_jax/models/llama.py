@@ -7,6 +7,8 @@ Same math as transformers' `LlamaForCausalLM` (parity-tested at 1e-4 in fp32). D
   with a cache the keys are the cache slots, the new K/V are written at `positions[:, 0]`
   of each sample, and every slot <= position holds a real token (prompt or generated),
   so shapes stay fixed while decoding one token per step;
+- without a cache, the attention is `cfg.attention` (`causal_attention`: xla | splash |
+  cudnn, models/attention.py); with one (prefill, one-token decode) it is always `attend`;
 - optional `nn.scan` over layers (one compiled layer, params stacked on a `layers` axis)
   and rematerialisation (none / full / dots) from the config;
 - logical axis names on every parameter and on the main activations (configs/base.py);
@@ -147,6 +149,25 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, causal:
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, hd)
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     implementation: str) -> jax.Array:
+  """Attention without a cache in `implementation` (xla | splash | cudnn): q [B, T, H, hd],
+  k / v [B, T, KV, hd], mask [B, T, T] = attention_mask_for(0..T-1, key_mask) -> [B, T, H, hd].
+
+  The last query sees every key, so `mask[:, -1]` is the key mask the fused kernels take.
+  A query that sees no real key (only in a sample without real tokens) gets zeros, and no
+  gradient, in every implementation (`attend` alone would give it the mean of the values
+  of its query block, a kernel whatever its tiling gives).
+  """
+  key_mask = mask[:, -1]
+  if implementation == "xla":
+    out = attend(q, k, v, mask, causal=True)
+  else:
+    out = attention_lib.FUSED[implementation](q, k, v, key_mask)
+  sees_a_key = jnp.cumsum(key_mask.astype(jnp.int32), axis=1) > 0
+  return jnp.where(sees_a_key[:, :, None, None], out, 0)
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention; kv_heads < heads shares each K/V head with a group."""
   cfg: LlmConfig
@@ -172,7 +193,10 @@ class Attention(nn.Module):
       k = write(cache[0], k.astype(cache[0].dtype), write_index)
       v = write(cache[1], v.astype(cache[1].dtype), write_index)
       cache = (k, v)
-    out = attend(q, k, v, mask, causal=cache is None)
+    if cache is None:
+      out = causal_attention(q, k, v, mask, attention_lib.resolve(c.attention, c.dtype))
+    else:
+      out = attend(q, k, v, mask, causal=False)
     out = _dense(c.hidden_size, ("heads", "head_dim", "embed"), c, "o_proj", axis=(-2, -1))(
         out.reshape(batch * length, heads, hd))
     return out.reshape(batch, length, width), cache
