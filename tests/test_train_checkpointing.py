@@ -42,7 +42,7 @@ def _state(step: int) -> state.TrainState:
 def _saved(directory: str, steps=(2, 4, 6)) -> checkpointing.StageCheckpointer:
   ckpt = checkpointing.StageCheckpointer(directory, every=2, keep=5, async_save=False)
   for s in steps:
-    ckpt.save(s, _state(s), {"position": s}, {"name": "tiny"})
+    ckpt.save(s, _state(s), {"position": s}, {"name": "tiny"}, validation={"best_step": s})
   ckpt.wait()
   ckpt.close()
   return checkpointing.StageCheckpointer(directory, every=2, keep=5, async_save=False)
@@ -60,17 +60,19 @@ def test_damaged_newest_step_is_moved_aside_and_an_older_one_restores(tmp_path, 
   _saved(directory).close()
   corrupt(os.path.join(directory, "6"))
   ckpt = checkpointing.StageCheckpointer(directory, every=2, keep=5, async_save=False)
-  step, restored, data, model_config = ckpt.restore_newest(_abstract())
-  assert step == 4 and int(restored.step) == 4 and data == {"position": 4}
-  np.testing.assert_array_equal(restored.params["w"], _state(4).params["w"])
-  assert model_config == {"name": "tiny"}
+  restored = ckpt.restore_newest(_abstract())
+  assert restored.step == 4 and int(restored.state.step) == 4
+  assert restored.data == {"position": 4} and restored.model_config == {"name": "tiny"}
+  assert restored.validation == {"best_step": 4}
+  np.testing.assert_array_equal(restored.state.params["w"], _state(4).params["w"])
   assert ckpt.manager.all_steps() == [2, 4]
   assert sorted(os.listdir(tmp_path / "stage2_unrestorable")) == ["6"]
   assert f"{directory}/6 cannot be restored" in caplog.text
   # Training on writes step 6 again beside the moved one.
   ckpt.save(6, _state(6), {"position": 6}, {"name": "tiny"}, force=True)
   ckpt.wait()
-  assert ckpt.restore_newest(_abstract())[0] == 6
+  restored = ckpt.restore_newest(_abstract())
+  assert restored.step == 6 and restored.validation == {}  # saved without one
   ckpt.close()
 
 

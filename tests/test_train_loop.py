@@ -1,6 +1,7 @@
 """The training loop end to end on the demo world: stages in order, exact resume after a
-kill -9, after SIGTERM (checkpoint, exit 0) and from a damaged newest checkpoint,
-dashboards and skipped completed stages."""
+kill -9, after SIGTERM (checkpoint, exit 0) and from a damaged newest checkpoint, the same
+fine-tune best after either, dashboards and skipped completed stages."""
+import json
 import os
 import shutil
 import signal
@@ -23,14 +24,14 @@ OVERRIDES = ("--config.stages=('stage1','stage2')", "--config.stage1.max_steps=2
              "--config.export.after_training=False")
 
 
-def _command(demo_world, workdir):
+def _command(demo_world, workdir, overrides=OVERRIDES):
   return [sys.executable, "-m", "exgra_jax.main", "--config=configs/demo.py",
-          f"--workdir={workdir}", f"--config.data.root={demo_world}", *OVERRIDES]
+          f"--workdir={workdir}", f"--config.data.root={demo_world}", *overrides]
 
 
-def _run(demo_world, workdir, timeout=600):
-  return subprocess.run(_command(demo_world, workdir), cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout, check=False)
+def _run(demo_world, workdir, timeout=600, overrides=OVERRIDES):
+  return subprocess.run(_command(demo_world, workdir, overrides), cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def _final(workdir, stage="stage2", step=8):
@@ -38,11 +39,12 @@ def _final(workdir, stage="stage2", step=8):
       os.path.join(workdir, "checkpoints", stage, str(step)))
 
 
-def _start(demo_world, workdir, log_dir):
+def _start(demo_world, workdir, log_dir, overrides=OVERRIDES):
   """The run in the background, its output in files (a full pipe would stall it)."""
   out = open(os.path.join(log_dir, "stdout.txt"), "w")
   err = open(os.path.join(log_dir, "stderr.txt"), "w")
-  return subprocess.Popen(_command(demo_world, workdir), cwd=REPO, stdout=out, stderr=err)
+  return subprocess.Popen(_command(demo_world, workdir, overrides), cwd=REPO, stdout=out,
+                          stderr=err)
 
 
 def _read(log_dir, name):
@@ -127,3 +129,45 @@ def test_damaged_newest_checkpoint_falls_back_and_ends_identical(reference, demo
   assert "stage stage2 resumes at step 6" in result.stderr
   assert os.listdir(os.path.join(workdir, "checkpoints", "stage2_unrestorable")) == ["8"]
   assert _final(workdir)["checksum"] == _final(reference[0])["checksum"]
+
+
+# A fine-tune alone: validation every 2 steps, so that the best is chosen among validations
+# on both sides of the interruption.
+FINETUNE = ("--config.stages=('finetune',)", "--config.finetune.max_steps=8",
+            "--config.finetune.global_batch=8", "--config.train.eval_every=2",
+            "--config.train.checkpoint_every=2", "--config.train.log_every=2",
+            "--config.export.after_training=False")
+
+
+def _finetune_outcome(workdir: str, stdout: str) -> dict:
+  result = json.loads(stdout)["finetune"]
+  with open(os.path.join(workdir, "eval", "finetune", "test", "answers.jsonl")) as f:
+    answers = f.read()
+  return {"validation": result["validation"], "test": result["test"], "answers": answers}
+
+
+@pytest.fixture(scope="module")
+def finetune_reference(demo_world, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("finetune"))
+  result = _run(demo_world, workdir, overrides=FINETUNE)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return _finetune_outcome(workdir, result.stdout)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_finetune_chooses_the_same_best(finetune_reference, demo_world, tmp_path,
+                                                    sig):
+  workdir = str(tmp_path / "run")
+  process = _start(demo_world, workdir, tmp_path, overrides=FINETUNE)
+  _wait_for(os.path.join(workdir, "checkpoints", "finetune", "4"), process, tmp_path)
+  process.send_signal(sig)
+  process.wait(timeout=300)
+  steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints", "finetune"))
+           if s.isdigit()]
+  assert max(steps) < 8
+  result = _run(demo_world, workdir, overrides=FINETUNE)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "resumes at step" in result.stderr
+  outcome = _finetune_outcome(workdir, result.stdout)
+  assert [v["step"] for v in outcome["validation"]["history"]] == [2, 4, 6, 8]
+  assert outcome == finetune_reference

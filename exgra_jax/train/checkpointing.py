@@ -1,8 +1,10 @@
 """Orbax checkpoints of one stage: train state + data-iterator state + model config.
 
 Layout (docs/interfaces.md): `workdir/checkpoints/<stage>/<step>/` with items
-`state` (params, opt_state, step, rng, skipped), `data` (the grain iterator state, JSON)
-and `model_config` (JSON of `config.model`). Orbax writes each step to a temporary
+`state` (params, opt_state, step, rng, skipped), `data` (the grain iterator state, JSON),
+`model_config` (JSON of `config.model`) and `validation` (JSON: the fine-tune's best score,
+best step and validation history, which a resumed fine-tune needs to choose the same best
+params; absent from checkpoints written before it existed). Orbax writes each step to a temporary
 directory and renames it when complete, so `latest_step` only ever sees whole checkpoints
 (a run killed mid-write resumes from the previous one). Restoring takes an abstract state
 whose leaves carry the *target* shardings, which is how a checkpoint moves to another mesh.
@@ -17,13 +19,21 @@ moved and one error names the directory and each step's reason.
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
+
+class Restored(NamedTuple):
+  step: int
+  state: Any          # placed with the abstract state's shardings
+  data: dict          # the input pipeline's state
+  model_config: dict
+  validation: dict    # {} when the checkpoint has no `validation` item
 
 
 class NoRestorableCheckpoint(RuntimeError):
@@ -56,35 +66,44 @@ class StageCheckpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def save(self, step: int, state: Any, data_state: dict, model_config: dict, *,
-           force: bool = False) -> bool:
+           validation: dict | None = None, force: bool = False) -> bool:
     """Writes the checkpoint of `step` if due (or `force`); True when one was started."""
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        model_config=ocp.args.JsonSave(model_config)), force=force)
+    items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_state),
+             "model_config": ocp.args.JsonSave(model_config)}
+    if validation is not None:
+      items["validation"] = ocp.args.JsonSave(validation)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
     """-> (state placed with `abstract_state`'s shardings, data state, model config)."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-        model_config=ocp.args.JsonRestore()))
-    return restored.state, restored.data, restored.model_config
+    return self._restore(step, abstract_state)[1:4]
 
-  def restore_newest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
-    """-> (step, state, data state, model config) of the newest step that restores, or
-    None when the stage has no checkpoint. Newer steps that fail are moved aside (module
-    doc); NoRestorableCheckpoint when none restores."""
+  def _restore(self, step: int, abstract_state: Any) -> Restored:
+    items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore(),
+             "model_config": ocp.args.JsonRestore()}
+    has_validation = os.path.isdir(os.path.join(self._step_dir(step), "validation"))
+    if has_validation:
+      items["validation"] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return Restored(step, restored.state, restored.data, restored.model_config,
+                    restored.validation if has_validation else {})
+
+  def restore_newest(self, abstract_state: Any) -> Restored | None:
+    """The newest step that restores, or None when the stage has no checkpoint. Newer
+    steps that fail are moved aside (module doc); NoRestorableCheckpoint when none
+    restores."""
     failures: list[tuple[int, str]] = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored, reason = self.restore(step, abstract_state), ""
+        restored, reason = self._restore(step, abstract_state), ""
       except Exception as e:  # pylint: disable=broad-except (any damage: try an older step)
         restored, reason = None, _reason(e)
       if not any_process(restored is None):
         self._move_aside(failures)
-        return step, *restored
+        return restored
       reason = reason or "failed to restore on another process"
       logging.warning("checkpoint %s cannot be restored (%s); trying an older step",
                       self._step_dir(step), reason)

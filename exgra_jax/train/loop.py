@@ -166,12 +166,15 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
   """Trains one stage to its last step (or until pre-empted); returns its summary."""
   ckpt = _checkpointer(config, workdir, stage.name)
   model_config = config.model.to_dict()
+  validation = FinetuneValidation(config, stage, workdir)
   restored = ckpt.restore_newest(
       checkpointing.abstract_with_shardings(stage.abstract_state, stage.shardings))
   if restored is not None:
-    latest, state, data_state, _ = restored
-    pipe.set_state(data_state)
-    logging.info("stage %s resumes at step %d of %d", stage.name, latest, stage.total_steps)
+    state = restored.state
+    pipe.set_state(restored.data)
+    validation.load_json(restored.validation)
+    logging.info("stage %s resumes at step %d of %d", stage.name, restored.step,
+                 stage.total_steps)
   else:
     state = starting_state(config, stage, workdir, mesh, previous)
   start = int(jax.device_get(state.step))
@@ -180,14 +183,13 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
     # A finished fine-tune still reports its test metrics (answers already written are
     # reused: the answers file is resumable).
     return {"status": "complete", "steps": start, "params": state.params,
-            **FinetuneValidation(config, stage, workdir).finish(state.params)}
+            **validation.finish(state.params)}
 
   logdir = str(workdir / "tensorboard" / stage.name)
   writer = metrics.create_writer(logdir)
   hooks = metrics.progress_hooks(stage.total_steps, writer, logdir,
                                  metrics.parse_profile_steps(config.train.profile_steps))
   throughput = metrics.Throughput()
-  validation = FinetuneValidation(config, stage, workdir)
   train_step, pending, last = None, [], {}
   imle.SOLVER_CLOCK.take()
   try:
@@ -216,7 +218,8 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
       validation.maybe_run(state.params, done)
       final = done == stage.total_steps
       stop = checkpointing.any_process(preemption.requested)
-      ckpt.save(done, state, pipe.get_state(), model_config, force=final or stop)
+      ckpt.save(done, state, pipe.get_state(), model_config, validation=validation.to_json(),
+                force=final or stop)
       if stop:
         ckpt.wait()
         logging.warning("stage %s pre-empted at step %d: checkpoint written", stage.name, done)
@@ -239,7 +242,9 @@ class FinetuneValidation:
   Every `train.eval_every` steps (0 = once per epoch) and at the last step, the current
   params answer `val_records`; the best (open recall + closed accuracy) / 2 so far is saved
   to `checkpoints/<stage>_best` as a params-only checkpoint. At the end the best params
-  (the final ones when there is no validation split) answer `test_records`.
+  (the final ones when there is no validation split) answer `test_records`. The best score,
+  its step and the history go into every checkpoint (`to_json` / `load_json`), so that a
+  resumed fine-tune compares with the same best and ends with the same choice.
   """
 
   def __init__(self, config, stage: Stage, workdir: epath.Path):
@@ -254,6 +259,17 @@ class FinetuneValidation:
         output_dir=str(self.workdir / "eval" / self.stage.name / name),
         checkpoint=str(self.workdir / "checkpoints" / self.stage.name),
         load_report={"missing": [], "unexpected": []})
+
+  def to_json(self) -> dict[str, Any]:
+    return {"best_score": self.best_score, "best_step": self.best_step,
+            "history": self.history}
+
+  def load_json(self, saved: dict[str, Any]) -> None:
+    """Takes the state `to_json` saved; {} (a checkpoint from before it was saved) keeps
+    the fresh state."""
+    if saved:
+      self.best_score, self.best_step = saved["best_score"], saved["best_step"]
+      self.history = list(saved["history"])
 
   @property
   def best_dir(self) -> epath.Path:
