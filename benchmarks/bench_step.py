@@ -68,9 +68,10 @@ def compiled_step(config, align: bool, mesh, batch):
   config.stage2.global_batch = batch["input_ids"].shape[0]
   stage = loop.build_stage(config, "stage2", mesh, 10_000, tuple(range(5)))
   state = sharded_state.init_sharded_state(stage.init_boxed_params, stage.tx, 0,
-                                           stage.shardings)
+                                           stage.shardings, mesh, config.logical_axis_rules)
   keys = tuple(k for k in batch if align or not k.startswith(("short", "long")))
-  step = sharded_state.jit_train_step(stage.step_fn, stage.shardings, mesh, keys)
+  step = sharded_state.jit_train_step(stage.step_fn, stage.shardings, mesh,
+                                      config.logical_axis_rules, keys)
   device_batch = sharding.shard_batch({k: batch[k] for k in keys}, mesh)
   flops = step.lower(state, device_batch).compile().cost_analysis()["flops"]
   state, metrics = step(state, device_batch)   # compile + first run

@@ -55,9 +55,11 @@ def train(config, sizes, devices, model, batch, init, tx, schedule):
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = sizes
   mesh = mesh_lib.build_mesh(config.mesh, devices)
   _, shardings = sharded_state.state_shardings(init, tx, mesh, config.logical_axis_rules)
-  state = sharded_state.init_sharded_state(init, tx, 0, shardings)
+  state = sharded_state.init_sharded_state(init, tx, 0, shardings, mesh,
+                                           config.logical_axis_rules)
   train_step = sharded_state.jit_train_step(
-      step.make_train_step(model, tx, schedule, micro_batches=2), shardings, mesh, batch)
+      step.make_train_step(model, tx, schedule, micro_batches=2), shardings, mesh,
+      config.logical_axis_rules, batch)
   losses = []
   for _ in range(2):
     state, metrics = train_step(state, sharding.shard_batch(batch, mesh))

@@ -11,9 +11,10 @@ U' = U + lambda * dL/dM and Q' = Q + lambda * dL/dM_E (same noise: it is part of
 and the cost gradients are -(M - M') / lambda and -(M_E - M_E') / lambda.
 
 Works under `jit`, `grad` and `vmap` (the callback flattens any leading batch axes into the
-problem axis) and inside a jit sharded over several devices (XLA gathers the callback's
-operands to the host). The host solve time is added to `SOLVER_CLOCK`, which the training
-loop reads for its dashboards (a side channel: never feeds back into the computation).
+problem axis) and inside `shard_map`, one callback per device (train/alignment_sharding.py:
+under a plain sharded jit, XLA would gather every device's problems to device 0). The host
+solve time is added to `SOLVER_CLOCK`, which the training loop reads for its dashboards (a
+side channel: never feeds back into the computation).
 """
 from __future__ import annotations
 
@@ -91,10 +92,15 @@ def solve_on_host(settings: SolverSettings, unary: jax.Array, quadratic: jax.Arr
                   edges1: jax.Array, edges2: jax.Array) -> jax.Array:
   """0/1 matchings [..., n1, n2] for problems with any leading axes, in one host callback."""
   shape = jax.ShapeDtypeStruct(unary.shape, jnp.float32)
-  return jax.pure_callback(functools.partial(_host_solve, settings), shape,
-                           unary.astype(jnp.float32), quadratic.astype(jnp.float32),
-                           edges1.astype(jnp.int32), edges2.astype(jnp.int32),
-                           vmap_method="broadcast_all")
+  matching = jax.pure_callback(functools.partial(_host_solve, settings), shape,
+                               unary.astype(jnp.float32), quadratic.astype(jnp.float32),
+                               edges1.astype(jnp.int32), edges2.astype(jnp.int32),
+                               vmap_method="broadcast_all")
+  # Inside a shard_map (train/alignment_sharding.py) the callback's result is typed as the
+  # same on every device; it varies over the mesh axes its costs vary over.
+  varying = tuple(sorted(jax.typeof(unary).manual_axis_type.varying
+                         | jax.typeof(quadratic).manual_axis_type.varying))
+  return jax.lax.pcast(matching, varying, to="varying") if varying else matching
 
 
 def induced_edge_matching(matching: jax.Array, edges1: jax.Array, edges2: jax.Array

@@ -102,15 +102,26 @@ def pair_features(f_image: jax.Array, f_short: jax.Array, f_long: jax.Array
   return xs, ys
 
 
+def dropout_keys(key: jax.Array, groups: int) -> jax.Array:
+  """[2, 6, G] keys of the GNN's dropout masks: X and Y side of each of the six problems
+  of each group. Drawn for all groups at once so that a group's masks do not depend on
+  where (on which device) it is embedded."""
+  kx, ky = jax.random.split(key)
+  pairs = len(PAIR_NAMES) * groups
+  keys = jnp.stack([jax.random.split(kx, pairs), jax.random.split(ky, pairs)])
+  return keys.reshape((2, len(PAIR_NAMES), groups) + keys.shape[2:])  # raw keys: [..., 2]
+
+
 def pair_costs(gnn_params: Any, settings: AlignSettings, xs: jax.Array, ys: jax.Array,
-               node_noise: jax.Array, edge_noise: jax.Array, dropout_key: jax.Array | None
+               node_noise: jax.Array, edge_noise: jax.Array, dropout: jax.Array | None
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Costs of the six problems of G groups under S noise draws.
 
   Args:
     xs, ys: [6, G, g, d] pair features (`pair_features`).
     node_noise: [S, G, g, g] (shared by the six problems); edge_noise: [S, 6, G, E, E].
-    dropout_key: None = GNN deterministic, else the key of its dropout masks.
+    dropout: None = GNN deterministic, else the [2, 6, G] keys of its dropout masks
+      (`dropout_keys`).
   Returns:
     unary [S, 6, G, g, g], quadratic [S, 6, G, E, E], edges [6, G, E, 2].
   """
@@ -126,13 +137,12 @@ def pair_costs(gnn_params: Any, settings: AlignSettings, xs: jax.Array, ys: jax.
 
   pairs = xs.shape[0] * xs.shape[1]
   flat = lambda a: a.reshape(pairs, *a.shape[2:])
-  if dropout_key is None:
+  if dropout is None:
     hx = jax.vmap(lambda f, e: embed(f, e, None))(flat(xs), flat(edges))
     hy = jax.vmap(lambda f, e: embed(f, e, None))(flat(ys), flat(edges))
   else:
-    kx, ky = jax.random.split(dropout_key)
-    hx = jax.vmap(embed)(flat(xs), flat(edges), jax.random.split(kx, pairs))
-    hy = jax.vmap(embed)(flat(ys), flat(edges), jax.random.split(ky, pairs))
+    hx = jax.vmap(embed)(flat(xs), flat(edges), flat(dropout[0]))
+    hy = jax.vmap(embed)(flat(ys), flat(edges), flat(dropout[1]))
   hx = hx.reshape(*xs.shape[:2], *hx.shape[1:])
   hy = hy.reshape(*ys.shape[:2], *hy.shape[1:])
 
@@ -158,25 +168,36 @@ def hamming_to_identity(matching: jax.Array) -> jax.Array:
   return (matching * (1.0 - eye) + (1.0 - matching) * eye).sum(axis=(-2, -1)) / g
 
 
-def alignment_from_noise(gnn_params: Any, settings: AlignSettings, f_image: jax.Array,
-                         f_short: jax.Array, f_long: jax.Array, node_noise: jax.Array,
-                         edge_noise: jax.Array, dropout_key: jax.Array | None
-                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The loss for features [G, g, d] and explicit noise (shapes as in `pair_costs`).
+def group_alignment(gnn_params: Any, settings: AlignSettings, f_image: jax.Array,
+                    f_short: jax.Array, f_long: jax.Array, node_noise: jax.Array,
+                    edge_noise: jax.Array, dropout: jax.Array | None
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Per-group results for features [G, g, d] and explicit noise and dropout keys (shapes as
+  in `pair_costs`): (L_m per modality [3, G], the solved matchings [S, 6, G, g, g]).
 
-  Returns (mean over groups of L_align, aux) with aux: `hamming_<modality>` (mean of its
-  two directions), `matched_fraction`, `identity_fraction` (matched to itself), `matching`
-  [g, g] (image -> c, mean over groups and samples: the dashboard image) and `matchings`
-  [S, 6, G, g, g] (every solved matching, for tests and tools).
+  Groups are independent given their noise and keys, so any subset of groups (the ones a
+  device holds) gives the same per-group values as the whole batch: `train/` runs this per
+  device inside a `shard_map`.
   """
   xs, ys = pair_features(f_image, f_short, f_long)
   unary, quadratic, edges = pair_costs(gnn_params, settings, xs, ys, node_noise, edge_noise,
-                                       dropout_key)
+                                       dropout)
   edges_b = jnp.broadcast_to(edges, unary.shape[:1] + edges.shape)
   matchings, _ = imle.differentiable_matching(settings.solver, unary, quadratic, edges_b,
                                               edges_b)
   hamming = hamming_to_identity(matchings).mean(axis=0)            # [6, G]
-  per_modality = (hamming[0::2] + hamming[1::2]) / 2.0             # [3, G]
+  return (hamming[0::2] + hamming[1::2]) / 2.0, matchings          # [3, G]
+
+
+def summarize(per_modality: jax.Array, matchings: jax.Array
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(mean over groups of L_align, aux) from `group_alignment`'s outputs.
+
+  aux: `hamming_<modality>` (mean of its two directions), `matched_fraction`,
+  `identity_fraction` (matched to itself), `matching` [g, g] (image -> c, mean over groups
+  and samples: the dashboard image) and `matchings` [S, 6, G, g, g] (every solved matching,
+  for tests and tools).
+  """
   loss = per_modality.mean()
   g = matchings.shape[-1]
   solved = jax.lax.stop_gradient(matchings)
@@ -186,6 +207,17 @@ def alignment_from_noise(gnn_params: Any, settings: AlignSettings, f_image: jax.
   aux["matching"] = solved[:, 0].mean(axis=(0, 1))
   aux["matchings"] = solved
   return loss, aux
+
+
+def alignment_from_noise(gnn_params: Any, settings: AlignSettings, f_image: jax.Array,
+                         f_short: jax.Array, f_long: jax.Array, node_noise: jax.Array,
+                         edge_noise: jax.Array, dropout_key: jax.Array | None
+                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The loss and aux (`summarize`) for features [G, g, d] and explicit noise (shapes as in
+  `pair_costs`); `dropout_key` None = GNN deterministic."""
+  dropout = None if dropout_key is None else dropout_keys(dropout_key, f_image.shape[0])
+  return summarize(*group_alignment(gnn_params, settings, f_image, f_short, f_long,
+                                    node_noise, edge_noise, dropout))
 
 
 def draw_noise(key: jax.Array, settings: AlignSettings, groups: int, g: int

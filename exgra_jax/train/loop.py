@@ -18,7 +18,6 @@ SIGTERM (pre-emption) writes a checkpoint at the next step boundary and returns 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -38,8 +37,8 @@ from exgra_jax.hf import exporter, hf_configs
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models import llava
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.train import (checkpointing, initial_weights, metrics, model_checkpoint,
-                             optimizer, sharded_state, step)
+from exgra_jax.train import (alignment_sharding, checkpointing, initial_weights, metrics,
+                             model_checkpoint, optimizer, sharded_state, step)
 from exgra_jax.train import mesh as mesh_lib
 
 
@@ -95,9 +94,11 @@ def build_stage(config: ml_collections.ConfigDict, name: str, mesh: jax.sharding
   align_fn, group_size = None, 0
   if settings is not None:
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    group_size = align_loss.group_size_for(config.align, cfg.global_batch // cfg.micro_batches,
-                                           data_parallel)
-    align_fn = functools.partial(align_loss.multi_graph_alignment_loss, settings=settings)
+    micro_batch = cfg.global_batch // cfg.micro_batches
+    group_size = align_loss.group_size_for(config.align, micro_batch, data_parallel)
+    # GNN and host solves on the devices holding each group, not funnelled through one.
+    align_fn = alignment_sharding.make_sharded_alignment(settings, mesh, group_size,
+                                                         micro_batch)
   step_fn = step.make_train_step(model, tx, schedule, micro_batches=cfg.micro_batches,
                                  align_fn=align_fn, alpha=config.align.alpha,
                                  group_size=group_size, text_pool=config.align.text_pool)
@@ -116,7 +117,7 @@ def starting_state(config, stage: Stage, workdir: epath.Path, mesh,
                    previous: tuple[str, Any] | None):
   """A fresh sharded state whose params come from the stage's weight source."""
   state = sharded_state.init_sharded_state(stage.init_boxed_params, stage.tx, config.seed,
-                                           stage.shardings)
+                                           stage.shardings, mesh, config.logical_axis_rules)
   kind, path = initial_weights.source_for(config, stage.name, workdir)
   if kind == "random":
     logging.info("stage %s starts from random weights (config.init.random)", stage.name)
@@ -198,7 +199,7 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
       batch = pipeline_lib.to_global_batch(host_batch, mesh)
       if train_step is None:
         train_step = sharded_state.jit_train_step(stage.step_fn, stage.shardings, mesh,
-                                                  tuple(batch))
+                                                  config.logical_axis_rules, tuple(batch))
       state, step_metrics = train_step(state, batch)
       done = at + 1
       throughput.update(_host_tokens(host_batch))

@@ -77,7 +77,8 @@ def plan_step_memory(config: ml_collections.ConfigDict, stage_name: str,
   stage = loop.build_stage(config, stage_name, mesh, 1000 * batch_size,
                            tuple(range(vocab - 5, vocab)))
   batch = abstract_batch(config, batch_size, length, mesh, align=bool(stage.cfg.align))
-  train_step = sharded_state.jit_train_step(stage.step_fn, stage.shardings, mesh, batch)
+  train_step = sharded_state.jit_train_step(stage.step_fn, stage.shardings, mesh,
+                                            config.logical_axis_rules, batch)
   state_arg = checkpointing.abstract_with_shardings(stage.abstract_state, stage.shardings)
   analysis = train_step.lower(state_arg, batch).compile().memory_analysis()
   return MemoryPlan(

@@ -34,16 +34,20 @@ def state_shardings(init_boxed_params: Callable[[], Any], tx: optax.GradientTran
 
 
 def init_sharded_state(init_boxed_params: Callable[[], Any], tx: optax.GradientTransformation,
-                       seed: int, shardings: TrainState) -> TrainState:
-  """Materialises the state directly in its shards (no full copy on any one device)."""
-  return jax.jit(lambda: nn.unbox(_boxed_state(init_boxed_params, tx, seed)),
-                 out_shardings=shardings)()
+                       seed: int, shardings: TrainState, mesh: jax.sharding.Mesh,
+                       rules: Sequence[Sequence[Any]]) -> TrainState:
+  """Materialises the state directly in its shards (no full copy on any one device); the
+  init is traced under the mesh and rules, so its activations are sharded too."""
+  init = sharding.traced_under(lambda: nn.unbox(_boxed_state(init_boxed_params, tx, seed)),
+                               mesh, rules)
+  return jax.jit(init, out_shardings=shardings)()
 
 
 def jit_train_step(step_fn: Callable, shardings: TrainState, mesh: jax.sharding.Mesh,
-                   batch_keys: Sequence[str]) -> Callable:
-  """`step_fn` jitted with the state sharded as given, the batch split along samples,
-  metrics replicated, and the input state donated."""
+                   rules: Sequence[Sequence[Any]], batch_keys: Sequence[str]) -> Callable:
+  """`step_fn` traced under the mesh and rules (`sharding.traced_under`) and jitted with
+  the state sharded as given, the batch split along samples, metrics replicated, and the
+  input state donated."""
   batch = {k: sharding.batch_sharding(mesh) for k in batch_keys}
-  return jax.jit(step_fn, in_shardings=(shardings, batch),
+  return jax.jit(sharding.traced_under(step_fn, mesh, rules), in_shardings=(shardings, batch),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
