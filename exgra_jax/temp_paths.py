@@ -38,6 +38,20 @@ def new_file(path: str) -> str:
   return tmp
 
 
+def replace_file(path: str, text: str) -> None:
+  """Writes `text` (UTF-8) to `path` through a temporary beside it and a rename: a reader
+  sees the old file or the new one, never a part."""
+  tmp = new_file(path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
 def _alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)

@@ -5,12 +5,22 @@ One line per question: `{"question_id", "prompt", "text", "answer_id", "model_id
 of model, question and answer so that reruns are reproducible). Questions are answered in
 chunks and each finished chunk is appended at once, so an interrupted VQA or chatbot run
 resumes where it stopped.
+
+With several processes every one answers every chunk (generation is one sharded
+computation) and gets the same answers; process 0 alone writes the file, so that each
+answer is in it once. All must skip the same questions: they read the file (the workdir is
+on a file system every process sees, as for checkpoints) and check that they agree before
+process 0 appends anything.
 """
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from exgra_jax.eval.jsonl_store import JsonlStore
 
@@ -23,6 +33,18 @@ def answer_record(question_id: str, prompt: str, text: str, model_id: str,
           "model_id": model_id, "metadata": dict(metadata or {})}
 
 
+def _require_same_todo(todo: Sequence[tuple[str, str]], path: str) -> None:
+  """Raises unless every process has the same questions left (also a barrier: everyone has
+  read the file before process 0 appends to it)."""
+  if jax.process_count() == 1:
+    return
+  digest = np.frombuffer(hashlib.sha256("\0".join(q for q, _ in todo).encode()).digest(),
+                         np.uint8)
+  if not (multihost_utils.process_allgather(digest) == digest).all():
+    raise RuntimeError(f"the processes see different answers in {path}: the workdir must be "
+                       "on a file system that every process sees")
+
+
 def answer_all(questions: Sequence[tuple[str, str]],
                answer_batch: Callable[[Sequence[tuple[str, str]]], Sequence[str]], path: str,
                model_id: str, chunk_size: int) -> list[dict[str, Any]]:
@@ -33,8 +55,9 @@ def answer_all(questions: Sequence[tuple[str, str]],
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-  store = JsonlStore(path, key="question_id")
+  store = JsonlStore(path, key="question_id", persist=jax.process_index() == 0)
   todo = [(str(qid), prompt) for qid, prompt in questions if str(qid) not in store]
+  _require_same_todo(todo, path)
   for start in range(0, len(todo), chunk_size):
     chunk = todo[start:start + chunk_size]
     texts = answer_batch(chunk)

@@ -13,10 +13,14 @@ from typing import Any
 
 
 class JsonlStore:
-  """{key: record} persisted at `path`; `add` is thread-safe (caption workers share it)."""
+  """{key: record} persisted at `path`; `add` is thread-safe (caption workers share it).
 
-  def __init__(self, path: str, key: str):
-    self.path, self.key = path, key
+  `persist=False` keeps added records in memory only: the store of a process that is not
+  the writer of a file every process reads.
+  """
+
+  def __init__(self, path: str, key: str, persist: bool = True):
+    self.path, self.key, self.persist = path, key, persist
     self._lock = threading.Lock()
     self.records: dict[str, dict[str, Any]] = {}
     if os.path.exists(path):
@@ -34,12 +38,13 @@ class JsonlStore:
   def add(self, record: dict[str, Any]) -> None:
     line = json.dumps(record, ensure_ascii=False) + "\n"
     with self._lock:
-      with open(self.path, "a", encoding="utf-8") as f:
-        if f.tell() and not self._ends_with_newline():
-          f.write("\n")  # a torn line from a killed run must not swallow this record
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+      if self.persist:
+        with open(self.path, "a", encoding="utf-8") as f:
+          if f.tell() and not self._ends_with_newline():
+            f.write("\n")  # a torn line from a killed run must not swallow this record
+          f.write(line)
+          f.flush()
+          os.fsync(f.fileno())
       self.records[str(record[self.key])] = record
 
   def _ends_with_newline(self) -> bool:

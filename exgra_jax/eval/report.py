@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from exgra_jax import temp_paths
 from exgra_jax.eval.vqa_metrics import METRIC_DEFINITIONS, METRICS_VERSION
 
 _CHUNK = 1 << 20
@@ -91,11 +92,10 @@ def markdown_table(report: Mapping[str, Any]) -> str:
 
 
 def write_report(directory: str, report: Mapping[str, Any]) -> None:
-  """Writes protocol.json and protocol.md into `directory` (created if needed)."""
+  """Writes protocol.json and protocol.md into `directory` (created if needed), each
+  through a temporary of its own and a rename; call it from one process."""
   os.makedirs(directory, exist_ok=True)
+  temp_paths.remove_stale(directory)
   for name, text in (("protocol.json", json.dumps(report, indent=2, sort_keys=True)),
                      ("protocol.md", markdown_table(report))):
-    tmp = os.path.join(directory, f".{name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(directory, name))
+    temp_paths.replace_file(os.path.join(directory, name), text)

@@ -66,10 +66,11 @@ def evaluate_loaded(model: LlavaModel, params, tokenizer, inputs: VqaInputs,
   metrics["metrics_version"] = vqa_metrics.METRICS_VERSION
   decoding = {**dataclasses.asdict(settings), "greedy": settings.temperature == 0}
   template_text = prompts.build_prompt("{question}", template, 1)
-  protocol = report.build_report(checkpoint=checkpoint, data_files=inputs.data_files,
-                                 template=template_text, decoding=decoding, metrics=metrics,
-                                 load_report=load_report)
-  report.write_report(output_dir, protocol)
+  if jax.process_index() == 0:  # every process has the same answers; one writes
+    protocol = report.build_report(checkpoint=checkpoint, data_files=inputs.data_files,
+                                   template=template_text, decoding=decoding,
+                                   metrics=metrics, load_report=load_report)
+    report.write_report(output_dir, protocol)
   return metrics
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from exgra_jax import temp_paths
 from exgra_jax.data.records import IMAGE_TOKEN
 from exgra_jax.eval import answers, generate, prompts
 from exgra_jax.models.llava import LlavaModel
@@ -95,8 +96,7 @@ def evaluate_loaded(model: LlavaModel, params, tokenizer, items: Sequence[Mappin
                                os.path.join(output_dir, "answers.jsonl"), model_id,
                                chunk_size=settings.batch_size)
   result = accuracy_per_dataset(items, {r["question_id"]: r["text"] for r in records})
-  tmp = os.path.join(output_dir, ".zero_shot_accuracy.json.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
-  os.replace(tmp, os.path.join(output_dir, "zero_shot_accuracy.json"))
+  if jax.process_index() == 0:  # every process has the same answers; one writes
+    temp_paths.replace_file(os.path.join(output_dir, "zero_shot_accuracy.json"),
+                            json.dumps(result, indent=2))
   return result
