@@ -87,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.align.imle_noise = "gumbel"     # gumbel | sum_of_gamma | none
   c.align.group_size = 16           # samples per graph (0 = the whole global batch)
   c.align.grouping = "per_device"   # per_device (release) | fixed (group_size) | global
-  c.align.text_pool = "masked"      # masked (mean over real tokens) | padded (release)
+  c.align.text_mode = "default"     # f_S / f_L texts and pooling: default | release (docs/align.md)
   c.align.solver_iterations = 100   # solver iteration budget (deterministic)
   c.align.solver_time_limit_s = 0.0 # per-problem wall-clock cap (0 = none); counted if hit
   c.align.solver_threads = 0        # host threads for the batched solve (0 = all cores)
@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.tokenizer_dir = ""         # HF tokenizer dir, relative to data.root ("" = init.hf_dir / llm_dir's)
   c.data.max_length = 2048          # tokens per conversation (longer: truncated, counted)
   c.data.length_buckets = (512, 1024, 2048)  # padded lengths (few compiled shapes)
-  c.data.text_max_length = 512      # tokens of the alignment texts (short / long)
+  c.data.text_max_length = 512      # tokens of the alignment texts (short / long; release: 2048)
   c.data.label_mode = "per_turn"    # per_turn (clean) | release (release masking)
   c.data.workers = 2                # grain worker processes decoding images
   c.data.prefetch = 2               # batches made ahead per worker (or in-process thread)

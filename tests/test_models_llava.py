@@ -98,8 +98,8 @@ def test_greedy_decode_pads_after_eos(pair):
   assert (stopped[0, stop + 1:] == -7).all()
 
 
-@pytest.mark.parametrize("pool", ["masked", "padded"])
-def test_text_features_match_the_torch_language_model(pair, pool):
+def test_text_features_match_the_torch_language_model(pair):
+  """The default mode's masked mean (the release mode: tests/test_align_node_features.py)."""
   model, params = pair
   ids, mask, _ = _inputs()
   ids = np.where(ids == IMAGE_TOKEN, 5, ids)
@@ -107,15 +107,12 @@ def test_text_features_match_the_torch_language_model(pair, pool):
     hidden = model.model.language_model(input_ids=torch.tensor(ids),
                                         attention_mask=torch.tensor(mask)).last_hidden_state
   hidden = hidden.numpy()
-  if pool == "masked":
-    expected = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
-  else:
-    expected = hidden.mean(1)
-  ours = LlavaModel(CFG).apply({"params": params}, ids, mask, pool=pool,
+  expected = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  ours = LlavaModel(CFG).apply({"params": params}, ids, mask,
                                method=LlavaModel.text_features)
   np.testing.assert_allclose(np.asarray(ours), expected, atol=TOL, rtol=0)
-  if pool == "masked":  # row 1 is padded: the two pools must differ there
-    assert np.abs(np.asarray(ours)[1] - hidden[1].mean(0)).max() > 1e-3
+  # row 1 is padded: a mean over all positions would differ there
+  assert np.abs(np.asarray(ours)[1] - hidden[1].mean(0)).max() > 1e-3
 
 
 def test_vision_tower_gets_no_gradient_and_the_projector_does(pair):
@@ -138,8 +135,8 @@ def test_bad_inputs_are_named(pair):
     _apply(params, ids, mask[:, :5], pixels)
   with pytest.raises(ValueError, match="pixel_values has 1 images for 2 token rows"):
     _apply(params, ids, mask, pixels[:1])
-  with pytest.raises(ValueError, match="pool='mean' is not one of"):
-    LlavaModel(CFG).apply({"params": params}, ids, mask, pool="mean",
+  with pytest.raises(ValueError, match="mode='mean' is not one of"):
+    LlavaModel(CFG).apply({"params": params}, ids, mask, mode="mean",
                           method=LlavaModel.text_features)
 
 

@@ -9,6 +9,11 @@ and the same loss; its gradients are the IMLE gradients of this implementation.
 
 PyG naming, per layer n = 1, 2 (torch layout, weight [out, in]):
   `conv{n}.lin_rel.weight`, `conv{n}.lin_rel.bias`, `conv{n}.lin_root.weight`.
+
+The step before, the node features of explicit records (which texts, their ids and
+masks, f_S / f_L / f_I in the `default` or `release` text mode), is checked with
+`exgra_jax.eval.node_features.node_features`: it loads a model directory, which `align/`
+(it sees embeddings only, never `models/` or the weight loaders) may not do.
 """
 from collections.abc import Mapping
 import dataclasses

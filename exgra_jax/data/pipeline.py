@@ -47,10 +47,23 @@ class ExampleSpec:
   text_max_length: int
   label_mode: str
   align: bool  # produce short/long alignment texts (stage 2)
+  text_mode: str = "default"  # alignment texts: default | release (text.alignment_text)
 
 
 def _turns(raw: list[dict]) -> tuple[Turn, ...]:
   return tuple(Turn(t["from"], t["value"]) for t in raw)
+
+
+def alignment_example(tok, record: dict, *, max_length: int, mode: str) -> dict:
+  """A record's two alignment texts -> `short_ids`, `short_mask`, `long_ids`, `long_mask`
+  ([max_length] int32 each). Without extended captions the long text is the short one."""
+  long = record.get("conversations_long") or record["conversations"]
+  example = {}
+  for key, raw in (("short", record["conversations"]), ("long", long)):
+    ids, mask = text.tokenize_alignment_text(
+        tok, text.alignment_text(_turns(raw), mode), max_length, mode)
+    example[f"{key}_ids"], example[f"{key}_mask"] = ids, mask
+  return example
 
 
 def tokenize_example(tok, record: dict, spec: ExampleSpec) -> dict:
@@ -67,12 +80,9 @@ def tokenize_example(tok, record: dict, spec: ExampleSpec) -> dict:
       "labels": tokenized.labels,
       "image_mask": tokenized.image_mask,
   }
-  if spec.align:  # without extended captions the long text is the short one (counted)
-    long = _turns(record.get("conversations_long") or record["conversations"])
-    for key, turns in (("short", conversation), ("long", long)):
-      ids, mask = text.tokenize_alignment_text(tok, text.alignment_text(turns),
-                                               spec.text_max_length)
-      example[f"{key}_ids"], example[f"{key}_mask"] = ids, mask
+  if spec.align:  # a missing extended caption is counted (no_long_caption)
+    example.update(alignment_example(tok, record, max_length=spec.text_max_length,
+                                     mode=spec.text_mode))
   return example
 
 
@@ -427,7 +437,7 @@ def pipeline_from_config(config, stage: str, *, num_image_tokens: int, batch_siz
                      image_size=config.model.vision.image_size,
                      num_image_tokens=num_image_tokens, max_length=data.max_length,
                      text_max_length=data.text_max_length, label_mode=data.label_mode,
-                     align=bool(config[stage].align))
+                     align=bool(config[stage].align), text_mode=config.align.text_mode)
   return InputPipeline(stage_source(config, stage, log), spec, batch_size=batch_size,
                        length_buckets=tuple(data.length_buckets), seed=config.seed,
                        shuffle=data.shuffle, num_epochs=num_epochs, workers=data.workers,

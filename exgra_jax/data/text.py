@@ -1,4 +1,5 @@
-"""Training template, `<image>` expansion, tokenisation and label masks (SPEC.md 4).
+"""Training template, `<image>` expansion, tokenisation and label masks (SPEC.md 4), and
+the alignment texts of f_S / f_L (SPEC.md 3.1, `alignment_text`).
 
 (The inference prompts of SPEC.md 5 live in `eval/prompts.py`.)
 
@@ -43,6 +44,7 @@ IM_START, IM_PATCH, IM_END = "<im_start>", "<im_patch>", "<im_end>"
 ROLE_NAMES = {"human": "Human", "gpt": "Assistant"}
 BEGIN_SIGNAL, END_SIGNAL = "### ", "\n"
 IGNORE = -100
+ALIGNMENT_TEXT_MODES = ("default", "release")  # config.align.text_mode
 
 
 def image_placeholder(num_image_tokens: int) -> str:
@@ -67,12 +69,29 @@ def training_text(turns: tuple[Turn, ...], num_image_tokens: int) -> str:
   return header + "".join(pieces) + BEGIN_SIGNAL
 
 
-def alignment_text(turns: tuple[Turn, ...]) -> str:
-  """Assistant turns joined with ". ", image tokens and newlines removed (SPEC.md 3.1).
+def alignment_text(turns: tuple[Turn, ...], mode: str = "default") -> str:
+  """The text whose LLM states give f_S (of the turns) or f_L (of the extended turns).
 
-  A newline becomes a space rather than nothing, so that the words on either side of it
-  are not glued into one.
+  Both modes join answers with ". " (an answer ending in "." thus gives "..") and remove
+  the image tokens; they differ where the release is careless (SPEC.md 3.1):
+  - `default`: the assistant turns (by role); a newline becomes a space and whitespace
+    runs collapse, so that the words on either side of a newline are not glued into one;
+    empty answers are left out;
+  - `release`: the release's `merge_sentences_preprocess`: every second turn (1, 3, ...),
+    `<image>` expanded and then deleted with the other image tokens (which leaves the
+    spaces around it), every "\\n" deleted with nothing in its place, empty answers
+    kept, nothing stripped.
   """
+  if mode == "release":
+    answers = []
+    for t in turns[1::2]:
+      value = t.value.replace(IMAGE_TOKEN, image_placeholder(1)).replace("\n", "")
+      for token in (IM_PATCH, IM_END, IM_START):
+        value = value.replace(token, "")
+      answers.append(value)
+    return ". ".join(answers)
+  if mode != "default":
+    raise ValueError(f"alignment text mode {mode!r} not in {ALIGNMENT_TEXT_MODES}")
   answers = []
   for t in turns:
     if t.role != "gpt":
@@ -193,11 +212,19 @@ def tokenize_conversation(tok, turns: tuple[Turn, ...], *, num_image_tokens: int
                                image_mask, truncated)
 
 
-def tokenize_alignment_text(tok, text: str, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-  """Alignment text -> (ids [max_length] int32, mask [max_length] int32), right-padded."""
+def tokenize_alignment_text(tok, text: str, max_length: int, mode: str = "default"
+                            ) -> tuple[np.ndarray, np.ndarray]:
+  """Alignment text -> (ids [max_length] int32, mask [max_length] int32), right-padded.
+
+  BOS, no EOS, cut at max_length. The mask marks the text's tokens (`default`) or, as the
+  release's collator computes it, every id that is not the pad id (`release`: a pad
+  token inside the text is masked too).
+  """
   ids = encode(tok, text).ids[:max_length]
   out = np.full((max_length,), tok.pad_token_id, np.int32)
-  mask = np.zeros((max_length,), np.int32)
   out[:len(ids)] = ids
+  if mode == "release":
+    return out, (out != tok.pad_token_id).astype(np.int32)
+  mask = np.zeros((max_length,), np.int32)
   mask[:len(ids)] = 1
   return out, mask

@@ -182,6 +182,9 @@ def model_config_from_hf(layout: str, config: Mapping[str, Any],
                          overrides: Mapping[str, Any] | None = None) -> LlavaConfig:
   """The model config of an HF checkpoint (`config.json` + the CLIP one for release / plain).
 
+  Without the CLIP config, a release or plain checkpoint is imported for its text side
+  only (`importer.import_model(text_only=True)`): the vision part is a stand-in (CLIP-L
+  defaults, connector none) that no imported parameter uses.
   `overrides` sets top-level `config.model` keys (OVERRIDABLE): runtime choices (dtype,
   scan_layers, ...) and what a checkpoint does not say (projector of a plain LLaMA
   start, connector of a release dense-connector checkpoint).
@@ -194,14 +197,14 @@ def model_config_from_hf(layout: str, config: Mapping[str, Any],
     text, vision = dict(config["text_config"]), clip_vision_dict(config["vision_config"])
     text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
     fields = _llava_connector(config)
-  else:
-    if clip_config is None:
-      raise ValueError(f"layout {layout!r} needs the CLIP directory's config")
+  elif layout == "release" and clip_config is not None:
     text, vision = dict(config), clip_vision_dict(clip_config)
-    if layout == "release":
-      fields = _release_connector(config, vision, overrides)
-    else:
-      fields = {"connector": "none", "select_layer": -2, "projector": "mlp2x_gelu"}
+    fields = _release_connector(config, vision, overrides)
+  else:  # plain, or text only (the stand-in tower)
+    text = dict(config)
+    vision = (clip_vision_dict(clip_config) if clip_config is not None
+              else clip_hf_config(VisionConfig()).to_dict())
+    fields = {"connector": "none", "select_layer": -2, "projector": "mlp2x_gelu"}
   fields.setdefault("projector", "mlp2x_gelu")
   fields["connector_layers"] = tuple(config.get("exgra_connector_layers") or fields.get(
       "connector_layers") or default_connector_layers(vision["num_hidden_layers"]))

@@ -184,7 +184,7 @@ def import_model(hf_dir: str, clip_dir: str | None = None, *, tokenizer_dir: str
                  overrides: Mapping[str, Any] | None = None,
                  mesh: jax.sharding.Mesh | None = None,
                  rules: Sequence[Sequence[Any]] | None = None, allow_missing: bool = False,
-                 seed: int = 0) -> ImportedModel:
+                 seed: int = 0, text_only: bool = False) -> ImportedModel:
   """Imports a local HF directory (layouts: llava, release, plain; see module docstring).
 
   clip_dir: CLIP tower for the release / plain layouts (default for release: the local
@@ -197,11 +197,14 @@ def import_model(hf_dir: str, clip_dir: str | None = None, *, tokenizer_dir: str
   allow_missing: initialise leaves whose tensors are missing (listed in report) instead of
     raising MissingTensorsError.
   seed: PRNG seed of the initialised leaves (plain layout projector, missing ones).
+  text_only: import the LLM alone (`params` = {"llm": ...}; the tower and projector
+    tensors are neither read nor reported), so that a plain LLaMA or a release directory
+    needs no CLIP directory (its model config then has a stand-in vision part).
   """
   hf_dir = os.path.abspath(hf_dir)
   config = hf_configs.read_json(os.path.join(hf_dir, "config.json"))
   layout = hf_configs.detect_layout(config, hf_dir)
-  clip_dir = _clip_directory(layout, config, hf_dir, clip_dir)
+  clip_dir = None if text_only else _clip_directory(layout, config, hf_dir, clip_dir)
   clip_config = (hf_configs.read_json(os.path.join(clip_dir, "config.json"))
                  if clip_dir else None)
   cfg = hf_configs.model_config_from_hf(layout, config, clip_config,
@@ -218,17 +221,22 @@ def import_model(hf_dir: str, clip_dir: str | None = None, *, tokenizer_dir: str
 
   entries = layouts.layout_entries(layout, cfg)
   abstract, shardings = placement.expected_params(cfg, mesh, rules)
+  if text_only:
+    abstract = {path: leaf for path, leaf in abstract.items() if path[0] == "llm"}
   groups: dict[layouts.Path, Group] = {}
+  imported = []
   for entry in entries:
     path, index = layouts.param_location(entry.path, cfg.llm)
-    groups.setdefault(path, []).append((index, entry))
+    if path in abstract:
+      groups.setdefault(path, []).append((index, entry))
+      imported.append(entry)
 
   with contextlib.ExitStack() as stack:
     readers = {layouts.MAIN: stack.enter_context(TensorReader(hf_dir))}
     if clip_dir:
       readers[layouts.CLIP] = stack.enter_context(TensorReader(clip_dir))
     sources = _Sources(layout, readers, entries)
-    missing = [e.name for e in entries if not sources.has(e)]
+    missing = [e.name for e in imported if not sources.has(e)]
     if missing and not allow_missing:
       raise MissingTensorsError(
           f"{len(missing)} tensors missing from {hf_dir} ({layout} layout): {missing[:8]}; "

@@ -174,7 +174,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               write_index: jax.Array, cache: tuple[jax.Array, jax.Array] | None
+               query_mask: jax.Array | None, write_index: jax.Array,
+               cache: tuple[jax.Array, jax.Array] | None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     c = self.cfg
     hd, heads, kv_heads = c.resolved_head_dim, c.num_heads, c.num_kv_heads
@@ -197,6 +198,8 @@ class Attention(nn.Module):
       out = causal_attention(q, k, v, mask, attention_lib.resolve(c.attention, c.dtype))
     else:
       out = attend(q, k, v, mask, causal=False)
+    if query_mask is not None:  # [B, T] bool: False rows output nothing (flash's unpad / pad)
+      out = jnp.where(query_mask[:, :, None, None], out, 0)
     out = _dense(c.hidden_size, ("heads", "head_dim", "embed"), c, "o_proj", axis=(-2, -1))(
         out.reshape(batch * length, heads, hd))
     return out.reshape(batch, length, width), cache
@@ -225,11 +228,11 @@ class DecoderLayer(nn.Module):
   cfg: LlmConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, write_index, cache):
+  def __call__(self, x, cos, sin, mask, query_mask, write_index, cache):
     c = self.cfg
     norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
     attn, cache = Attention(c, name="self_attn")(norm("input_layernorm")(x), cos, sin, mask,
-                                                 write_index, cache)
+                                                 query_mask, write_index, cache)
     x = x + attn
     x = x + Mlp(c, name="mlp")(norm("post_attention_layernorm")(x))
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
@@ -256,7 +259,7 @@ class Llama(nn.Module):
     if c.scan_layers:
       self.layers = nn.scan(
           layer, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+          in_axes=(nn.broadcast,) * 5 + (0,),
           length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(c)
     else:
       self.layers = [layer(c) for _ in range(c.num_layers)]
@@ -269,19 +272,26 @@ class Llama(nn.Module):
     return self.embed_tokens(input_ids)
 
   def hidden_states(self, embeds: jax.Array, attention_mask: jax.Array,
-                    positions: jax.Array | None = None, cache: Cache | None = None
-                    ) -> tuple[jax.Array, Cache | None]:
+                    positions: jax.Array | None = None, cache: Cache | None = None, *,
+                    padding_attends: bool = True) -> tuple[jax.Array, Cache | None]:
     """embeds [B, T, D] -> (final-normed hidden [B, T, D], updated cache or None).
 
     Without a cache, positions are 0..T-1 (right padding) and must not be given. With a
     cache, `attention_mask` is unused: the new tokens go to slots positions[:, 0] .. + T - 1
     (default 0..T-1) and attend to every slot <= their position.
+
+    `padding_attends=False` (no cache): the attention output at padded positions is zero,
+    as flash attention's unpad / pad leaves it (the release's training ran so); their
+    residual stream and MLP still run. By default they attend to the real tokens before
+    them, as transformers' eager / sdpa attention does. Real positions never see padding.
     """
     c = self.cfg
     batch, length = embeds.shape[:2]
     if cache is None and positions is not None:
       raise ValueError("positions are only for decoding with a cache; without one they are "
                        "0..T-1")
+    if cache is not None and not padding_attends:
+      raise ValueError("padding_attends=False is for calls without a cache")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     if cache is None:
@@ -289,16 +299,17 @@ class Llama(nn.Module):
     else:
       key_mask = jnp.ones(cache["k"].shape[1:3], bool)
     mask = attention_mask_for(positions, key_mask)
+    query_mask = None if padding_attends else attention_mask.astype(bool)
     cos, sin = rope_cos_sin(c, positions)
     write_index = positions[:, 0]
     x = nn.with_logical_constraint(embeds.astype(c.dtype), ("batch", "length", "embed"))
     if c.scan_layers:
       layer_cache = None if cache is None else (cache["k"], cache["v"])
-      x, layer_cache = self.layers(x, cos, sin, mask, write_index, layer_cache)
+      x, layer_cache = self.layers(x, cos, sin, mask, query_mask, write_index, layer_cache)
     else:
       updated = []
       for i, layer in enumerate(self.layers):
-        x, kv = layer(x, cos, sin, mask, write_index,
+        x, kv = layer(x, cos, sin, mask, query_mask, write_index,
                       None if cache is None else (cache["k"][i], cache["v"][i]))
         updated.append(kv)
       layer_cache = None if cache is None else (jnp.stack([kv[0] for kv in updated]),

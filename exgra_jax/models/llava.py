@@ -16,7 +16,7 @@ from exgra_jax.models.connector import Projector, connector_features
 from exgra_jax.models.llama import Cache, Llama
 from exgra_jax.models.vit import ClipVisionTower
 
-TEXT_POOLS = ("masked", "padded")
+TEXT_MODES = ("default", "release")  # config.align.text_mode
 
 
 def merge_image_embeddings(embeds: jax.Array, image_mask: jax.Array,
@@ -30,6 +30,25 @@ def merge_image_embeddings(embeds: jax.Array, image_mask: jax.Array,
   slot = jnp.clip(jnp.cumsum(image_mask, axis=1) - 1, 0, image_features.shape[1] - 1)
   gathered = jnp.take_along_axis(image_features, slot[..., None], axis=1)
   return jnp.where(image_mask[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+def image_node_features(image_features: jax.Array) -> jax.Array:
+  """Projector output [B, N, d_llm] -> f_I [B, d_llm] float32: the mean over the N tokens."""
+  return image_features.astype(jnp.float32).mean(axis=1)
+
+
+def _text_pool_weights(mask: jax.Array, mode: str, group_size: int = 0) -> jax.Array:
+  """[B, T] weights of the positions averaged into a text feature (see `text_features`)."""
+  if mode == "default":
+    return mask.astype(jnp.float32)
+  batch, length = mask.shape
+  group = group_size or batch
+  if batch % group:
+    raise ValueError(f"{batch} texts do not split into groups of {group}")
+  positions = jnp.arange(length)
+  lengths = jnp.max(jnp.where(mask > 0, positions + 1, 0), axis=1)
+  width = jnp.repeat(lengths.reshape(-1, group).max(axis=1), group)
+  return (positions[None, :] < width[:, None]).astype(jnp.float32)
 
 
 def _check_tokens(input_ids: jax.Array, attention_mask: jax.Array,
@@ -80,22 +99,27 @@ class LlavaModel(nn.Module):
     hidden, _ = self.llm.hidden_states(embeds, attention_mask)
     return {"logits": self.llm.logits(hidden), "image_features": features}
 
-  def text_features(self, ids: jax.Array, mask: jax.Array, *, pool: str = "masked"
-                    ) -> jax.Array:
-    """[B, T] text -> [B, d_llm]: final-normed LLM states (no image) mean-pooled.
+  def text_features(self, ids: jax.Array, mask: jax.Array, *, mode: str = "default",
+                    group_size: int = 0) -> jax.Array:
+    """[B, T] right-padded text -> [B, d_llm] float32: final-normed LLM states (no image)
+    averaged over positions.
 
-    `masked` averages the real tokens; `padded` averages all T positions, padding
-    included, as the release does.
+    `default`: the mean over the text's own tokens (independent of the padding).
+    `release`: as the release's stage 2 (SPEC.md 3.1): it padded each per-device batch to
+    its longest text and averaged every position, padding included, and its flash
+    attention gave padded positions a zero attention output (the MLP still runs there).
+    Here consecutive rows form groups of `group_size` (0 = all rows; train/step.py passes
+    the alignment group, the release's per-device batch under `align.grouping=per_device`)
+    and a row averages positions 0 .. (longest text of its group) - 1, whatever T is.
     """
-    if pool not in TEXT_POOLS:
-      raise ValueError(f"pool={pool!r} is not one of {TEXT_POOLS}")
+    if mode not in TEXT_MODES:
+      raise ValueError(f"mode={mode!r} is not one of {TEXT_MODES}")
     _check_tokens(ids, mask, None)
-    hidden, _ = self.llm.hidden_states(self.llm.embed(ids), mask)
-    hidden = hidden.astype(jnp.float32)
-    if pool == "padded":
-      return hidden.mean(axis=1)
-    weights = mask.astype(jnp.float32)[..., None]
-    return (hidden * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+    hidden, _ = self.llm.hidden_states(self.llm.embed(ids), mask,
+                                       padding_attends=mode == "default")
+    weights = _text_pool_weights(mask, mode, group_size)[..., None]
+    return ((hidden.astype(jnp.float32) * weights).sum(axis=1)
+            / jnp.maximum(weights.sum(axis=1), 1.0))
 
   def prefill(self, input_ids: jax.Array, attention_mask: jax.Array, image_mask: jax.Array,
               pixel_values: jax.Array | None, cache: Cache

@@ -101,7 +101,7 @@ def build_stage(config: ml_collections.ConfigDict, name: str, mesh: jax.sharding
                                                          micro_batch)
   step_fn = step.make_train_step(model, tx, schedule, micro_batches=cfg.micro_batches,
                                  align_fn=align_fn, alpha=config.align.alpha,
-                                 group_size=group_size, text_pool=config.align.text_pool)
+                                 group_size=group_size, text_mode=config.align.text_mode)
   return Stage(name=name, cfg=cfg, model=model, init_boxed_params=init_boxed_params, tx=tx,
                schedule=schedule, abstract_state=abstract_state, shardings=shardings,
                total_steps=total, steps_per_epoch=per_epoch, step_fn=step_fn)
@@ -314,7 +314,13 @@ def _train_stage(config, name: str, workdir: epath.Path, mesh, token_ids, previo
                       token_ids)
   logging.info("stage %s: %d steps (%d per epoch) of %d samples", name, stage.total_steps,
                stage.steps_per_epoch, stage.cfg.global_batch)
-  return run_stage(config, stage, pipe, workdir, mesh, previous, preemption)
+  protocol = {}
+  if stage.cfg.align:  # how f_S / f_L were made (docs/align.md)
+    protocol = {"align_text_mode": config.align.text_mode,
+                "text_max_length": config.data.text_max_length}
+    logging.info("stage %s: alignment texts in align.text_mode=%s, cut at "
+                 "data.text_max_length=%d", name, *protocol.values())
+  return {**run_stage(config, stage, pipe, workdir, mesh, previous, preemption), **protocol}
 
 
 def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:

@@ -119,12 +119,14 @@ def _restore_params(item_dir: str, key: str | None, cfg, mesh, rules, allow_miss
 def load(path: str, *, tokenizer_dir: str | None = None,
          mesh: jax.sharding.Mesh | None = None, rules: Sequence[Sequence[Any]] | None = None,
          clip_dir: str | None = None, allow_missing: bool = False,
-         overrides: Mapping[str, Any] | None = None, seed: int = 0) -> LoadedModel:
+         overrides: Mapping[str, Any] | None = None, seed: int = 0,
+         text_only: bool = False) -> LoadedModel:
   """Loads the model weights of `path` (see the module docstring for the kinds).
 
   tokenizer_dir: overrides the tokenizer (default: a params checkpoint's `tokenizer/`, an
     HF directory itself; train checkpoints hold none: None unless given).
-  clip_dir, overrides: for HF directories (importer.import_model).
+  clip_dir, overrides, text_only: for HF directories (importer.import_model; text_only:
+    the LLM alone, so that a plain LLaMA needs no CLIP directory).
   allow_missing: initialise missing parameters (PRNGKey(seed), listed in the report)
     instead of raising MissingTensorsError.
   """
@@ -133,7 +135,8 @@ def load(path: str, *, tokenizer_dir: str | None = None,
   if kind == HF:
     imported = importer.import_model(path, clip_dir, tokenizer_dir=tokenizer_dir,
                                      overrides=overrides, mesh=mesh, rules=rules,
-                                     allow_missing=allow_missing, seed=seed)
+                                     allow_missing=allow_missing, seed=seed,
+                                     text_only=text_only)
     return LoadedModel(imported.model_config, imported.params, imported.tokenizer_dir,
                        imported.report, kind, path)
   if kind == STAGE:

@@ -10,7 +10,8 @@ Loss semantics (identical for any number of micro-batches M):
 - Alignment (stage 2): within a micro-batch, consecutive runs of `group_size` samples form
   the graphs (groups never span micro-batches); the alignment loss of the step is the mean
   over all groups of all micro-batches. Image features are the mean over the N image tokens
-  of the projector output; short / long text features come from `LlavaModel.text_features`.
+  of the projector output; short / long text features come from `LlavaModel.text_features`
+  in `text_mode` (config.align.text_mode), whose `release` padding spans a group.
 - total = LM + alpha * alignment. A non-finite loss or gradient norm leaves params and
   optimizer state unchanged and increments `skipped`.
 """
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from exgra_jax.models.llava import image_node_features
 from exgra_jax.train.state import TrainState
 
 IGNORE_INDEX = -100
@@ -65,7 +67,7 @@ def split_micro_batches(batch: dict[str, jax.Array], micro_batches: int
 
 
 def make_loss_fn(model: nn.Module, *, align_fn: AlignFn | None = None, alpha: float = 0.0,
-                 group_size: int = 0, text_pool: str = "masked"):
+                 group_size: int = 0, text_mode: str = "default"):
   """loss(params, micro_batch, token_count, group_count, key) -> (scaled loss, parts).
 
   The scaled loss is this micro-batch's share of the step's total loss (see module doc).
@@ -82,11 +84,10 @@ def make_loss_fn(model: nn.Module, *, align_fn: AlignFn | None = None, alpha: fl
       g = group_size or size
       if size % g:
         raise ValueError(f"micro-batch of {size} samples is not divisible by group_size={g}")
-      f_image = out["image_features"].astype(jnp.float32).mean(axis=1)
-      f_short = model.apply(variables, mb["short_ids"], mb["short_mask"], pool=text_pool,
-                            method="text_features")
-      f_long = model.apply(variables, mb["long_ids"], mb["long_mask"], pool=text_pool,
-                           method="text_features")
+      f_image = image_node_features(out["image_features"])
+      f_short, f_long = (model.apply(variables, mb[f"{key}_ids"], mb[f"{key}_mask"],
+                                     mode=text_mode, group_size=g, method="text_features")
+                         for key in ("short", "long"))
       grouped = [f.reshape(size // g, g, f.shape[-1]) for f in (f_image, f_short, f_long)]
       align_mean, aux = align_fn(params["gnn"], *grouped, key)
       # Every alignment output is a mean over this micro-batch's groups: weighting it by
@@ -102,11 +103,11 @@ def make_loss_fn(model: nn.Module, *, align_fn: AlignFn | None = None, alpha: fl
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     *, micro_batches: int = 1, align_fn: AlignFn | None = None,
-                    alpha: float = 0.0, group_size: int = 0, text_pool: str = "masked"
+                    alpha: float = 0.0, group_size: int = 0, text_mode: str = "default"
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """A pure `step(state, batch) -> (state, metrics)`; jit it with the state's shardings."""
   loss_fn = make_loss_fn(model, align_fn=align_fn, alpha=alpha, group_size=group_size,
-                         text_pool=text_pool)
+                         text_mode=text_mode)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
