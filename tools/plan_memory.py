@@ -1,10 +1,17 @@
-"""Prints the per-device memory of a stage's compiled train step, with no weights allocated.
+"""Compiles a stage's train step ahead of time and prints its per-device memory and shape.
 
-python tools/plan_memory.py --config=configs/pmc10.py --stage=stage2 --devices=8 \
-    --mesh=fsdp=8,data=1 --samples_per_device=16 --length=512
-Fake CPU devices stand in for the accelerators (XLA_FLAGS is set here, before jax starts).
-Logic: exgra_jax/train/memory_plan.py.
+On fake CPU devices (XLA:CPU's buffer assignment, a guide):
+    python tools/plan_memory.py --config=configs/pmc10.py --stage=stage2 --devices=8 \
+        --mesh=fsdp=8,data=1 --samples_per_device=16 --length=512
+With the TPU compiler for a slice (needs libtpu, `pip install -e '.[tpu]'`; no TPU):
+    python tools/plan_memory.py --config=configs/pmc10.py --stage=stage2 \
+        --topology=v5p:4x4x4 --mesh=data=1,fsdp=64 --samples_per_device=16 --length=512 --json
+`--json` ends the output with one JSON line (topology, chips, mesh, samples_per_device,
+length, peak_gib, hbm_gib, fits, collectives, callback, compile_s); `--hlo_out` writes the
+compiled HLO. Settings that cannot work (a group size or batch the mesh does not divide, a
+missing libtpu) are one line and exit status 2. Logic: exgra_jax/train/memory_plan.py.
 """
+import json
 import os
 import sys
 
@@ -14,33 +21,72 @@ from exgra_jax import configuration
 
 _CONFIG = configuration.define_config_flag()
 _STAGE = flags.DEFINE_string("stage", "stage2", "stage whose step is planned")
-_DEVICES = flags.DEFINE_integer("devices", 8, "fake devices (the mesh must use them all)")
+_DEVICES = flags.DEFINE_integer("devices", 8, "fake CPU devices (without --topology)")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "TPU slice to compile for, e.g. v5p:4x4x4, "
+                                "v5e:4x4, v6e:2x4, v4:2x2x1 (libtpu; no TPU needed)")
 _MESH = flags.DEFINE_string("mesh", "", "axis=size,... overrides of config.mesh, e.g. fsdp=8,data=1")
 _SAMPLES = flags.DEFINE_integer("samples_per_device", 16, "samples per device per micro-batch")
 _LENGTH = flags.DEFINE_integer("length", 512, "sequence length (image tokens included)")
+_HLO_OUT = flags.DEFINE_string("hlo_out", "", "write the compiled HLO text to this file")
+_JSON = flags.DEFINE_bool("json", False, "end with one JSON line of the plan")
+
+GIB = 2 ** 30
+
+
+def _fail(message: str) -> None:
+  print(f"plan_memory: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 def main(argv):
   del argv
-  from exgra_jax.train import memory_plan  # jax starts here, after XLA_FLAGS is set
+  from exgra_jax.train import memory_plan  # jax starts here, after the environment is set
   config = _CONFIG.value
   for item in filter(None, _MESH.value.split(",")):
-    axis, size = item.split("=")
+    axis, _, size = item.partition("=")
+    if axis not in config.mesh or not size.lstrip("-").isdigit():
+      _fail(f"--mesh item {item!r}: expected AXIS=SIZE with AXIS in {sorted(config.mesh)}")
     config.mesh[axis] = int(size)
   config[_STAGE.value].micro_batches = 1
-  plan = memory_plan.plan_step_memory(config, _STAGE.value, _SAMPLES.value, _LENGTH.value)
-  mib = 2 ** 20
+  try:
+    devices = memory_plan.topology_devices(_TOPOLOGY.value) if _TOPOLOGY.value else None
+    plan = memory_plan.plan_step_memory(config, _STAGE.value, _SAMPLES.value, _LENGTH.value,
+                                        devices=devices, hlo_out=_HLO_OUT.value)
+  except (memory_plan.LibtpuMissing, ValueError) as e:
+    _fail(str(e))
+  hbm = plan.hbm_bytes
   print(f"model {config.model.name}  parameters {plan.parameters:,}  mesh {plan.mesh}  "
-        f"{plan.samples_per_device} samples x {plan.sequence_length} tokens per device")
+        f"{plan.samples_per_device} samples x {plan.sequence_length} tokens per device  "
+        f"({plan.devices} x {plan.device_kind}, compiled in {plan.compile_seconds:.0f} s)")
   for name, value in (("arguments", plan.argument_bytes), ("outputs", plan.output_bytes),
                       ("temporaries", plan.temp_bytes), ("aliased", plan.alias_bytes),
                       ("peak", plan.peak_bytes)):
-    print(f"  {name:12s} {value / mib:12.1f} MiB per device")
-  print(f"  (stage {_STAGE.value}, alignment branch {'included' if config[_STAGE.value].align else 'absent'})")
+    print(f"  {name:12s} {value / 2 ** 20:12.1f} MiB per device")
+  if hbm:
+    print(f"  HBM {hbm / GIB:.0f} GiB per chip: {'fits' if plan.peak_bytes <= hbm else 'does NOT fit'}")
+  print(f"  collectives {plan.collectives}  host callbacks {plan.callback}")
+  print(f"  (stage {_STAGE.value}, alignment branch "
+        f"{'included' if config[_STAGE.value].align else 'absent'})")
+  if _JSON.value:
+    print(json.dumps({
+        "topology": _TOPOLOGY.value or f"cpu:{plan.devices}", "chips": plan.devices,
+        "device_kind": plan.device_kind, "mesh": plan.mesh, "stage": _STAGE.value,
+        "samples_per_device": plan.samples_per_device, "length": plan.sequence_length,
+        "peak_gib": plan.peak_bytes / GIB, "temp_gib": plan.temp_bytes / GIB,
+        "hbm_gib": None if hbm is None else hbm / GIB,
+        "fits": None if hbm is None else plan.peak_bytes <= hbm,
+        "collectives": plan.collectives, "callback": plan.callback,
+        "compile_s": round(plan.compile_seconds, 1)}))
 
 
 if __name__ == "__main__":
-  count = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), "8")
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_force_host_platform_device_count={count}")
+  if any(a.startswith("--topology=") and a != "--topology=" for a in sys.argv):
+    # Compile for abstract TPU chips: jax itself stays on the CPU, and libtpu's one-process
+    # lock is not needed since no TPU is opened.
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  else:
+    count = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), "8")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={count}")
   app.run(main, flags_parser=configuration.parse_flags)

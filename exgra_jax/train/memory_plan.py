@@ -1,16 +1,24 @@
-"""Ahead-of-time memory plan of a stage's train step on a mesh, with no weights allocated.
+"""Ahead-of-time plan of a stage's train step on a mesh, with no weights allocated.
 
 The step is the one training runs (`train.loop.build_stage`): in stage 2 it holds the two
-alignment-text LLM passes, the GNN and the host-solver callback.
+alignment-text LLM passes, the GNN and the host-solver callbacks (per device, in a
+`shard_map`), traced under the mesh and the logical-axis rules.
 
 The state is abstract (`jax.eval_shape` of the boxed init, shardings from the logical axes),
 the batch is `ShapeDtypeStruct`s with the batch sharding; the step is lowered and compiled
-for the mesh (fake CPU devices set by the caller through XLA_FLAGS before jax starts) and
-`compiled.memory_analysis()` gives per-device bytes. CPU compilation plans CPU buffers:
-the figures are the XLA buffer assignment for that partitioning, a close guide to an
-accelerator's but not identical (different fusion and layout).
+for a mesh over either
+- fake CPU devices (set by the caller through XLA_FLAGS before jax starts): XLA:CPU's
+  buffer assignment, a guide to an accelerator's but not identical; or
+- the abstract chips of a TPU slice (`topology_devices("v5p:4x4x4")`, libtpu needed, no TPU):
+  the real TPU compiler, whose peak per chip is what the slice would need, and which
+  refuses programs that do not fit its HBM.
+The compiled program is also read for what the partitioner made of it: collectives per kind
+and where the host callbacks run (`callback_placement`).
 """
+import collections
 import dataclasses
+import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +30,26 @@ from exgra_jax.train import checkpointing, loop, sharded_state, sharding
 from exgra_jax.train import mesh as mesh_lib
 
 
+# HBM per chip by the device kind the TPU compiler reports (public chip specifications).
+HBM_GIB = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5": 95.0, "TPU v5p": 95.0,
+           "TPU v6 lite": 32.0, "TPU v6e": 32.0}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+               "collective-permute")
+
+
+class LibtpuMissing(RuntimeError):
+  """The TPU compiler (libtpu) is not installed in this environment."""
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
-  """Per-device bytes of the compiled step."""
+  """Per-device bytes and the shape of the compiled step.
+
+  compiler_peak_bytes: the compiler's own peak per device (TPU reports it; None on CPU).
+  collectives: count per kind in the compiled (partitioned) program.
+  callback: "per_device" (every host transfer runs on its own device), "device0" (some
+  pinned to one device) or "none" (no host callback in the step).
+  """
   devices: int
   mesh: dict[str, int]
   samples_per_device: int
@@ -34,11 +59,60 @@ class MemoryPlan:
   output_bytes: int
   temp_bytes: int
   alias_bytes: int
+  device_kind: str
+  compiler_peak_bytes: int | None
+  collectives: dict[str, int]
+  callback: str
+  compile_seconds: float
 
   @property
   def peak_bytes(self) -> int:
-    """Arguments + outputs + temporaries, minus outputs aliased onto donated arguments."""
+    """The compiler's peak where it reports one, else arguments + outputs + temporaries
+    minus outputs aliased onto donated arguments."""
+    if self.compiler_peak_bytes:
+      return self.compiler_peak_bytes
     return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
+
+  @property
+  def hbm_bytes(self) -> int | None:
+    """HBM per chip of a known TPU kind, else None."""
+    gib = HBM_GIB.get(self.device_kind)
+    return None if gib is None else int(gib * 2 ** 30)
+
+
+def topology_devices(name: str) -> list:
+  """The abstract chips of TPU slice `name` ("v5p:4x4x4", "v5e:4x4", ...), for compiling
+  without a TPU. LibtpuMissing when the TPU compiler is not installed."""
+  from jax.experimental import topologies
+  try:
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+  except (RuntimeError, ValueError) as e:
+    if "tpu" in str(e).lower() and ("plugin" in str(e).lower() or "not found" in str(e).lower()
+                                   or "unknown backend" in str(e).lower()):
+      raise LibtpuMissing("the TPU compiler (libtpu) is not installed: "
+                          "pip install -e '.[tpu]'") from e
+    raise
+
+
+def collective_counts(hlo: str) -> dict[str, int]:
+  """Collective ops per kind in a compiled HLO text (async starts counted once)."""
+  counts = collections.Counter(
+      m.group(1) for m in re.finditer(r" (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", hlo))
+  return {kind: counts.get(kind, 0) for kind in COLLECTIVES}
+
+
+def callback_placement(hlo: str) -> str:
+  """Where the compiled program's host callbacks run (see MemoryPlan.callback).
+
+  TPU lowers a callback to host send / recv ops (`is_host_transfer=true`), CPU to a
+  python-callback custom call; either pinned to one device carries `maximal device=`.
+  """
+  transfers = [line for line in hlo.splitlines()
+               if "is_host_transfer=true" in line
+               or ("custom-call(" in line and "callback" in line)]
+  if not transfers:
+    return "none"
+  return "device0" if any("maximal device=" in line for line in transfers) else "per_device"
 
 
 def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, length: int,
@@ -61,30 +135,52 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, length: i
           shapes.items()}
 
 
-def plan_step_memory(config: ml_collections.ConfigDict, stage_name: str,
-                     samples_per_device: int, length: int) -> MemoryPlan:
-  """Compiles `stage_name`'s real step (`train.loop.build_stage`: the alignment branch with
-  its GNN and host callback included when the stage aligns) for `config.mesh` over all
-  devices; returns the plan."""
+def compile_step(config: ml_collections.ConfigDict, stage_name: str, samples_per_device: int,
+                 length: int, devices: list | None = None):
+  """(compiled step, its stage, mesh) of `stage_name`'s real step (`train.loop.build_stage`:
+  the alignment branch with its GNN and host callbacks included when the stage aligns) for
+  `config.mesh` over `devices` (default: all devices). Settings that cannot work (a group
+  size or batch the mesh does not divide) raise ValueError before anything is compiled."""
   n = num_image_tokens(config.model)
   if length <= n:
     raise ValueError(f"sequence length {length} must exceed the {n} image tokens")
-  mesh = mesh_lib.build_mesh(config.mesh)
-  batch_size = samples_per_device * mesh.size
+  mesh = mesh_lib.build_mesh(config.mesh, devices)
+  batch_size = samples_per_device * mesh.shape["data"] * mesh.shape["fsdp"]
   config = config.copy_and_resolve_references()
-  config[stage_name].global_batch = batch_size
+  config[stage_name].global_batch = batch_size * config[stage_name].micro_batches
   vocab = config.model.llm.vocab_size
   stage = loop.build_stage(config, stage_name, mesh, 1000 * batch_size,
                            tuple(range(vocab - 5, vocab)))
-  batch = abstract_batch(config, batch_size, length, mesh, align=bool(stage.cfg.align))
+  batch = abstract_batch(config, config[stage_name].global_batch, length, mesh,
+                         align=bool(stage.cfg.align))
   train_step = sharded_state.jit_train_step(stage.step_fn, stage.shardings, mesh,
                                             config.logical_axis_rules, batch)
   state_arg = checkpointing.abstract_with_shardings(stage.abstract_state, stage.shardings)
-  analysis = train_step.lower(state_arg, batch).compile().memory_analysis()
+  return train_step.lower(state_arg, batch).compile(), stage, mesh
+
+
+def plan_step_memory(config: ml_collections.ConfigDict, stage_name: str,
+                     samples_per_device: int, length: int, devices: list | None = None,
+                     hlo_out: str = "") -> MemoryPlan:
+  """Compiles the step (`compile_step`) and returns its plan; `hlo_out` also writes the
+  compiled HLO text there."""
+  start = time.perf_counter()
+  compiled, stage, mesh = compile_step(config, stage_name, samples_per_device, length,
+                                       devices)
+  seconds = time.perf_counter() - start
+  analysis = compiled.memory_analysis()
+  hlo = compiled.as_text()
+  if hlo_out:
+    with open(hlo_out, "w") as f:
+      f.write(hlo)
   return MemoryPlan(
       devices=mesh.size, mesh=dict(mesh.shape), samples_per_device=samples_per_device,
       sequence_length=length,
       parameters=int(sum(np.prod(x.shape) for x in
                          jax.tree_util.tree_leaves(stage.abstract_state.params))),
       argument_bytes=analysis.argument_size_in_bytes, output_bytes=analysis.output_size_in_bytes,
-      temp_bytes=analysis.temp_size_in_bytes, alias_bytes=analysis.alias_size_in_bytes)
+      temp_bytes=analysis.temp_size_in_bytes, alias_bytes=analysis.alias_size_in_bytes,
+      device_kind=mesh.devices.flat[0].device_kind,
+      compiler_peak_bytes=getattr(analysis, "peak_memory_in_bytes", None) or None,
+      collectives=collective_counts(hlo), callback=callback_placement(hlo),
+      compile_seconds=seconds)
