@@ -14,6 +14,7 @@ Tiny random models (fp32, CPU, wide init so features are O(1)): a plain LLaMA di
 (text only, no CLIP), a transformers LLaVA directory and a params-only checkpoint of it.
 """
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +25,12 @@ import transformers
 
 import data_fixtures
 import hf_fixtures
+from models_torch_weights import stack_layers
 from exgra_jax.data import pipeline, text
 from exgra_jax.data.records import Turn
 from exgra_jax.eval.node_features import node_features
 from exgra_jax.hf import hf_configs
+from exgra_jax.hf.placement import typed_config
 from exgra_jax.models.config import LlmConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import model_checkpoint, step
@@ -287,6 +290,22 @@ def test_image_features_and_checkpoint_formats(llava, ref_tok):
                               max_length=MAX_LENGTH, pixel_values=pixels)
   for name, value in from_hf.items():
     np.testing.assert_allclose(from_params[name], value, atol=1e-6, rtol=0)
+
+
+def test_release_mode_scanned_and_rematerialised(llava):
+  """The zeroed padded attention goes through nn.scan and remat like the other inputs."""
+  _, _, _, loaded = llava
+  cfg = typed_config(loaded.model_config)
+  ids = np.random.RandomState(2).randint(8, cfg.llm.vocab_size, (4, 12))
+  mask = (np.arange(12)[None] < np.array([12, 5, 3, 9])[:, None]).astype(np.int32)
+  apply = lambda c, p: LlavaModel(c).apply({"params": p}, ids, mask, mode="release",
+                                           group_size=2, method="text_features")
+  expected = apply(cfg, loaded.params)
+  stacked = {**loaded.params, "llm": stack_layers(loaded.params["llm"], cfg.llm.num_layers)}
+  for remat in ("none", "full"):
+    scanned = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, scan_layers=True,
+                                                               remat=remat))
+    np.testing.assert_allclose(apply(scanned, stacked), expected, atol=1e-6, rtol=0)
 
 
 def test_bad_inputs_are_named(plain):
