@@ -43,7 +43,9 @@ setup(
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         # torch is the reference implementation in parity tests only; 2.13.0 is the
-        # CPU build available offline on the project machines.
-        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "pygmtools>=0.5"],
+        # CPU build available offline on the project machines. jax[tpu] brings libtpu, the
+        # TPU compiler that tests/test_tpu_compile.py runs on the CPU host (no TPU needed).
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "pygmtools>=0.5",
+                 "jax[tpu]>=0.10,<0.11"],
     },
 )

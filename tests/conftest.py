@@ -1,7 +1,16 @@
-"""Shared fixtures: `demo_world` builds the small demo world once per test session."""
-import pytest
+"""Shared fixtures: `demo_world` builds the small demo world once per test session.
 
-from exgra_jax.data import demo_world as demo_world_lib
+The test extra installs libtpu (for the TPU-compiler test); jax would then try to open a
+TPU in every test process and take libtpu's one-process lock. Tests run on the CPU: jax is
+told so before anything imports it, and subprocesses inherit it.
+"""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from exgra_jax.data import demo_world as demo_world_lib  # noqa: E402
 
 
 @pytest.fixture(scope="session")
