@@ -38,7 +38,7 @@ from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models import llava
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import (alignment_sharding, checkpointing, initial_weights, metrics,
-                             model_checkpoint, optimizer, sharded_state, step)
+                             model_checkpoint, optimizer, sharded_state, sharding, step)
 from exgra_jax.train import mesh as mesh_lib
 
 
@@ -56,6 +56,7 @@ class Stage:
   total_steps: int
   steps_per_epoch: int
   step_fn: Any                  # pure step(state, batch) -> (state, metrics), not yet jitted
+  mesh: jax.sharding.Mesh       # where its state lives and its programs are traced
 
 
 def new_token_ids(tokenizer) -> tuple[int, ...]:
@@ -104,7 +105,7 @@ def build_stage(config: ml_collections.ConfigDict, name: str, mesh: jax.sharding
                                  group_size=group_size, text_mode=config.align.text_mode)
   return Stage(name=name, cfg=cfg, model=model, init_boxed_params=init_boxed_params, tx=tx,
                schedule=schedule, abstract_state=abstract_state, shardings=shardings,
-               total_steps=total, steps_per_epoch=per_epoch, step_fn=step_fn)
+               total_steps=total, steps_per_epoch=per_epoch, step_fn=step_fn, mesh=mesh)
 
 
 def _checkpointer(config, workdir: epath.Path, name: str) -> checkpointing.StageCheckpointer:
@@ -254,12 +255,15 @@ class FinetuneValidation:
     self.best_score, self.best_step, self.history = None, None, []
 
   def _evaluate(self, params, records: str, name: str) -> dict[str, Any]:
-    return vqa.evaluate_split(
-        self.config, self.stage.model, step.model_params(params), records=records,
-        image_root=self.stage.cfg.image_root, candidates=self.stage.cfg.candidates,
-        output_dir=str(self.workdir / "eval" / self.stage.name / name),
-        checkpoint=str(self.workdir / "checkpoints" / self.stage.name),
-        load_report={"missing": [], "unexpected": []})
+    # Generation is traced under the training mesh too, so its activations follow the
+    # models' logical constraints like the train step's.
+    with sharding.mesh_and_rules(self.stage.mesh, self.config.logical_axis_rules):
+      return vqa.evaluate_split(
+          self.config, self.stage.model, step.model_params(params), records=records,
+          image_root=self.stage.cfg.image_root, candidates=self.stage.cfg.candidates,
+          output_dir=str(self.workdir / "eval" / self.stage.name / name),
+          checkpoint=str(self.workdir / "checkpoints" / self.stage.name),
+          load_report={"missing": [], "unexpected": []})
 
   def to_json(self) -> dict[str, Any]:
     return {"best_score": self.best_score, "best_step": self.best_step,
@@ -298,7 +302,8 @@ class FinetuneValidation:
                            "best_selection_score": self.best_score}
     if cfg.test_records:
       if cfg.val_records and self.best_dir.exists():
-        params = model_checkpoint.load(str(self.best_dir)).params
+        params = model_checkpoint.load(str(self.best_dir), mesh=self.stage.mesh,
+                                       rules=self.config.logical_axis_rules).params
       out["test"] = self._evaluate(params, cfg.test_records, "test")
     return out
 
