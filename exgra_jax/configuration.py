@@ -12,6 +12,7 @@ widths, head counts, lengths) and explains each failure.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import json
 import math
@@ -81,7 +82,21 @@ def define_config_flag(name: str = "config") -> flags.FlagHolder:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl `flags_parser` that turns override mistakes into one readable error and exit 2."""
+  """absl `flags_parser`: config mistakes become one message on stderr and exit status 2.
+
+  Before absl sees the command line, the config file is checked (a missing file names the
+  nearest config), every `--config.a.b=v` override is tried against it (each unknown key
+  with the nearest valid keys, each unparsable value with its expected type, all at once),
+  and a bare comma list for a tuple field (`--config.stages=stage1,stage2`) is rewritten to
+  the tuple syntax absl expects.
+  """
+  spec, overrides = _config_args(argv)
+  if spec is not None:
+    base = _load_base_or_exit(spec)
+    problems = override_problems(spec, base, overrides)
+    if problems:
+      exit_usage("invalid config overrides:\n  - " + "\n  - ".join(problems))
+    argv = [_tuple_syntax(arg, base) for arg in argv]
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -89,6 +104,103 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # ConfigDict raises these for unknown keys (with "Did you mean") and wrong types.
     exit_usage(f"invalid config override: {_unwrap(e)}")
+
+
+_OVERRIDE = re.compile(r"^--config\.([\w.]+)=(.*)$", re.S)
+
+
+def _config_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+  """The `--config=` spec (None when absent) and the `key=value` overrides in argv."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  overrides = [f"{m[1]}={m[2]}" for m in map(_OVERRIDE.match, argv) if m]
+  return spec, overrides
+
+
+def config_file_problem(spec: str) -> str | None:
+  """A missing config file, with the nearest config of its folder (or of configs/)."""
+  path = spec.split(":", 1)[0]
+  if os.path.isfile(path):
+    return None
+  folder = os.path.dirname(path)
+  if not os.path.isdir(folder or "."):
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "configs")
+  names = sorted(n for n in os.listdir(folder) if n.endswith(".py") and n != "__init__.py"
+                 ) if os.path.isdir(folder) else []
+  near = difflib.get_close_matches(os.path.basename(path), names, n=1, cutoff=0.5)
+  hint = (f"did you mean {os.path.join(os.path.dirname(path) or folder, near[0])}?" if near
+          else f"configs: {', '.join(names)}" if names else "pass --config=configs/demo.py")
+  return f"--config={spec}: no such config file ({hint})"
+
+
+def _load_base_or_exit(spec: str) -> ml_collections.ConfigDict:
+  problem = config_file_problem(spec)
+  if problem:
+    exit_usage(problem)
+  try:
+    return _load_raw(spec, ())
+  except Exception as e:  # pylint: disable=broad-except (any error of the user's file)
+    exit_usage(f"--config={spec} could not be loaded: {type(e).__name__}: {_unwrap(e)}")
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for key, value in config.items():
+    out += (_leaves(value, f"{prefix}{key}.") if isinstance(value, ml_collections.ConfigDict)
+            else [f"{prefix}{key}"])
+  return out
+
+
+def key_problem(config: ml_collections.ConfigDict, key: str) -> str | None:
+  """An override key that names no setting, with the nearest setting paths."""
+  node = config
+  for part in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      near = difflib.get_close_matches(key, _leaves(config), n=3, cutoff=0.6)
+      hint = (f"did you mean {', '.join(near)}?" if near else
+              "every setting is listed in configs/base.py")
+      return f"--config.{key}: no such setting ({hint})"
+    node = node[part]
+  if isinstance(node, ml_collections.ConfigDict):
+    return (f"--config.{key} is a group of settings; set one of them, e.g. "
+            f"--config.{_leaves(node, key + '.')[0]}=...")
+  return None
+
+
+def override_problems(spec: str, base: ml_collections.ConfigDict,
+                      overrides: Sequence[str]) -> list[str]:
+  """Every override of `spec` that cannot apply: unknown keys, values of the wrong type."""
+  out = []
+  for override in overrides:
+    key, value = override.split("=", 1)
+    problem = key_problem(base, key)
+    if problem is None:
+      try:
+        _load_raw(spec, [_tuple_syntax(f"{key}={value}", base)])
+      except Exception as e:  # pylint: disable=broad-except (absl and ConfigDict errors)
+        reason = _unwrap(e).split(": ", 1)[-1] if str(e).startswith("flag ") else _unwrap(e)
+        expected = type(_get(base, key)).__name__
+        problem = f"--config.{key}={value}: {reason} (expects a {expected})"
+    if problem:
+      out.append(problem)
+  return out
+
+
+def _tuple_syntax(arg: str, base: ml_collections.ConfigDict) -> str:
+  """`[--config.]k=a,b` for a tuple field `k` -> `k=('a', 'b')`; other args unchanged."""
+  flag = arg.startswith("--config.")
+  key, sep, value = arg.removeprefix("--config.").partition("=")
+  if (not sep or (not flag and arg.startswith("-")) or "," not in value
+      or value.lstrip()[:1] in "([\"'" or key_problem(base, key) is not None
+      or not isinstance(_get(base, key), (tuple, list))):
+    return arg
+  items = []
+  for part in (p.strip() for p in value.split(",")):
+    try:
+      items.append(ast.literal_eval(part))
+    except (ValueError, SyntaxError):
+      items.append(part)
+  return f"{'--config.' if flag else ''}{key}={tuple(items)!r}"
 
 
 def _unwrap(e: BaseException) -> str:
@@ -104,11 +216,36 @@ def exit_usage(message: str) -> None:
   sys.exit(2)
 
 
+def path_problem(flag: str, path: str | None, kind: str = "file",
+                 holding: str | None = None) -> str | None:
+  """A command-line path that is unset or not what the program reads ("file", "dir" or
+  "any"; `holding`: a file the directory must contain), e.g. predict's --image."""
+  if not path:
+    return f"{flag} is required"
+  p = epath.Path(path)
+  if not p.exists():
+    return f"{flag}={path} does not exist"
+  if kind == "file" and p.is_dir():
+    return f"{flag}={path} is a directory, not a file"
+  if kind == "dir" and not p.is_dir():
+    return f"{flag}={path} is not a directory"
+  if holding and not (p / holding).exists():
+    return f"{flag}={path} holds no {holding}"
+  return None
+
+
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """Loads `FILE[:ARG]` and applies `a.b=value` overrides exactly as the command line does.
 
   For programs and tests that do not go through absl's global flags.
   """
+  if any("," in o for o in overrides):
+    base = _load_raw(spec, ())
+    overrides = [_tuple_syntax(o, base) for o in overrides]
+  return _load_raw(spec, overrides)
+
+
+def _load_raw(spec: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
   fv = flags.FlagValues()
   _add_config_root_to_path([f"--config={spec}"])
   argv = ["exgra_jax", f"--config={spec}"] + [f"--config.{o}" for o in overrides]
@@ -118,9 +255,9 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
                                              lock_config=True)
     fv(argv)
+    return holder.value
   finally:
     sys.argv = saved
-  return holder.value
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):

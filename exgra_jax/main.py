@@ -30,6 +30,9 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "predict"
                           "predict: answer --question about --image.")
 _IMAGE = flags.DEFINE_string("image", None, "predict: image file (DICOM too).")
 _QUESTION = flags.DEFINE_string("question", None, "predict: the question.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "eval: the model to evaluate (a train checkpoint, a params checkpoint "
+    "of tools/import_hf.py or a Hugging Face directory; default: the run's best, else newest).")
 
 
 def prepare_data_root(config) -> None:
@@ -62,15 +65,46 @@ def validate_or_exit(config, *, check_paths: bool) -> None:
     configuration.exit_usage(str(e))
 
 
+def checkpoint_problem(config, workdir: epath.Path) -> str | None:
+  """What eval / predict / export lack when the model they read is not there, with the fix
+  (the loader itself explains a folder that exists but holds no checkpoint)."""
+  if _CHECKPOINT.value and _MODE.value != "eval":
+    return (f"--checkpoint is for --mode=eval; --mode={_MODE.value} reads the newest "
+            "checkpoint of --workdir (python -m exgra_jax.predict --model=DIR answers with any "
+            "model, tools/export_hf.py exports any checkpoint)")
+  if _MODE.value == "train":
+    return None
+  if _CHECKPOINT.value:
+    if not epath.Path(_CHECKPOINT.value).exists():
+      return (f"--checkpoint={_CHECKPOINT.value} does not exist: pass a train checkpoint, a "
+              "params checkpoint of tools/import_hf.py or a Hugging Face directory")
+    return None
+  from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top
+  path = (workdir / "checkpoints" / config.stages[-1] if _MODE.value == "export"
+          else vqa.default_checkpoint(config, workdir))
+  if path.exists():
+    return None
+  return (f"--mode={_MODE.value}: no checkpoint of stage {config.stages[-1]!r} in {workdir} "
+          f"({path} does not exist): train first with --mode=train and the same --config "
+          "and --workdir" + (", or pass --checkpoint=DIR (a train or params checkpoint, or a "
+                             "Hugging Face directory)" if _MODE.value == "eval" else ""))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  if config is None:
+    configuration.exit_usage("--config is required, e.g. --config=configs/demo.py")
   from exgra_jax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(config)
   # A demo world's files exist once it is made: its paths are checked after that.
   validate_or_exit(config, check_paths=not config.data.demo_world)
   workdir = epath.Path(_WORKDIR.value)
+  problem = checkpoint_problem(config, workdir) or (
+      _MODE.value == "predict" and configuration.path_problem("--image", _IMAGE.value))
+  if problem:
+    configuration.exit_usage(problem)
   write_resolved_config(config, workdir)
   remove_stale_exports(workdir)
   prepare_data_root(config)
@@ -84,7 +118,7 @@ def main(argv):
     result = loop.train(config, workdir)
   elif _MODE.value == "eval":
     from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top
-    result = vqa.evaluate(config, workdir)
+    result = vqa.evaluate(config, workdir, checkpoint=_CHECKPOINT.value)
   elif _MODE.value == "export":
     from exgra_jax.hf import exporter  # pylint: disable=g-import-not-at-top
     result = exporter.export_from_workdir(config, workdir)

@@ -12,6 +12,7 @@ expanded to the model's image tokens.
 from absl import app
 from absl import flags
 
+from exgra_jax import configuration
 from exgra_jax.eval import prompts, single_question
 
 _MODEL = flags.DEFINE_string("model", None, "Checkpoint or HF directory.")
@@ -30,6 +31,13 @@ _CLIP_DIR = flags.DEFINE_string("clip_dir", None, "CLIP directory (release-layou
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Checked before the model loads (minutes for a 7B model), all in one message.
+  problems = [p for p in (
+      configuration.path_problem("--image", _IMAGE.value),
+      configuration.path_problem("--model", _MODEL.value, "any")) if p]
+  if problems:
+    configuration.exit_usage("\n".join(problems) + "\n(--model: a train checkpoint, a params "
+                             "checkpoint of tools/import_hf.py or a Hugging Face directory)")
   print(single_question.answer_from_checkpoint(
       _MODEL.value, _IMAGE.value, _QUESTION.value, template=_TEMPLATE.value,
       max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,

@@ -14,6 +14,8 @@ import tempfile
 
 from absl import app, flags
 
+from exgra_jax import configuration
+
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF directory (llava, release or plain LLaMA)",
                               required=True)
 _CLIP_DIR = flags.DEFINE_string("clip_dir", None, "CLIP directory (release and plain layouts)")
@@ -33,6 +35,13 @@ _ALLOW_MISSING = flags.DEFINE_bool("allow_missing", False,
 
 def main(argv):
   del argv
+  problems = [p for p in (
+      configuration.path_problem("--hf_dir", _HF_DIR.value, "dir", holding="config.json"),
+      _CLIP_DIR.value and configuration.path_problem("--clip_dir", _CLIP_DIR.value, "dir",
+                                                     holding="config.json")) if p]
+  if problems:
+    configuration.exit_usage("\n".join(problems) + "\n(a Hugging Face model directory, as "
+                             "`huggingface-cli download REPO --local-dir DIR` writes it)")
   from exgra_jax.hf import importer  # pylint: disable=g-import-not-at-top
   from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
   overrides = {key: value for key, value in (

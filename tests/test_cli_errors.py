@@ -1,0 +1,94 @@
+"""A newcomer's mistakes on the command line: one message naming the setting or path and the
+fix, exit status 2, no traceback, nothing written (issue 15, item 2)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from exgra_jax import configuration
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "demo.py")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+  """Runs `args` from the repository root; asserts a usage error without a traceback."""
+  out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  assert out.returncode == 2, out.stderr
+  assert "Traceback" not in out.stderr and out.stderr.startswith("error: "), out.stderr
+  return out
+
+
+def test_missing_config_file_names_the_nearest_config(tmp_path):
+  out = run_cli("-m", "exgra_jax.main", "--config=configs/dmeo.py", f"--workdir={tmp_path}/w")
+  assert out.stderr == ("error: --config=configs/dmeo.py: no such config file "
+                        "(did you mean configs/demo.py?)\n")
+  assert not (tmp_path / "w").exists()
+
+
+def test_every_bad_override_at_once_with_nearest_keys(tmp_path):
+  out = run_cli("-m", "exgra_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}/w",
+                "--config.stage2.steps=3", "--config.num_neighbors=3",
+                "--config.stage1.lr=abc")
+  lines = out.stderr.splitlines()
+  assert lines[0] == "error: invalid config overrides:" and len(lines) == 4, lines
+  assert "--config.stage2.steps: no such setting (did you mean stage2.max_steps" in lines[1]
+  assert "did you mean align.num_neighbors?" in lines[2]
+  assert "--config.stage1.lr=abc: could not convert string to float" in lines[3]
+  assert "(expects a float)" in lines[3]
+  assert not (tmp_path / "w").exists()
+
+
+def test_missing_config_flag_is_named(tmp_path):
+  out = run_cli("-m", "exgra_jax.main", f"--workdir={tmp_path}/w")
+  assert "--config is required, e.g. --config=configs/demo.py" in out.stderr
+
+
+@pytest.mark.parametrize("mode,fix", [
+    ("eval", "or pass --checkpoint=DIR"), ("export", "train first with --mode=train")])
+def test_a_workdir_without_checkpoints_says_train_first(tmp_path, mode, fix):
+  workdir = tmp_path / "empty"
+  workdir.mkdir()
+  out = run_cli("-m", "exgra_jax.main", f"--config={DEMO}", f"--workdir={workdir}",
+                f"--mode={mode}")
+  assert f"--mode={mode}: no checkpoint of stage 'finetune' in {workdir}" in out.stderr
+  assert "train first with --mode=train and the same --config and --workdir" in out.stderr
+  assert fix in out.stderr
+  assert not list(workdir.iterdir())  # no config.json either
+
+
+def test_eval_checkpoint_flag_is_checked(tmp_path):
+  out = run_cli("-m", "exgra_jax.main", f"--config={DEMO}", f"--workdir={tmp_path}/w",
+                "--mode=eval", f"--checkpoint={tmp_path}/nothing")
+  assert f"--checkpoint={tmp_path}/nothing does not exist" in out.stderr
+
+
+def test_predict_checks_image_and_model_before_loading(tmp_path):
+  out = run_cli("-m", "exgra_jax.predict", f"--model={tmp_path}/model",
+                f"--image={tmp_path}/scan.png", "--question=What?")
+  assert f"--image={tmp_path}/scan.png does not exist" in out.stderr
+  assert f"--model={tmp_path}/model does not exist" in out.stderr
+
+
+def test_import_hf_on_an_empty_directory(tmp_path):
+  out = run_cli("tools/import_hf.py", f"--hf_dir={tmp_path}", f"--out={tmp_path}/out")
+  assert f"--hf_dir={tmp_path} holds no config.json" in out.stderr
+  assert "huggingface-cli download" in out.stderr
+  assert not (tmp_path / "out").exists()
+
+
+def test_stages_take_a_comma_list_or_the_tuple_syntax():
+  for value in ("stage1,stage2", "('stage1', 'stage2')"):
+    assert configuration.load(DEMO, [f"stages={value}"]).stages == ("stage1", "stage2")
+  assert configuration.load(DEMO, ["data.length_buckets=128,256"]).data.length_buckets == (
+      128, 256)
+  assert configuration.load(DEMO, ["data.root=/a,b"]).data.root == "/a,b"  # not a tuple
+
+
+def test_a_group_is_not_a_setting():
+  base = configuration.load(DEMO)
+  assert "is a group of settings; set one of them, e.g. --config.align." in (
+      configuration.key_problem(base, "align"))
+  assert configuration.key_problem(base, "align.num_neighbors") is None
