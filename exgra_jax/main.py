@@ -120,8 +120,8 @@ def main(argv):
     from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top
     result = vqa.evaluate(config, workdir, checkpoint=_CHECKPOINT.value)
   elif _MODE.value == "export":
-    from exgra_jax.hf import exporter  # pylint: disable=g-import-not-at-top
-    result = exporter.export_from_workdir(config, workdir)
+    from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top
+    result = checkpoints.export_from_workdir(config, workdir)
   else:
     from exgra_jax.eval import single_question  # pylint: disable=g-import-not-at-top
     result = single_question.answer_from_workdir(config, workdir, image=_IMAGE.value,

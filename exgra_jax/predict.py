@@ -4,7 +4,7 @@ r"""Answer one question about one image with a trained model.
         --image=scan.dcm --question="Is there a lesion in the liver?"
 
 The command line over `eval.single_question.answer_from_checkpoint`. `--model` is anything
-`train.model_checkpoint.load` reads: a train checkpoint (step or stage directory), a
+`weights.checkpoints.load` reads: a train checkpoint (step or stage directory), a
 params-only checkpoint (`tools/import_hf.py`, `finetune_best`) or a Hugging Face directory
 (imported on the fly; `--clip_dir` for the release layout). The image may be DICOM. `--template=none` uses the question as the whole prompt, `<image>`
 expanded to the model's image tokens.

@@ -14,7 +14,7 @@ from exgra_jax.eval import single_question
 from exgra_jax.models.config import LlavaConfig
 from exgra_jax.models import llava
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.train import model_checkpoint
+from exgra_jax.weights import checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +27,7 @@ def run(demo_world, tmp_path_factory):
                               [f"data.root={demo_world}"])
   model = LlavaModel(LlavaConfig.from_config(config.model))
   params = nn.unbox(llava.init_boxed_params(model.cfg, jax.random.key(0)))
-  model_checkpoint.save_params(str(workdir / "checkpoints" / "finetune_best"), params,
+  checkpoints.save_params(str(workdir / "checkpoints" / "finetune_best"), params,
                                config.model.to_dict(),
                                tokenizer_dir=os.path.join(demo_world, "tokenizer"))
   return demo_world, workdir, model, params
@@ -83,7 +83,7 @@ def test_predict_refuses_a_checkpoint_without_tokenizer(run, tmp_path):
   demo_world, workdir, _, params = run
   bare = tmp_path / "bare"
   config = configuration.load(os.path.join(REPO, "configs", "demo.py"), [])
-  model_checkpoint.save_params(str(bare), params, config.model.to_dict())
+  checkpoints.save_params(str(bare), params, config.model.to_dict())
   cli = subprocess.run(
       [sys.executable, "-m", "exgra_jax.predict", f"--model={bare}",
        f"--image={os.path.join(demo_world, 'images', 'MR_small.dcm')}", "--question=What?"],

@@ -49,12 +49,14 @@ def test_report_records_protocol_and_writes_files(tmp_path):
   data.write_text("[]")
   (tmp_path / "ckpt").mkdir()
   (tmp_path / "ckpt" / "w").write_bytes(b"1")
-  built = report.build_report(checkpoint=str(tmp_path / "ckpt"), data_files={"test": str(data)},
+  built = report.build_report(checkpoint=str(tmp_path / "ckpt"), params_checksum="ab" * 32,
+                              data_files={"test": str(data)},
                               template="simple", decoding={"max_new_tokens": 1024},
                               metrics=_metrics(), load_report={"missing": [], "unexpected": ["x"]})
   assert built["split_sizes"] == {"OPEN": 3, "CLOSED": 5, "overall": 8}
   assert built["data_files"]["test"]["sha256"] == hashlib.sha256(b"[]").hexdigest()
   assert built["checkpoint"]["unexpected_parameters"] == ["x"]
+  assert built["checkpoint"]["params_checksum"] == "ab" * 32
   report.write_report(str(tmp_path / "out"), built)
   assert json.loads((tmp_path / "out" / "protocol.json").read_text())["metrics_version"]
   table = (tmp_path / "out" / "protocol.md").read_text()
@@ -63,7 +65,8 @@ def test_report_records_protocol_and_writes_files(tmp_path):
 
 def test_report_refuses_incomplete_weights(tmp_path):
   with pytest.raises(report.IncompleteWeights, match="2 parameters did not load"):
-    report.build_report(checkpoint=str(tmp_path), data_files={}, template="simple",
+    report.build_report(checkpoint=str(tmp_path), params_checksum="", data_files={},
+                        template="simple",
                         decoding={}, metrics=_metrics(),
                         load_report={"missing": ["vision/a", "vision/b"]})
   with pytest.raises(ValueError, match="'missing' key"):

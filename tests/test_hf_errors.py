@@ -68,7 +68,8 @@ def test_wrong_shape_names_the_tensor_and_both_shapes(dirs, tmp_path):
   name = "model.mm_projector.2.weight"
   _edit_tensors(model, lambda t: t.update({name: np.zeros((32, 20), np.float32)}))
   with pytest.raises(importer.ShapeMismatchError,
-                     match=rf"{name}: expected shape \(32, 32\).*found \(32, 20\)"):
+                     match=rf"{model}/model.safetensors: tensor {name}: expected shape "
+                           r"\(32, 32\).*found \(32, 20\)"):
     importer.import_model(model, str(dirs / "clip"))
 
 
@@ -142,4 +143,29 @@ def test_other_weight_formats_are_refused(dirs, tmp_path):
   model = _copy(dirs, "llama", tmp_path)
   os.replace(os.path.join(model, "model.safetensors"), os.path.join(model, "model.pt"))
   with pytest.raises(UnsupportedWeightsError, match="no safetensors or .bin weights"):
+    importer.import_model(model, str(dirs / "clip_plain"))
+
+
+def test_index_naming_a_file_outside_the_directory_is_refused(dirs, tmp_path):
+  model = _copy(dirs, "llama", tmp_path)
+  outside = str(tmp_path / "elsewhere.safetensors")
+  os.replace(os.path.join(model, "model.safetensors"), outside)
+  names = safetensors.numpy.load_file(outside).keys()
+  index = os.path.join(model, "model.safetensors.index.json")
+  for target in ("../elsewhere.safetensors", outside):
+    with open(index, "w") as f:
+      json.dump({"weight_map": {name: target for name in names}}, f)
+    with pytest.raises(UnsupportedWeightsError, match=rf"{index}: tensor .* outside"):
+      importer.import_model(model, str(dirs / "clip_plain"))
+
+
+def test_weights_errors_name_the_file(dirs, tmp_path):
+  model = _copy(dirs, "llama", tmp_path)
+  path = os.path.join(model, "model.safetensors")
+  pathlib.Path(path).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+  with pytest.raises(UnsupportedWeightsError, match=f"{path}: unreadable safetensors"):
+    importer.import_model(model, str(dirs / "clip_plain"))
+  index = os.path.join(model, "model.safetensors.index.json")
+  pathlib.Path(index).write_text("{not json")
+  with pytest.raises(UnsupportedWeightsError, match=f"{index}: not a weights index"):
     importer.import_model(model, str(dirs / "clip_plain"))

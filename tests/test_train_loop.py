@@ -13,7 +13,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 import test_train_checkpointing
-from exgra_jax.train import checkpoint_inspection
+from exgra_jax.weights import inspection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two short stages, alignment on in the second, a checkpoint every 2 steps.
@@ -35,7 +35,7 @@ def _run(demo_world, workdir, timeout=600, overrides=OVERRIDES):
 
 
 def _final(workdir, stage="stage2", step=8):
-  return checkpoint_inspection.read_checkpoint(
+  return inspection.read_checkpoint(
       os.path.join(workdir, "checkpoints", stage, str(step)))
 
 

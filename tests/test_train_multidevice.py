@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from exgra_jax.train import checkpoint_inspection
+from exgra_jax.weights import inspection
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(ROOT, "tests", "train_sharded_run.py")
@@ -58,7 +58,7 @@ def test_two_processes_match_one_process(single, multi):
   assert result["processes"] == 2 and result["devices"] == 4
   for a, b in zip(single["losses"]["four"], result["losses"]):
     assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (single["losses"], result["losses"])
-  info = checkpoint_inspection.read_checkpoint(str(workdir / "2"))
+  info = inspection.read_checkpoint(str(workdir / "2"))
   assert info["step"] == 2
 
 

@@ -14,7 +14,9 @@ import pytest
 from configs import base
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.train import checkpoint_inspection, checkpointing, mesh as mesh_lib, optimizer, sharding, state, step
+from exgra_jax.train import checkpointing, mesh as mesh_lib, optimizer, sharding, state, step
+from exgra_jax.weights import inspection
+from exgra_jax.weights.checksum import parameter_checksum
 
 NEW_TOKENS = (1019, 1020, 1021, 1022, 1023)
 
@@ -250,15 +252,16 @@ def test_inspect_checkpoint_reports_step_shapes_and_checksum(setup, tmp_path):
   ckpt = checkpointing.StageCheckpointer(str(tmp_path), every=1, keep=1, async_save=False)
   ckpt.save(7, st, {}, config.model.to_dict())
   ckpt.close()
-  info = checkpoint_inspection.read_checkpoint(str(tmp_path / "7"))
+  info = inspection.read_checkpoint(str(tmp_path / "7"))
   assert info["step"] == 7
   assert info["shapes"]["llm/embed_tokens/embedding"] == ((1024, 128), "float32")
-  assert info["checksum"] == checkpoint_inspection.parameter_checksum(params)
+  assert info["checksum"] == parameter_checksum(params)
   changed = jax.tree_util.tree_map(lambda x: x, params)
   changed["llm"]["norm"]["scale"] = changed["llm"]["norm"]["scale"].at[0].add(1e-7)
-  assert checkpoint_inspection.parameter_checksum(changed) != info["checksum"]
-  with pytest.raises(FileNotFoundError, match="stage checkpoint"):
-    checkpoint_inspection.read_checkpoint(str(tmp_path))
+  assert parameter_checksum(changed) != info["checksum"]
+  assert inspection.read_checkpoint(str(tmp_path))["checksum"] == info["checksum"]  # newest
+  with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
+    inspection.read_checkpoint(str(tmp_path / "7" / "state"))
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run([sys.executable, "tools/inspect_checkpoint.py",
                         f"--checkpoint={tmp_path / '7'}"], capture_output=True, text=True,
@@ -303,7 +306,7 @@ def test_resume_from_checkpoint_is_bit_exact(setup, tmp_path):
   assert data == {"consumed": 24} and int(resumed.step) == 6
   for _ in range(4):
     resumed, _ = train_step(resumed, batch)
-  assert (checkpoint_inspection.parameter_checksum(resumed.params)
-          == checkpoint_inspection.parameter_checksum(st.params))
-  assert (checkpoint_inspection.parameter_checksum(resumed.opt_state)
-          == checkpoint_inspection.parameter_checksum(st.opt_state))
+  assert (parameter_checksum(resumed.params)
+          == parameter_checksum(st.params))
+  assert (parameter_checksum(resumed.opt_state)
+          == parameter_checksum(st.opt_state))

@@ -3,10 +3,12 @@
 python tools/export_hf.py --checkpoint=WORKDIR/checkpoints/finetune --out=/export/exgra-med \
     [--layout=llava|release] [--tokenizer=DIR] [--shard_size_gb=5] [--dtype=bfloat16]
 
---checkpoint: a train step or stage directory, a params checkpoint (tools/import_hf.py),
-or an HF directory. `llava` loads in transformers' LlavaForConditionalGeneration with no
+--checkpoint: a train step or stage directory (its tokenizer: the run's, from
+WORKDIR/config.json), a params checkpoint (tools/import_hf.py, finetune_best; its saved
+tokenizer), or an HF directory. `llava` loads in transformers' LlavaForConditionalGeneration with no
 custom code (connector none / sci, projector mlp2x_gelu); `release` is the LLaVA-Med
-layout and holds every connector. See docs/hf.md. Logic: exgra_jax/hf/exporter.py.
+layout and holds every connector. See docs/hf.md. Logic: exgra_jax/weights/checkpoints.py
+and exgra_jax/hf/exporter.py.
 """
 import json
 
@@ -16,7 +18,7 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint to export", re
 _OUT = flags.DEFINE_string("out", None, "HF directory to write (replaced whole)", required=True)
 _LAYOUT = flags.DEFINE_enum("layout", "llava", ["llava", "release"], "HF layout")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer directory (default: the one "
-                                 "saved in the checkpoint; train checkpoints hold none)")
+                                 "saved with the checkpoint, or the run's)")
 _SHARD = flags.DEFINE_float("shard_size_gb", 5.0, "largest safetensors shard")
 _DTYPE = flags.DEFINE_string("dtype", None, "tensor dtype in the files (default: the params')")
 
@@ -24,10 +26,11 @@ _DTYPE = flags.DEFINE_string("dtype", None, "tensor dtype in the files (default:
 def main(argv):
   del argv
   from exgra_jax.hf import exporter  # pylint: disable=g-import-not-at-top
-  from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
-  loaded = model_checkpoint.load(_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value)
+  from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top
+  loaded = checkpoints.load(_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value)
   if not loaded.tokenizer_dir:
-    raise app.UsageError(f"{_CHECKPOINT.value} holds no tokenizer: pass --tokenizer")
+    raise app.UsageError(f"{_CHECKPOINT.value}: no tokenizer found with it (no saved "
+                         "tokenizer/, no run config.json): pass --tokenizer")
   result = exporter.export(loaded.params, loaded.model_config, _OUT.value,
                            tokenizer_dir=loaded.tokenizer_dir, layout=_LAYOUT.value,
                            shard_size_gb=_SHARD.value, dtype=_DTYPE.value)

@@ -7,7 +7,7 @@ python tools/import_hf.py --hf_dir=/weights/llama-7b --clip_dir=/weights/clip-vi
 python tools/import_hf.py --hf_dir=/weights/exgra-med-dci --clip_dir=... --connector=dci --out=...
 
 Layouts, name maps and safety rules: docs/hf.md. Logic: exgra_jax/hf/importer.py and
-exgra_jax/train/model_checkpoint.py (the output loads with `model_checkpoint.load`).
+exgra_jax/weights/checkpoints.py (the output loads with `checkpoints.load`).
 """
 import json
 import tempfile
@@ -43,7 +43,7 @@ def main(argv):
     configuration.exit_usage("\n".join(problems) + "\n(a Hugging Face model directory, as "
                              "`huggingface-cli download REPO --local-dir DIR` writes it)")
   from exgra_jax.hf import importer  # pylint: disable=g-import-not-at-top
-  from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
+  from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top
   overrides = {key: value for key, value in (
       ("connector", _CONNECTOR.value), ("projector", _PROJECTOR.value),
       ("scan_layers", _SCAN.value), ("param_dtype", _PARAM_DTYPE.value),
@@ -54,8 +54,8 @@ def main(argv):
         _HF_DIR.value, _CLIP_DIR.value, tokenizer_dir=_TOKENIZER.value,
         add_tokens=_ADD_TOKENS.value, tokenizer_out=tokenizer_out, overrides=overrides,
         allow_missing=_ALLOW_MISSING.value)
-    model_checkpoint.save_params(_OUT.value, imported.params, imported.model_config,
-                                 tokenizer_dir=imported.tokenizer_dir)
+    checkpoints.save_params(_OUT.value, imported.params, imported.model_config,
+                            tokenizer_dir=imported.tokenizer_dir)
   print(json.dumps({"out": _OUT.value, "layout": imported.layout, "report": imported.report,
                     "model": imported.model_config.to_dict()}, indent=2))
 

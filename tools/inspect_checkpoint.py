@@ -1,19 +1,25 @@
-"""Prints a stage checkpoint's step, parameter tree with shapes, and parameter checksum.
+"""Prints a checkpoint's step, parameter tree with shapes, and parameter checksum.
 
 python tools/inspect_checkpoint.py --checkpoint=WORKDIR/checkpoints/stage2/1500
-Logic: exgra_jax/train/checkpoint_inspection.py.
+python tools/inspect_checkpoint.py --checkpoint=WORKDIR/checkpoints/finetune_best
+A train step, a stage directory (newest step) or a params-only checkpoint. The checksum
+is the one the training summary and the evaluation protocol report print.
+Logic: exgra_jax/weights/inspection.py.
 """
 from absl import app, flags
 
-from exgra_jax.train import checkpoint_inspection
+from exgra_jax.weights import inspection
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint step directory", required=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "train step, stage or params checkpoint",
+                                  required=True)
 
 
 def main(argv):
   del argv
-  info = checkpoint_inspection.read_checkpoint(_CHECKPOINT.value)
-  print(f"step {info['step']}  skipped {info['skipped']}")
+  info = inspection.read_checkpoint(_CHECKPOINT.value)
+  print(f"{info['kind']} {info['path']}")
+  if info["step"] is not None:
+    print(f"step {info['step']}  skipped {info['skipped']}")
   total = 0
   for name, (shape, dtype) in sorted(info["shapes"].items()):
     count = 1

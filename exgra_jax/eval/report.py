@@ -2,8 +2,9 @@
 
 Why: published VQA numbers of LLaVA-Med-style models are often not reproducible because
 the protocol is implicit (candidate file, template, a tower that failed to load, open /
-closed counts). The report makes it explicit and checkable: sha256 of the checkpoint and
-of every data file, split sizes, template text, decoding settings, metric definitions and
+closed counts). The report makes it explicit and checkable: the parameter checksum of the
+evaluated weights (weights/checksum.py: the one the training summary and
+tools/inspect_checkpoint.py print), sha256 of every data file, split sizes, template text, decoding settings, metric definitions and
 version, and the metrics, as `protocol.json` plus a short `protocol.md` table.
 """
 from __future__ import annotations
@@ -54,15 +55,15 @@ def sha256_path(path: str) -> str:
   return digest.hexdigest()
 
 
-def build_report(*, checkpoint: str, data_files: Mapping[str, str], template: str,
-                 decoding: Mapping[str, Any], metrics: Mapping[str, Any],
+def build_report(*, checkpoint: str, params_checksum: str, data_files: Mapping[str, str],
+                 template: str, decoding: Mapping[str, Any], metrics: Mapping[str, Any],
                  load_report: Mapping[str, Any]) -> dict[str, Any]:
   """The protocol as a JSON-able dict; refuses incomplete weights first."""
   require_complete_weights(load_report)
   split = {name: metrics[name]["count"] for name in ("OPEN", "CLOSED", "overall")
            if name in metrics}
   return {
-      "checkpoint": {"path": os.path.abspath(checkpoint), "sha256": sha256_path(checkpoint),
+      "checkpoint": {"path": os.path.abspath(checkpoint), "params_checksum": params_checksum,
                      "unexpected_parameters": list(load_report.get("unexpected", []))},
       "data_files": {name: {"path": os.path.abspath(path), "sha256": sha256_path(path)}
                      for name, path in data_files.items()},
@@ -78,7 +79,7 @@ def build_report(*, checkpoint: str, data_files: Mapping[str, str], template: st
 def markdown_table(report: Mapping[str, Any]) -> str:
   """A short human-readable summary of the report's headline numbers."""
   metrics = report["metrics"]
-  rows = [("checkpoint sha256", report["checkpoint"]["sha256"][:16]),
+  rows = [("params checksum", report["checkpoint"]["params_checksum"][:16]),
           ("metrics version", report["metrics_version"]),
           ("open / closed", f"{report['split_sizes'].get('OPEN', 0)} / "
                             f"{report['split_sizes'].get('CLOSED', 0)}")]

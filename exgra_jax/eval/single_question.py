@@ -18,7 +18,7 @@ from exgra_jax.data.records import IMAGE_TOKEN
 from exgra_jax.eval import generate, prompts, report
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.train import model_checkpoint
+from exgra_jax.weights import checkpoints
 
 
 def load_pixels(path: str, image_size: int) -> np.ndarray:
@@ -47,9 +47,9 @@ def answer_from_checkpoint(model_dir: str, image: str, question: str, *,
                            template: str = "simple", max_new_tokens: int = 128,
                            temperature: float = 0.0, stop: str = "###",
                            tokenizer_dir: str | None = None, clip_dir: str | None = None) -> str:
-  """The answer of the model at `model_dir`: anything `train.model_checkpoint.load` reads
+  """The answer of the model at `model_dir`: anything `weights.checkpoints.load` reads
   (train / params-only checkpoint, HF directory). Refuses incomplete weights."""
-  loaded = model_checkpoint.load(model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir)
+  loaded = checkpoints.load(model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir)
   report.require_complete_weights(loaded.report)
   if not loaded.tokenizer_dir:
     raise ValueError(f"{model_dir} holds no tokenizer: pass --tokenizer=DIR")

@@ -23,7 +23,8 @@ from exgra_jax.data import records as records_lib
 from exgra_jax.eval import answers, generate, prompts, report, single_question, vqa_metrics
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.train import model_checkpoint
+from exgra_jax.weights import checkpoints
+from exgra_jax.weights.checksum import parameter_checksum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +67,10 @@ def evaluate_loaded(model: LlavaModel, params, tokenizer, inputs: VqaInputs,
   metrics["metrics_version"] = vqa_metrics.METRICS_VERSION
   decoding = {**dataclasses.asdict(settings), "greedy": settings.temperature == 0}
   template_text = prompts.build_prompt("{question}", template, 1)
+  params_checksum = parameter_checksum(params)  # collective where params span hosts
   if jax.process_index() == 0:  # every process has the same answers; one writes
-    protocol = report.build_report(checkpoint=checkpoint, data_files=inputs.data_files,
+    protocol = report.build_report(checkpoint=checkpoint, params_checksum=params_checksum,
+                                   data_files=inputs.data_files,
                                    template=template_text, decoding=decoding,
                                    metrics=metrics, load_report=load_report)
     report.write_report(output_dir, protocol)
@@ -124,7 +127,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     raise ValueError("nothing to evaluate: set config.eval.records or "
                      "config.finetune.test_records")
   checkpoint = checkpoint or str(default_checkpoint(config, workdir))
-  loaded = model_checkpoint.load(checkpoint, tokenizer_dir=pipeline.tokenizer_dir(config))
+  loaded = checkpoints.load(checkpoint, tokenizer_dir=pipeline.tokenizer_dir(config))
   model = LlavaModel(LlavaConfig.from_config(loaded.model_config))
   name = epath.Path(records).stem
   return evaluate_split(config, model, loaded.params, records=records,

@@ -32,7 +32,6 @@ import ml_collections
 import numpy as np
 import transformers
 from absl import logging
-from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
@@ -157,29 +156,3 @@ def export(params: Mapping[str, Any], model_config: ml_collections.ConfigDict | 
   multihost_utils.sync_global_devices("exgra_jax.hf.export")
   return {"out_dir": out_dir, "layout": layout, **weights}
 
-
-def _resolve(path: str, root: str) -> str:
-  return path if not path or os.path.isabs(path) or not root else os.path.join(root, path)
-
-
-def export_from_workdir(config: ml_collections.ConfigDict, workdir: str | epath.Path
-                        ) -> dict[str, Any]:
-  """Exports the newest checkpoint of the last stage of `config.stages` (--mode=export).
-
-  Reads `workdir/checkpoints/<stage>/<newest step>`, writes `workdir/export/<layout>` with
-  `config.export.layout` / `shard_size_gb` and the tokenizer `config.data.tokenizer_dir`
-  (relative to `config.data.root`).
-  """
-  from exgra_jax.train import model_checkpoint  # pylint: disable=g-import-not-at-top
-  workdir = os.fspath(workdir)
-  stage = config.stages[-1]
-  stage_dir = os.path.join(workdir, "checkpoints", stage)
-  tokenizer_dir = _resolve(config.data.tokenizer_dir, config.data.root)
-  if not tokenizer_dir:
-    raise ValueError("config.data.tokenizer_dir is empty: the export needs the tokenizer the "
-                     "model was trained with")
-  loaded = model_checkpoint.load(stage_dir)
-  layout = config.export.layout
-  return export(loaded.params, loaded.model_config, os.path.join(workdir, "export", layout),
-                tokenizer_dir=tokenizer_dir, layout=layout,
-                shard_size_gb=config.export.shard_size_gb)

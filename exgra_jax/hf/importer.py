@@ -143,7 +143,8 @@ class _Sources:
       found = tuple(self.shape(entry))
       if found != want:
         raise ShapeMismatchError(
-            f"tensor {entry.name}: expected shape {want} for {placement.path_name(path)} "
+            f"{self.readers[entry.source].file_of(self.raw[entry.name])}: tensor "
+            f"{entry.name}: expected shape {want} for {placement.path_name(path)} "
             f"(as the checkpoint's config.json describes the model), found {found}")
 
   def read_leaf(self, group: Group, leaf: jax.ShapeDtypeStruct) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Where loaded parameters go: the model's abstract tree, target shardings, placement.
 
-Shared by the HF importer and `train/model_checkpoint.py`. Nothing here allocates the
+Shared by the HF importer and `weights/checkpoints.py`. Nothing here allocates the
 model: the expected tree comes from `jax.eval_shape` of `LlavaModel.init` (with the
-logical axis names that `train/sharding.py` turns into NamedShardings), a host array is
+logical axis names that `models/partitioning.py` turns into NamedShardings), a host array is
 placed with `jax.make_array_from_callback` (each device gets only its shard, on any
 number of hosts), and parameters a checkpoint lacks are initialised by a jitted init that
 returns only them (XLA drops the rest of the model's initialisers).
@@ -21,7 +21,7 @@ from flax import traverse_util
 
 from exgra_jax.models.config import LlavaConfig
 from exgra_jax.models.llava import init_boxed_params
-from exgra_jax.train import sharding as sharding_lib
+from exgra_jax.models.partitioning import param_shardings
 
 Path = tuple[str, ...]
 
@@ -41,7 +41,7 @@ def expected_params(cfg: LlavaConfig, mesh: jax.sharding.Mesh | None = None,
     return abstract, {path: device for path in abstract}
   if rules is None:
     raise ValueError("a mesh needs the logical axis rules (config.logical_axis_rules)")
-  shardings = traverse_util.flatten_dict(sharding_lib.param_shardings(boxed, mesh, rules))
+  shardings = traverse_util.flatten_dict(param_shardings(boxed, mesh, rules))
   return abstract, shardings
 
 

@@ -5,7 +5,9 @@ through `safetensors.safe_open` (memory-mapped; a tensor is read when asked for)
 `.bin` files only through `torch.load(weights_only=True, mmap=True)`, which refuses any
 pickle that holds more than tensors and plain containers; torch is imported only then.
 Anything else (`.pt`, `.ckpt`, `.pkl`, `.msgpack`, `.h5`, ...) is refused: a pickle can
-execute code when loaded. Arrays come back as numpy in the file's dtype (bfloat16 through
+execute code when loaded. An index may only name files inside its directory (a weight
+map pointing at `../x.safetensors` or an absolute path is refused), and every error names
+the file it is about. Arrays come back as numpy in the file's dtype (bfloat16 through
 ml_dtypes), so nothing is upcast before the caller casts to the parameter dtype.
 
 Writing: `write_shards` streams (name, array) pairs into safetensors shards of at most
@@ -66,6 +68,26 @@ def _torch_to_numpy(tensor: Any) -> np.ndarray:
   return tensor.numpy()
 
 
+def _index_files(index_path: str) -> dict[str, str]:
+  """{tensor name: file path} of an index; refuses files outside the index's directory."""
+  # Lexical (not realpath): a hub cache's shards are symlinks to blobs elsewhere.
+  directory = os.path.normpath(os.path.abspath(os.path.dirname(index_path)))
+  try:
+    with open(index_path) as f:
+      weight_map = json.load(f)["weight_map"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise UnsupportedWeightsError(f"{index_path}: not a weights index ({e!r})") from None
+  files = {}
+  for name, file in weight_map.items():
+    path = os.path.normpath(os.path.join(directory, str(file)))
+    if os.path.commonpath([directory, path]) != directory:
+      raise UnsupportedWeightsError(
+          f"{index_path}: tensor {name} is mapped to {file!r}, outside {directory}; an "
+          "index may only name files in its own directory")
+    files[name] = path
+  return files
+
+
 class TensorReader:
   """The tensors of one HF directory by name; files open lazily, tensors read on demand."""
 
@@ -81,10 +103,7 @@ class TensorReader:
       self.kind = kind
       index_path = os.path.join(self.directory, index_name)
       if os.path.exists(index_path):
-        with open(index_path) as f:
-          weight_map = json.load(f)["weight_map"]
-        return kind, {name: os.path.join(self.directory, file)
-                      for name, file in weight_map.items()}
+        return kind, _index_files(index_path)
       files = sorted(glob.glob(os.path.join(self.directory, pattern)))
       if files:
         return kind, {name: path for path in files for name in self._opened(path).keys()}
@@ -96,14 +115,23 @@ class TensorReader:
 
   def _opened(self, path: str) -> Any:
     if path not in self._open:
+      if not os.path.isfile(path):
+        raise UnsupportedWeightsError(f"{path}: weights file missing")
       if self.kind == "safetensors":
-        self._open[path] = safetensors.safe_open(path, framework="np")
+        try:
+          self._open[path] = safetensors.safe_open(path, framework="np")
+        except Exception as e:  # safetensors raises its own error types
+          raise UnsupportedWeightsError(f"{path}: unreadable safetensors file: {e}") from None
       else:
         self._open[path] = _torch_load(path)
     return self._open[path]
 
   def _handle(self, name: str) -> Any:
     return self._opened(self._files[name])
+
+  def file_of(self, name: str) -> str:
+    """The file that holds tensor `name` (for error messages)."""
+    return self._files[name]
 
   def names(self) -> list[str]:
     return list(self._files)
@@ -118,9 +146,13 @@ class TensorReader:
   def read(self, name: str) -> np.ndarray:
     """One tensor as a host numpy array in its stored dtype."""
     handle = self._handle(name)
-    if self.kind == "safetensors":
-      return handle.get_tensor(name)
-    return _torch_to_numpy(handle[name])
+    try:
+      if self.kind == "safetensors":
+        return handle.get_tensor(name)
+      return _torch_to_numpy(handle[name])
+    except Exception as e:  # a name the index promises but the file lacks, a bad file
+      raise UnsupportedWeightsError(f"{self.file_of(name)}: cannot read tensor {name}: "
+                                    f"{e}") from None
 
   def close(self) -> None:
     for handle in self._open.values():

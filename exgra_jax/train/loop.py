@@ -33,13 +33,15 @@ from exgra_jax.align import loss as align_loss
 from exgra_jax.data import pipeline as pipeline_lib
 from exgra_jax.data import records, text
 from exgra_jax.eval import vqa
-from exgra_jax.hf import exporter, hf_configs
+from exgra_jax.hf import hf_configs
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models import llava
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import (alignment_sharding, checkpointing, initial_weights, metrics,
-                             model_checkpoint, optimizer, sharded_state, sharding, step)
+                             optimizer, sharded_state, sharding, step)
 from exgra_jax.train import mesh as mesh_lib
+from exgra_jax.weights import checkpoints
+from exgra_jax.weights.checksum import parameter_checksum
 
 
 @dataclasses.dataclass
@@ -140,10 +142,9 @@ def load_weights(config, path: str, mesh) -> Any:
   # What an HF directory does not decide (layer scanning, dtypes, the projector of a plain
   # LLaMA start, a release checkpoint's connector) comes from config.model.
   overrides = {key: config.model[key] for key in hf_configs.OVERRIDABLE}
-  return model_checkpoint.load(path, tokenizer_dir=pipeline_lib.tokenizer_dir(config),
-                               mesh=mesh, rules=config.logical_axis_rules,
-                               clip_dir=config.init.clip_dir or None,
-                               overrides=overrides).params
+  return checkpoints.load(path, tokenizer_dir=pipeline_lib.tokenizer_dir(config), mesh=mesh,
+                          rules=config.logical_axis_rules,
+                          clip_dir=config.init.clip_dir or None, overrides=overrides).params
 
 
 def _host_tokens(batch: dict) -> float:
@@ -185,6 +186,7 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
     # A finished fine-tune still reports its test metrics (answers already written are
     # reused: the answers file is resumable).
     return {"status": "complete", "steps": start, "params": state.params,
+            "params_checksum": parameter_checksum(state.params),
             **validation.finish(state.params)}
 
   logdir = str(workdir / "tensorboard" / stage.name)
@@ -233,7 +235,8 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
     writer.flush()
   summary = {"status": "trained", "steps": stage.total_steps,
              "skipped_steps": int(jax.device_get(state.skipped)),
-             "final_metrics": last, "bad_records": pipe.log.counts(), "params": state.params}
+             "final_metrics": last, "bad_records": pipe.log.counts(), "params": state.params,
+             "params_checksum": parameter_checksum(state.params)}
   summary.update(validation.finish(state.params))
   return summary
 
@@ -290,9 +293,9 @@ class FinetuneValidation:
     logging.info("%s validation at step %d: selection score %s", self.stage.name, done, score)
     if score is not None and (self.best_score is None or score > self.best_score):
       self.best_score, self.best_step = score, done
-      model_checkpoint.save_params(str(self.best_dir), step.model_params(params),
-                                   self.config.model.to_dict(),
-                                   tokenizer_dir=pipeline_lib.tokenizer_dir(self.config))
+      checkpoints.save_params(str(self.best_dir), step.model_params(params),
+                              self.config.model.to_dict(),
+                              tokenizer_dir=pipeline_lib.tokenizer_dir(self.config))
 
   def finish(self, params) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -302,8 +305,8 @@ class FinetuneValidation:
                            "best_selection_score": self.best_score}
     if cfg.test_records:
       if cfg.val_records and self.best_dir.exists():
-        params = model_checkpoint.load(str(self.best_dir), mesh=self.stage.mesh,
-                                       rules=self.config.logical_axis_rules).params
+        params = checkpoints.load(str(self.best_dir), mesh=self.stage.mesh,
+                                  rules=self.config.logical_axis_rules).params
       out["test"] = self._evaluate(params, cfg.test_records, "test")
     return out
 
@@ -345,5 +348,5 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, A
   finally:
     preemption.restore_handler()
   if config.export.after_training:
-    results["export"] = exporter.export_from_workdir(config, workdir)
+    results["export"] = checkpoints.export_from_workdir(config, workdir)
   return results

@@ -17,18 +17,9 @@ import flax.linen as nn
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from exgra_jax.models.partitioning import logical_rules, param_shardings  # noqa: F401 (re-exported)
+
 BATCH_AXES = ("data", "fsdp")
-
-
-def logical_rules(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
-  """`config.logical_axis_rules` as the tuple of pairs flax expects (lists -> tuples)."""
-  out = []
-  for rule in rules:
-    if len(rule) != 2:
-      raise ValueError(f"logical axis rule {rule!r} is not a (logical, mesh axes) pair")
-    name, axes = rule
-    out.append((name, tuple(axes) if isinstance(axes, list) else axes))
-  return tuple(out)
 
 
 @contextlib.contextmanager
@@ -52,16 +43,6 @@ def traced_under(fn: Callable, mesh: jax.sharding.Mesh, rules: Sequence[Sequence
     with mesh_and_rules(mesh, rules):
       return fn(*args, **kwargs)
   return wrapped
-
-
-def param_shardings(boxed_params: Any, mesh: jax.sharding.Mesh,
-                    rules: Sequence[Sequence[Any]]) -> Any:
-  """Tree of NamedShardings for a tree of `nn.LogicallyPartitioned` (or abstract) params.
-
-  Leaves without logical names are replicated.
-  """
-  specs = nn.get_partition_spec(boxed_params)
-  return nn.logical_to_mesh_sharding(specs, mesh, logical_rules(rules))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -1,13 +1,14 @@
 """Model weights from any checkpoint a user brings: train step, stage, params-only, HF.
 
-    loaded = model_checkpoint.load(path, mesh=mesh, rules=config.logical_axis_rules)
+    loaded = checkpoints.load(path, mesh=mesh, rules=config.logical_axis_rules)
     report.require_complete_weights(loaded.report)   # eval refuses missing weights
 
 `path` may be:
 - a train checkpoint step `workdir/checkpoints/<stage>/<step>/` (items `state`,
   `model_config`; train/checkpointing.py): only `state.params` is restored, as a raw
   pytree without the optimizer's structure (partial restore: the optimizer moments are
-  never read), the stage-2 `gnn` collection is dropped;
+  never read), the stage-2 `gnn` collection is dropped; its tokenizer is the run's
+  (`data.tokenizer_dir` of `workdir/config.json`, which main.py writes);
 - a stage directory `workdir/checkpoints/<stage>/`: its newest step;
 - a params-only checkpoint written by `save_params` (items `params`, `model_config`, and
   the tokenizer in `tokenizer/`): what tools/import_hf.py writes;
@@ -15,11 +16,15 @@
 Every leaf is restored straight into its target sharding (the model's logical axes under
 `rules` on `mesh`; without a mesh, this process's first device). The report compares the
 checkpoint with the tree `LlavaModel` expects: `missing` and `unexpected` Flax paths
-(`llm/layers_0/mlp/up_proj/kernel`); for HF directories, HF tensor names.
+(`llm/layers_0/mlp/up_proj/kernel`); for HF directories, HF tensor names. Every error
+names the file or directory it is about.
+
+`export_from_workdir` (--mode=export, and after training) is `load` + `hf.exporter.export`.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -29,15 +34,18 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 import transformers
+from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from exgra_jax.hf import importer, placement
+from exgra_jax.data import pipeline
+from exgra_jax.hf import exporter, importer, placement
 from exgra_jax.hf.weights_io import replace_directory
+from exgra_jax.weights.checksum import NOT_MODEL_WEIGHTS
 
 TRAIN_STEP, STAGE, PARAMS, HF = "train_step", "stage", "params", "hf"
-NOT_EXPORTED = ("gnn",)  # train-state collections that are not model weights
 TOKENIZER_SUBDIR = "tokenizer"
+RUN_CONFIG = "config.json"  # the resolved config main.py writes into the workdir
 
 
 @dataclasses.dataclass
@@ -76,9 +84,36 @@ def checkpoint_kind(path: str) -> str:
       "directory (config.json)")
 
 
+def resolve_step(path: str, kind: str) -> str:
+  """A stage directory -> its newest step; any other checkpoint -> `path`."""
+  return os.path.join(path, str(_steps(path)[-1])) if kind == STAGE else path
+
+
+def run_tokenizer_dir(step_dir: str) -> str | None:
+  """The tokenizer a train step `workdir/checkpoints/<stage>/<step>` was trained with: the
+  run's `data.tokenizer_dir` in `workdir/config.json` (None without that file)."""
+  config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(step_dir))),
+                             RUN_CONFIG)
+  if not os.path.isfile(config_path):
+    return None
+  try:
+    with open(config_path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+    found = pipeline.tokenizer_dir(config)
+  except (ValueError, KeyError, AttributeError) as e:
+    raise ValueError(f"{config_path}: cannot tell the run's tokenizer: {e}") from None
+  if not os.path.isdir(found):
+    raise FileNotFoundError(f"{config_path} names the tokenizer {found}, which does not "
+                            "exist from here: pass the tokenizer directory explicitly")
+  return found
+
+
 def _read_model_config(item_dir: str) -> dict[str, Any]:
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-    return checkpointer.restore(item_dir)
+  try:
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+      return checkpointer.restore(item_dir)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{item_dir}: unreadable model config: {e}") from None
 
 
 def _restore_params(item_dir: str, key: str | None, cfg, mesh, rules, allow_missing: bool,
@@ -86,9 +121,12 @@ def _restore_params(item_dir: str, key: str | None, cfg, mesh, rules, allow_miss
   """Params of the Orbax item `item_dir` (under `key` of it when given), partially restored."""
   abstract, shardings = placement.expected_params(cfg, mesh, rules)
   with ocp.PyTreeCheckpointer() as checkpointer:
-    stored = checkpointer.metadata(item_dir).item_metadata.tree
+    try:
+      stored = checkpointer.metadata(item_dir).item_metadata.tree
+    except (OSError, ValueError) as e:
+      raise ValueError(f"{item_dir}: unreadable checkpoint metadata: {e}") from None
     stored = traverse_util.flatten_dict(stored[key] if key else stored)
-    stored = {p: m for p, m in stored.items() if p[0] not in NOT_EXPORTED}
+    stored = {p: m for p, m in stored.items() if p[0] not in NOT_MODEL_WEIGHTS}
     missing = [p for p in abstract if p not in stored]
     unexpected = sorted(placement.path_name(p) for p in stored if p not in abstract)
     for path in abstract.keys() & stored.keys():
@@ -124,7 +162,7 @@ def load(path: str, *, tokenizer_dir: str | None = None,
   """Loads the model weights of `path` (see the module docstring for the kinds).
 
   tokenizer_dir: overrides the tokenizer (default: a params checkpoint's `tokenizer/`, an
-    HF directory itself; train checkpoints hold none: None unless given).
+    HF directory itself, a train checkpoint's run tokenizer (`run_tokenizer_dir`)).
   clip_dir, overrides, text_only: for HF directories (importer.import_model; text_only:
     the LLM alone, so that a plain LLaMA needs no CLIP directory).
   allow_missing: initialise missing parameters (PRNGKey(seed), listed in the report)
@@ -139,8 +177,7 @@ def load(path: str, *, tokenizer_dir: str | None = None,
                                      text_only=text_only)
     return LoadedModel(imported.model_config, imported.params, imported.tokenizer_dir,
                        imported.report, kind, path)
-  if kind == STAGE:
-    path = os.path.join(path, str(_steps(path)[-1]))
+  path = resolve_step(path, kind)
   item, key = (("state", "params") if kind in (TRAIN_STEP, STAGE) else ("params", None))
   model_config = ml_collections.ConfigDict(
       _read_model_config(os.path.join(path, "model_config")))
@@ -150,6 +187,8 @@ def load(path: str, *, tokenizer_dir: str | None = None,
   saved_tokenizer = os.path.join(path, TOKENIZER_SUBDIR)
   if tokenizer_dir is None and kind == PARAMS and os.path.isdir(saved_tokenizer):
     tokenizer_dir = saved_tokenizer
+  elif tokenizer_dir is None and kind in (TRAIN_STEP, STAGE):
+    tokenizer_dir = run_tokenizer_dir(path)
   return LoadedModel(model_config, params, tokenizer_dir, report, kind, path)
 
 
@@ -158,13 +197,13 @@ def save_params(directory: str, params: Mapping[str, Any],
                 tokenizer_dir: str | None = None) -> None:
   """Writes a params-only Orbax checkpoint: items `params`, `model_config` (JSON of
   `config.model`) and, when given, the tokenizer in `tokenizer/` (collections in
-  NOT_EXPORTED are left out). Everything is written next to `directory` and renamed into
+  NOT_MODEL_WEIGHTS are left out). Everything is written next to `directory` and renamed into
   place, so an existing checkpoint there (a fine-tune's best params) is replaced whole."""
   directory = os.path.abspath(directory)
   if isinstance(model_config, ml_collections.ConfigDict):
     model_config = model_config.to_dict()
   placement.typed_config(model_config)  # a checkpoint must describe a valid model
-  params = {k: v for k, v in params.items() if k not in NOT_EXPORTED}
+  params = {k: v for k, v in params.items() if k not in NOT_MODEL_WEIGHTS}
   tmp = directory + ".saving"  # the same name on every process (Orbax saves collectively)
   if jax.process_index() == 0 and os.path.exists(tmp):
     shutil.rmtree(tmp)  # left by an interrupted save
@@ -180,3 +219,21 @@ def save_params(directory: str, params: Mapping[str, Any],
       tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_SUBDIR))
     replace_directory(tmp, directory)
   multihost_utils.sync_global_devices("exgra_jax.save_params.done")
+
+
+def export_from_workdir(config: ml_collections.ConfigDict, workdir: str | epath.Path
+                        ) -> dict[str, Any]:
+  """Exports the newest checkpoint of the last stage of `config.stages` (--mode=export).
+
+  Reads `workdir/checkpoints/<stage>/<newest step>`, writes `workdir/export/<layout>` with
+  `config.export.layout` / `shard_size_gb` and the run's tokenizer
+  (`pipeline.tokenizer_dir(config)`).
+  """
+  workdir = os.fspath(workdir)
+  loaded = load(os.path.join(workdir, "checkpoints", config.stages[-1]),
+                tokenizer_dir=pipeline.tokenizer_dir(config))
+  layout = config.export.layout
+  return exporter.export(loaded.params, loaded.model_config,
+                         os.path.join(workdir, "export", layout),
+                         tokenizer_dir=loaded.tokenizer_dir, layout=layout,
+                         shard_size_gb=config.export.shard_size_gb)
