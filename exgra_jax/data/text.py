@@ -69,6 +69,38 @@ def training_text(turns: tuple[Turn, ...], num_image_tokens: int) -> str:
   return header + "".join(pieces) + BEGIN_SIGNAL
 
 
+def chat_template() -> str:
+  """The training template as a transformers chat template (Jinja), for exported models.
+
+  Messages render as `training_pieces` renders turns ("### Human: ...\n", "### Assistant:
+  ...\n" after the system line; a `system` message replaces the system line), the parts of
+  a message joined by "\n", an image (an image part, or `<image>` in a text message) as
+  `<im_start><im_patch><im_end>`, which the exported LlavaProcessor expands to N x
+  `<im_patch>`; `add_generation_prompt` opens the assistant's turn as the `train`
+  inference prompt does (eval/prompts.py). So `[image, question]` gives the prompt of
+  `build_prompt("<image>\nquestion", "train", N)`.
+  """
+  roles = {"user": ROLE_NAMES["human"], "assistant": ROLE_NAMES["gpt"]}
+  return (
+      "{%- set system = messages[0]['content'] if messages and messages[0]['role'] == "
+      "'system' and messages[0]['content'] is string else " + repr(SYSTEM) + " -%}"
+      "{{- system + " + repr("\n\n") + " -}}"
+      "{%- for message in messages if message['role'] != 'system' -%}"
+      "{{- " + repr(BEGIN_SIGNAL) + " + " + repr(roles) + "[message['role']] + ': ' -}}"
+      "{%- if message['content'] is string -%}"
+      "{{- message['content'] | replace(" + repr(IMAGE_TOKEN) + ", "
+      + repr(image_placeholder(1)) + ") -}}"
+      "{%- else -%}{%- for part in message['content'] -%}"
+      "{%- if not loop.first -%}{{- " + repr("\n") + " -}}{%- endif -%}"
+      "{%- if part['type'] == 'image' -%}{{- " + repr(image_placeholder(1)) + " -}}"
+      "{%- else -%}{{- part['text'] -}}{%- endif -%}"
+      "{%- endfor -%}{%- endif -%}"
+      "{{- " + repr(END_SIGNAL) + " -}}"
+      "{%- endfor -%}"
+      "{%- if add_generation_prompt -%}{{- " + repr(BEGIN_SIGNAL + ROLE_NAMES["gpt"] + ":")
+      + " -}}{%- endif -%}")
+
+
 def alignment_text(turns: tuple[Turn, ...], mode: str = "default") -> str:
   """The text whose LLM states give f_S (of the turns) or f_L (of the extended turns).
 

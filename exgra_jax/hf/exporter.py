@@ -4,8 +4,22 @@
     transformers.LlavaForConditionalGeneration.from_pretrained("/out/llava")  # no custom code
 
 Written: `config.json`, safetensors shards of at most `shard_size_gb` with
-`model.safetensors.index.json`, the tokenizer, `preprocessor_config.json` (CLIP
-preprocessing at the model's image size, as data/images.py does it). The `release` layout
+`model.safetensors.index.json`, the tokenizer with the training template as its chat
+template (data/text.py `chat_template`), `preprocessor_config.json` (CLIP preprocessing at
+the model's image size, as data/images.py does it) and `generation_config.json` (greedy,
+eos and the stop string `###` the model learned to end its turn with, so that `generate`
+stops where exgra_jax.predict cuts the answer; transformers needs
+`generate(..., tokenizer=...)` to apply stop strings). The `llava` layout also writes a
+`LlavaProcessor` (`processor_config.json`) whose image token, `patch_size`,
+`num_additional_image_tokens` and `vision_feature_select_strategy` give the model's N
+image tokens:
+
+    processor = AutoProcessor.from_pretrained(out)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    model.generate(**inputs, tokenizer=processor.tokenizer)
+ The `release` layout
 also writes the CLIP tower as a CLIPVisionModel directory `vision_tower/` that
 `mm_vision_tower` names (the importer resolves it relative to the export). Both configs
 carry `exgra_connector`, `exgra_connector_layers` and `exgra_name`, so export -> import
@@ -40,7 +54,7 @@ from exgra_jax.data import images as images_lib
 from exgra_jax.data import text as text_lib
 from exgra_jax.hf import hf_configs, layouts, placement
 from exgra_jax.hf.weights_io import replace_directory, write_shards
-from exgra_jax.models.config import LlavaConfig
+from exgra_jax.models.config import LlavaConfig, num_image_tokens
 
 EXPORT_LAYOUTS = ("llava", "release")
 GB = 1 << 30
@@ -76,11 +90,31 @@ def _write_weights(tensors: Iterator[tuple[str, np.ndarray]], directory: str,
   return {}
 
 
-def _save_processor(directory: str, image_size: int) -> None:
-  transformers.CLIPImageProcessor(
+def _image_processor(image_size: int) -> transformers.CLIPImageProcessor:
+  return transformers.CLIPImageProcessor(
       size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-      image_mean=list(images_lib.CLIP_MEAN), image_std=list(images_lib.CLIP_STD)
-  ).save_pretrained(directory)
+      image_mean=list(images_lib.CLIP_MEAN), image_std=list(images_lib.CLIP_STD))
+
+
+def _llava_processor(cfg: LlavaConfig, tok) -> transformers.LlavaProcessor:
+  """The processor that expands the chat template's image token to the model's N."""
+  processor = transformers.LlavaProcessor(
+      image_processor=_image_processor(cfg.vision.image_size), tokenizer=tok,
+      patch_size=cfg.vision.patch_size, vision_feature_select_strategy="default",
+      num_additional_image_tokens=1,  # the CLS token, which "default" drops again
+      image_token=text_lib.IM_PATCH, chat_template=tok.chat_template)
+  side = cfg.vision.image_size // cfg.vision.patch_size
+  if side * side != num_image_tokens(cfg):
+    raise ValueError(f"a LlavaProcessor gives {side * side} image tokens, the model takes "
+                     f"{num_image_tokens(cfg)}")
+  return processor
+
+
+def _generation_config(tok) -> transformers.GenerationConfig:
+  return transformers.GenerationConfig(
+      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+      pad_token_id=tok.pad_token_id, do_sample=False, max_new_tokens=1024,
+      stop_strings=[text_lib.BEGIN_SIGNAL.strip()])
 
 
 def _write_json_config(config: dict[str, Any], directory: str) -> None:
@@ -104,6 +138,7 @@ def export(params: Mapping[str, Any], model_config: ml_collections.ConfigDict | 
                      "layout='release'")
   tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
   text_lib.check_tokenizer(tok)
+  tok.chat_template = text_lib.chat_template()
   if len(tok) > cfg.llm.vocab_size:
     raise ValueError(f"tokenizer {tokenizer_dir} has {len(tok)} tokens, the model "
                      f"{cfg.llm.vocab_size} embedding rows")
@@ -141,11 +176,16 @@ def export(params: Mapping[str, Any], model_config: ml_collections.ConfigDict | 
         clip_config = hf_configs.clip_hf_config(cfg.vision).to_dict()
         clip_config.update(architectures=["CLIPVisionModel"], dtype=stored)
         _write_json_config(clip_config, clip_dir)
-        _save_processor(clip_dir, cfg.vision.image_size)
+        _image_processor(cfg.vision.image_size).save_pretrained(clip_dir)
       config["dtype"] = stored
       _write_json_config(config, tmp)
-      tok.save_pretrained(tmp)
-      _save_processor(tmp, cfg.vision.image_size)
+      if layout == "llava":
+        _llava_processor(cfg, tok).save_pretrained(tmp)  # processor_config.json, tokenizer
+      else:
+        tok.save_pretrained(tmp)
+      # preprocessor_config.json too: AutoImageProcessor and older transformers read it.
+      _image_processor(cfg.vision.image_size).save_pretrained(tmp)
+      _generation_config(tok).save_pretrained(tmp)
       replace_directory(tmp, out_dir)
       logging.info("exported %d tensors (%.2f GB) to %s (%s layout)", weights["tensors"],
                    weights["bytes"] / GB, out_dir, layout)
