@@ -37,6 +37,7 @@ setup(
     version="0.1.0",
     description="ExGra-Med: extended-context multi-graph alignment for medical VLMs, in JAX/Flax",
     packages=find_packages(include=["exgra_jax", "exgra_jax.*"]),
+    package_data={"exgra_jax.serving": ["static/*.html"]},  # the chat page of serve.py
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={

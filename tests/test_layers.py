@@ -2,7 +2,8 @@
 
 Bottom up: ground (models/, align/, data/, temp_paths) -> hf/ (HF files <-> Flax arrays)
 -> weights/ (any checkpoint in or out, the parameter checksum) -> eval/ -> train/ (the
-fine-tune's model selection calls eval/) -> configuration, main.py, predict.py. Imports
+fine-tune's model selection calls eval/) -> configuration, main.py, predict.py, serving/
+(serve.py, chat.py). Imports
 inside functions count too. The ground packages import none of each other.
 """
 import ast
@@ -11,7 +12,8 @@ import os
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "exgra_jax")
 RANK = {"models": 0, "align": 0, "data": 0, "temp_paths": 0, "hf": 1, "weights": 2,
-        "eval": 3, "train": 4, "configuration": 5, "main": 5, "predict": 5}
+        "eval": 3, "train": 4, "configuration": 5, "main": 5, "predict": 5,
+        "serving": 5, "serve": 5, "chat": 5}
 GROUND = ("models", "align", "data")  # none imports another (helper modules are fine)
 
 

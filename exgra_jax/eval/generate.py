@@ -5,7 +5,8 @@ XLA compilation, so prompts are right-padded to the smallest of a few length buc
 the last partial batch is filled with copies of its first prompt (their outputs are
 dropped). Greedy decoding is `models.decode.greedy_decode` (token-identical to
 transformers' `generate`); temperature sampling draws from softmax(logits / T) with JAX
-keys. The `###` stop string is applied to the decoded text, as the release's
+keys, optionally kept to the top-p nucleus; T and top-p may differ per row (the server
+batches requests with different settings: a row with T = 0 is greedy). The `###` stop string is applied to the decoded text, as the release's
 `KeywordsStoppingCriteria` does, together with its answer clean-up (`clean_answer`).
 """
 from __future__ import annotations
@@ -71,18 +72,39 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int
   return ids, mask
 
 
+def draw_tokens(logits: jax.Array, key: jax.Array, temperature: float | jax.Array,
+                top_p: float | jax.Array = 1.0) -> jax.Array:
+  """logits [B, V] -> tokens [B]: per row argmax where temperature == 0, else a draw from
+  softmax(logits / T) over the smallest set of tokens whose probability reaches top_p.
+
+  temperature and top_p: scalars or [B]. With top_p >= 1 the draw is exactly
+  `categorical(key, logits / T)`.
+  """
+  rows = logits.shape[:1]
+  temperature = jnp.broadcast_to(jnp.asarray(temperature, logits.dtype), rows)[:, None]
+  top_p = jnp.broadcast_to(jnp.asarray(top_p, logits.dtype), rows)[:, None]
+  scaled = logits / jnp.where(temperature > 0, temperature, 1)
+  ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(ordered, axis=-1)
+  kept = jnp.maximum(jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p, axis=-1), 1)
+  threshold = jnp.take_along_axis(ordered, kept[:, None] - 1, axis=-1)
+  nucleus = jnp.where((top_p < 1) & (scaled < threshold), -jnp.inf, scaled)
+  sampled = jax.random.categorical(key, nucleus)
+  return jnp.where(temperature[:, 0] > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
 def sample_decode(model: LlavaModel, params, input_ids: jax.Array, attention_mask: jax.Array,
                   image_mask: jax.Array, pixel_values: jax.Array | None, key: jax.Array, *,
-                  max_new_tokens: int, temperature: float, eos_id: int, pad_id: int
-                  ) -> jax.Array:
-  """Like `greedy_decode`, drawing each token from softmax(logits / temperature)."""
+                  max_new_tokens: int, temperature: float | jax.Array, eos_id: int,
+                  pad_id: int, top_p: float | jax.Array = 1.0) -> jax.Array:
+  """Like `greedy_decode`, each token from `draw_tokens` (temperature, top_p: scalar or [B])."""
   batch, length = input_ids.shape
   cache = init_cache(model.cfg.llm, batch, length + max_new_tokens)
   variables = {"params": params}
   logits, cache, positions = model.apply(variables, input_ids, attention_mask, image_mask,
                                          pixel_values, cache, method=LlavaModel.prefill)
   keys = jax.random.split(key, max_new_tokens)
-  draw = lambda logits, k: jax.random.categorical(k, logits / temperature).astype(jnp.int32)
+  draw = lambda logits, k: draw_tokens(logits, k, temperature, top_p)
   first = draw(logits, keys[0])
   out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 

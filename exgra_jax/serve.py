@@ -1,0 +1,72 @@
+r"""Serve a model over an OpenAI-compatible HTTP API, with a chat page at `/`.
+
+    python -m exgra_jax.serve --model=workdir/checkpoints/finetune_best \
+        [--host=127.0.0.1] [--port=8000] [--image_root=DIR] [--max_batch=16]
+
+`--model` is anything `weights.checkpoints.load` reads (train checkpoint, params-only
+checkpoint, Hugging Face directory). Binds to 127.0.0.1 unless `--host` says otherwise:
+the server has no authentication. Concurrent requests are batched into one generation
+(up to `--max_batch`). docs/serve.md has the API, the limits and the errors.
+"""
+from absl import app
+from absl import flags
+
+from exgra_jax import configuration
+from exgra_jax.eval import prompts
+from exgra_jax.serving import engine as engine_lib
+from exgra_jax.serving import http_api
+from exgra_jax.serving.requests import Limits
+
+_MODEL = flags.DEFINE_string("model", None, "Checkpoint or HF directory.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0 = every interface).")
+_PORT = flags.DEFINE_integer("port", 8000, "TCP port (0 = any free port).")
+_IMAGE_ROOT = flags.DEFINE_string("image_root", None,
+                                  "Directory whose files requests may name as image paths "
+                                  "(default: none; images come as data: URLs).")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Most requests decoded together.")
+_TEMPLATE = flags.DEFINE_enum("template", "simple", list(prompts.CHAT_TEMPLATES),
+                              "Conversation template (SPEC.md 5; `train` for models that know "
+                              "only the training template, e.g. the demo's tiny model).")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 512,
+                                   "Answer length when a request names no max_tokens.")
+_MAX_IMAGE_MB = flags.DEFINE_float("max_image_mb", 20.0, "Largest image file (MiB).")
+_MAX_IMAGE_PIXELS = flags.DEFINE_integer("max_image_pixels", 40_000_000,
+                                         "Largest image (width x height).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None,
+                                 "Tokenizer directory (for train checkpoints, which hold none).")
+_CLIP_DIR = flags.DEFINE_string("clip_dir", None, "CLIP directory (release-layout HF dirs).")
+_NAME = flags.DEFINE_string("name", None, "Model name in the API (default: --model's basename).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  problems = [p for p in (configuration.path_problem("--model", _MODEL.value, "any"),
+                          _IMAGE_ROOT.value and configuration.path_problem(
+                              "--image_root", _IMAGE_ROOT.value, "dir")) if p]
+  if problems:
+    configuration.exit_usage("\n".join(problems))
+  served = engine_lib.load_model(_MODEL.value, tokenizer_dir=_TOKENIZER.value,
+                                 clip_dir=_CLIP_DIR.value, name=_NAME.value,
+                                 template=_TEMPLATE.value, default_max_tokens=_MAX_TOKENS.value)
+  engine = engine_lib.BatchingEngine(
+      lambda jobs, key: engine_lib.run_batch(served, jobs, key, _MAX_BATCH.value),
+      _MAX_BATCH.value)
+  limits = Limits(max_image_bytes=int(_MAX_IMAGE_MB.value * 2**20),
+                  max_image_pixels=_MAX_IMAGE_PIXELS.value)
+  server = http_api.Server((_HOST.value, _PORT.value), served, engine, limits=limits,
+                           image_root=_IMAGE_ROOT.value)
+  host, port = server.server_address[:2]
+  print(f"serving {served.name} on http://{host}:{port}/ (OpenAI API at /v1)", flush=True)
+  try:
+    server.serve_forever()
+  except KeyboardInterrupt:
+    pass
+  finally:
+    server.server_close()
+    engine.close()
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["model"])
+  app.run(main)

@@ -1,0 +1,155 @@
+"""The HTTP layer: OpenAI-compatible routes over a `BatchingEngine` (standard library only).
+
+Routes: `POST /v1/chat/completions` (JSON, or server-sent events with `stream: true`),
+`GET /v1/models`, `GET /health` and the chat page at `/` (static/index.html, shipped
+with the package). Every refused request is a 4xx with an OpenAI-style JSON error
+(`{"error": {"message", "type", "code"}}`) and the server keeps serving; a failure in
+generation is a 500 for the requests of that batch only.
+
+Streaming: the answer is generated as a whole (one batched generation) and then sent as
+SSE chunks, one per word with its leading whitespace; the chunks concatenate to exactly
+the non-streamed answer. (Token-by-token streaming would cut the batched decode loop into
+host round trips; see docs/serve.md.)
+"""
+from __future__ import annotations
+
+import http.server
+import importlib.resources
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from exgra_jax.serving import engine as engine_lib
+from exgra_jax.serving.requests import Limits, RequestError, parse_chat_request, parse_json
+
+_PAGE = "index.html"
+
+
+def completion_body(completion: engine_lib.Completion, model: str, request_id: str,
+                    created: int) -> dict[str, Any]:
+  """The `chat.completion` object of a finished answer."""
+  return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+          "choices": [{"index": 0, "finish_reason": completion.finish_reason,
+                       "message": {"role": "assistant", "content": completion.text}}],
+          "usage": {"prompt_tokens": completion.prompt_tokens,
+                    "completion_tokens": completion.completion_tokens,
+                    "total_tokens": completion.prompt_tokens + completion.completion_tokens}}
+
+
+def stream_chunks(completion: engine_lib.Completion, model: str, request_id: str,
+                  created: int) -> Iterator[dict[str, Any]]:
+  """The `chat.completion.chunk` objects of an answer: the role, one chunk per word (with
+  its leading whitespace), then the finish reason."""
+  def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+    return {"id": request_id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": [{"index": 0, "delta": delta,
+                                         "finish_reason": finish_reason}]}
+  yield chunk({"role": "assistant", "content": ""})
+  for word in re.findall(r"\s*\S+|\s+$", completion.text):
+    yield chunk({"content": word})
+  yield chunk({}, completion.finish_reason)
+
+
+class Server(http.server.ThreadingHTTPServer):
+  """A threading HTTP server that holds what its handlers need."""
+  daemon_threads = True
+
+  def __init__(self, address: tuple[str, int], served: engine_lib.ServedModel,
+               engine: engine_lib.BatchingEngine, *, limits: Limits,
+               image_root: str | None, timeout_s: float = 600.0):
+    super().__init__(address, Handler)
+    self.served, self.engine, self.limits = served, engine, limits
+    self.image_root, self.timeout_s = image_root, timeout_s
+    self.max_body = limits.max_image_bytes * 4 // 3 + 2**20  # a base64 image + text
+
+  def serve_in_thread(self) -> threading.Thread:
+    thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
+    thread.start()
+    return thread
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+  """One request; `self.server` is a `Server`."""
+  server: Server
+  server_version = "exgra-jax"
+
+  def log_message(self, format: str, *args) -> None:  # pylint: disable=redefined-builtin
+    pass  # quiet: one line per request would drown the console under load
+
+  def _send(self, status: int, body: bytes, content_type: str) -> None:
+    self.send_response(status)
+    self.send_header("Content-Type", content_type)
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
+
+  def _json(self, status: int, payload: dict[str, Any]) -> None:
+    self._send(status, json.dumps(payload).encode(), "application/json")
+
+  def _error(self, status: int, code: str, message: str) -> None:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    self._json(status, {"error": {"message": message, "type": kind, "code": code}})
+
+  def do_GET(self) -> None:  # noqa: N802 (http.server API)
+    path = self.path.split("?", 1)[0]
+    if path in ("/", "/index.html"):
+      page = importlib.resources.files("exgra_jax.serving").joinpath("static", _PAGE)
+      self._send(200, page.read_bytes(), "text/html; charset=utf-8")
+    elif path == "/health":
+      self._json(200, {"status": "ok", "model": self.server.served.name})
+    elif path == "/v1/models":
+      self._json(200, {"object": "list", "data": [
+          {"id": self.server.served.name, "object": "model", "created": 0,
+           "owned_by": "exgra-jax"}]})
+    else:
+      self._error(404, "not_found", f"no route GET {path}")
+
+  def do_POST(self) -> None:  # noqa: N802 (http.server API)
+    if self.path.split("?", 1)[0] != "/v1/chat/completions":
+      self._error(404, "not_found", f"no route POST {self.path}")
+      return
+    try:
+      request = parse_chat_request(parse_json(self._body()),
+                                   image_root=self.server.image_root, limits=self.server.limits)
+      job = engine_lib.prepare(request, self.server.served, self.server.limits)
+    except RequestError as e:
+      self._error(e.status, e.code, str(e))
+      return
+    try:
+      completion = self.server.engine.submit(job).result(timeout=self.server.timeout_s)
+    except Exception as e:  # pylint: disable=broad-except  (reported to this client only)
+      self._error(500, "generation_failed", f"generation failed: {type(e).__name__}: {e}")
+      return
+    request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if request.stream:
+      self._stream(stream_chunks(completion, self.server.served.name, request_id, created))
+    else:
+      self._json(200, completion_body(completion, self.server.served.name, request_id, created))
+
+  def _body(self) -> bytes:
+    length = self.headers.get("Content-Length")
+    if length is None or not length.isdigit():
+      raise RequestError(411, "length_required", "send the body with a Content-Length")
+    if int(length) > self.server.max_body:
+      raise RequestError(413, "request_too_large",
+                         f"request body over {self.server.max_body} bytes")
+    return self.rfile.read(int(length))
+
+  def _stream(self, chunks: Iterator[dict[str, Any]]) -> None:
+    self.send_response(200)
+    self.send_header("Content-Type", "text/event-stream")
+    self.send_header("Cache-Control", "no-cache")
+    self.send_header("Connection", "close")
+    self.end_headers()
+    try:
+      for chunk in chunks:
+        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        self.wfile.flush()
+      self.wfile.write(b"data: [DONE]\n\n")
+    except (BrokenPipeError, ConnectionResetError):
+      pass  # the client went away; nothing to tell it
+    self.close_connection = True

@@ -1,0 +1,232 @@
+"""`exgra_jax.serve` on loopback with a tiny random model: the same greedy answers as
+predict, streaming, 16 concurrent clients batched, every bad input a 4xx while the server
+keeps serving, and the project's judge client against it."""
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+
+import flax.linen as nn
+import jax
+import PIL.Image
+import pytest
+
+from exgra_jax import configuration
+from exgra_jax.data.records import Turn
+from exgra_jax.eval import chat_client, judge, prompts, single_question
+from exgra_jax.models import llava
+from exgra_jax.models.config import LlavaConfig
+from exgra_jax.models.llava import LlavaModel
+from exgra_jax.serving import engine as engine_lib
+from exgra_jax.serving import http_api
+from exgra_jax.serving.requests import Limits
+from exgra_jax.weights import checkpoints
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(demo_world, tmp_path_factory) -> str:
+  """A params checkpoint of a tiny random model with the demo tokenizer."""
+  config = configuration.load(os.path.join(REPO, "configs", "demo.py"), [])
+  model = LlavaModel(LlavaConfig.from_config(config.model))
+  params = nn.unbox(llava.init_boxed_params(model.cfg, jax.random.key(0)))
+  directory = str(tmp_path_factory.mktemp("serve") / "tiny")
+  checkpoints.save_params(directory, params, config.model.to_dict(),
+                          tokenizer_dir=os.path.join(demo_world, "tokenizer"))
+  return directory
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, demo_world):
+  """(base URL, served model, engine) of a server in this process, on a free port."""
+  served = engine_lib.load_model(model_dir, template="train", default_max_tokens=MAX_TOKENS)
+  engine = engine_lib.BatchingEngine(
+      lambda jobs, key: engine_lib.run_batch(served, jobs, key, 16), 16, wait_s=0.05)
+  httpd = http_api.Server(("127.0.0.1", 0), served, engine,
+                          limits=Limits(max_image_bytes=2**20, max_image_pixels=10**6),
+                          image_root=os.path.join(demo_world, "images"))
+  thread = httpd.serve_in_thread()
+  yield f"http://127.0.0.1:{httpd.server_address[1]}", served, engine
+  httpd.shutdown()
+  httpd.server_close()
+  thread.join()
+  engine.close()
+
+
+def _post(base: str, payload, timeout: float = 120) -> tuple[int, bytes]:
+  body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+  request = urllib.request.Request(f"{base}/v1/chat/completions", data=body,
+                                   headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+      return response.status, response.read()
+  except urllib.error.HTTPError as e:
+    return e.code, e.read()
+
+
+def _ask(question: str, image_url: str, **settings) -> dict:
+  return {"model": "tiny", "max_tokens": MAX_TOKENS, **settings,
+          "messages": [{"role": "user", "content": [
+              {"type": "text", "text": question},
+              {"type": "image_url", "image_url": {"url": image_url}}]}]}
+
+
+def _answer(base: str, payload) -> str:
+  status, body = _post(base, payload)
+  assert status == 200, body
+  return json.loads(body)["choices"][0]["message"]["content"]
+
+
+def _data_url(path: str) -> str:
+  with open(path, "rb") as f:
+    return "data:application/octet-stream;base64," + base64.b64encode(f.read()).decode()
+
+
+def _images(demo_world: str) -> list[str]:
+  return sorted(os.listdir(os.path.join(demo_world, "images")))
+
+
+def test_chat_prompt_of_one_question_is_build_prompt():
+  for template in prompts.CHAT_TEMPLATES:
+    assert (prompts.chat_prompt((Turn("human", "What is shown?\n<image>"),), template, 4)
+            == prompts.build_prompt("What is shown?\n<image>", template, 4))
+  two = prompts.chat_prompt((Turn("human", "Q1\n<image>"), Turn("gpt", "A1"),
+                             Turn("human", "Q2")), "simple", 2, system="S")
+  assert two == ("S###Human: Hi!###Assistant: Hi there!  How can I help you today?\n"
+                 "###Human: Q1\n<im_start><im_patch><im_patch><im_end>###Assistant: A1"
+                 "###Human: Q2###")
+
+
+def test_same_answer_as_predict_and_streaming_concatenates(server, demo_world):
+  base, served, _ = server
+  image = os.path.join(demo_world, "images", "CT_small.dcm")
+  question = "Which organ is shown?"
+  expected = single_question.answer_question(
+      served.model, served.params, served.tokenizer, image, question, template="train",
+      max_new_tokens=MAX_TOKENS)
+  assert _answer(base, _ask(question, "CT_small.dcm")) == expected  # path under --image_root
+  assert _answer(base, _ask(question, _data_url(image))) == expected  # DICOM as a data: URL
+  status, body = _post(base, _ask(question, "CT_small.dcm", stream=True))
+  assert status == 200
+  events = [line[len("data: "):] for line in body.decode().split("\n\n") if line]
+  assert events[-1] == "[DONE]"
+  chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+  assert "".join(c["delta"].get("content", "") for c in chunks) == expected
+  assert chunks[-1]["finish_reason"] in ("stop", "length")
+
+
+def test_sixteen_concurrent_clients_are_batched_and_correct(server, demo_world):
+  base, _, engine = server
+  names = [n for n in _images(demo_world) if n.endswith((".png", ".jpg"))][:16]
+  payloads = [_ask(f"Question {i}: what is in this image?", name)
+              for i, name in enumerate(names)]
+  alone = [_answer(base, p) for p in payloads]
+  before = len(engine.batch_sizes)
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    together = list(pool.map(lambda p: _answer(base, p), payloads))
+  assert together == alone and len(set(alone)) > 1, alone
+  assert max(engine.batch_sizes[before:]) > 1, engine.batch_sizes[before:]
+
+
+def test_sampling_settings_and_stop(server):
+  base, _, _ = server
+  sampled = _ask("Describe it.", "CT_small.dcm", temperature=0.9, top_p=0.5)
+  assert isinstance(_answer(base, sampled), str)
+  greedy = _answer(base, _ask("Describe it.", "CT_small.dcm"))
+  words = greedy.split()
+  if len(words) > 1:
+    cut = _answer(base, _ask("Describe it.", "CT_small.dcm", stop=[words[1]]))
+    assert cut == greedy[:greedy.index(words[1])]
+
+
+def _bad_requests(demo_world: str) -> list[tuple[str, object, int, str]]:
+  big = "data:image/png;base64," + base64.b64encode(b"\0" * (2**20 + 10)).decode()
+  huge_png = base64.b64encode(_png(2000, 1000)).decode()
+  text_only = {"role": "user", "content": "hello"}
+  return [
+      ("malformed json", b"{not json", 400, "malformed_json"),
+      ("not an object", b"[1, 2]", 400, "malformed_json"),
+      ("no messages", {"model": "tiny"}, 400, "invalid_request"),
+      ("bad role", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_request"),
+      ("bad temperature", {"messages": [text_only], "temperature": "hot"}, 400,
+       "invalid_request"),
+      ("image does not decode",
+       _ask("q", "data:image/png;base64," + base64.b64encode(b"not an image").decode()),
+       400, "invalid_image"),
+      ("image too many bytes", _ask("q", big), 413, "image_too_large"),
+      ("image too many pixels", _ask("q", "data:image/png;base64," + huge_png), 413,
+       "image_too_large"),
+      ("two images", {"messages": [{"role": "user", "content": [
+          {"type": "image_url", "image_url": {"url": "CT_small.dcm"}},
+          {"type": "image_url", "image_url": {"url": "MR_small.dcm"}}]}]}, 400,
+       "too_many_images"),
+      ("path outside the root", _ask("q", "../tokenizer/tokenizer.json"), 403,
+       "image_path_refused"),
+      ("absolute path outside the root", _ask("q", "file:///etc/passwd"), 403,
+       "image_path_refused"),
+      ("missing file", _ask("q", "nothing_here.png"), 400, "image_not_found"),
+      ("remote url", _ask("q", "http://example.com/x.png"), 400, "remote_image_refused"),
+      ("over the context", {"messages": [{"role": "user", "content": "word " * 1100}]}, 400,
+       "context_length_exceeded"),
+      ("max_tokens over the context", {"messages": [text_only], "max_tokens": 5000}, 400,
+       "context_length_exceeded"),
+  ]
+
+
+def _png(width: int, height: int) -> bytes:
+  out = io.BytesIO()
+  PIL.Image.new("L", (width, height)).save(out, format="PNG")
+  return out.getvalue()
+
+
+def test_bad_inputs_get_their_4xx_and_the_server_keeps_serving(server, demo_world):
+  base, _, _ = server
+  for name, payload, status, code in _bad_requests(demo_world):
+    got, body = _post(base, payload)
+    error = json.loads(body)["error"]
+    assert (got, error["code"]) == (status, code), (name, error)
+    assert error["message"], name
+  assert _answer(base, _ask("Which organ?", "CT_small.dcm")) is not None
+  for path, status in (("/health", 200), ("/v1/models", 200), ("/nothing", 404)):
+    try:
+      with urllib.request.urlopen(base + path, timeout=10) as response:
+        got, body = response.status, response.read()
+    except urllib.error.HTTPError as e:
+      got, body = e.code, e.read()
+    assert got == status, path
+  with urllib.request.urlopen(base + "/v1/models", timeout=10) as response:
+    assert json.loads(response.read())["data"][0]["id"] == "tiny"
+
+
+def test_multi_turn_text_only_and_the_page(server):
+  base, _, _ = server
+  conversation = {"messages": [
+      {"role": "system", "content": "You are terse."},
+      {"role": "user", "content": [{"type": "text", "text": "What is shown?"},
+                                   {"type": "image_url", "image_url": {"url": "MR_small.dcm"}}]},
+      {"role": "assistant", "content": "A scan."},
+      {"role": "user", "content": "Which side?"}], "max_tokens": MAX_TOKENS}
+  assert isinstance(_answer(base, conversation), str)
+  assert isinstance(_answer(base, {"messages": [{"role": "user", "content": "hi"}]}), str)
+  with urllib.request.urlopen(base + "/", timeout=10) as response:
+    page = response.read().decode()
+  assert "/v1/chat/completions" in page
+  assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", page)  # nothing from a CDN
+
+
+def test_judge_client_runs_against_the_server(server, tmp_path):
+  base, served, _ = server
+  client = chat_client.ChatClient(url=f"{base}/v1", model=served.name, attempts=1)
+  messages = [{"role": "user", "content": "Rate the two answers."}]
+  assert client.complete(messages) == _answer(base, {"messages": messages})
+  questions = [{"question_id": "q1", "text": "What is shown?", "domain": "ct_scan"}]
+  summary = judge.review_all(questions, {"q1": "a liver"}, {"q1": "a kidney"}, client,
+                             str(tmp_path / "reviews.jsonl"), parse_attempts=1)
+  # A random model writes no scores: the judge protocol ran end to end and says so.
+  assert summary.get("overall") or "first line" in summary["failed"][0]["error"]
