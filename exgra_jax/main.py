@@ -11,6 +11,7 @@ that cannot run (a bad value, a file or folder it needs that is missing) stops h
 every problem in one message and exit status 2, before any weight is allocated.
 """
 import json
+import sys
 
 from absl import app
 from absl import flags
@@ -18,7 +19,7 @@ from absl import logging
 import jax
 from etils import epath
 
-from exgra_jax import configuration, temp_paths
+from exgra_jax import configuration, console, temp_paths
 
 _CONFIG = configuration.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).",
@@ -93,6 +94,7 @@ def checkpoint_problem(config, workdir: epath.Path) -> str | None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_third_party(flags.FLAGS.verbosity)
   config = _CONFIG.value
   if config is None:
     configuration.exit_usage("--config is required, e.g. --config=configs/demo.py")
@@ -127,7 +129,20 @@ def main(argv):
     result = single_question.answer_from_workdir(config, workdir, image=_IMAGE.value,
                                                  question=_QUESTION.value)
   if jax.process_index() == 0:
-    print(json.dumps(result, indent=2, default=str))
+    report(result, workdir)
+
+
+def report(result, workdir: epath.Path) -> None:
+  """The human summary on stderr, the full result as JSON on stdout (and, after training,
+  in WORKDIR/summary.json)."""
+  text = json.dumps(result, indent=2, default=str)
+  table = console.summary_table(result)
+  if _MODE.value == "train":
+    (workdir / "summary.json").write_text(text + "\n")
+    table += f"\n\nfull results: {workdir / 'summary.json'} (and the JSON below)"
+  sys.stderr.write(table.strip() + "\n\n" if table.strip() else "")
+  sys.stderr.flush()
+  print(text)
 
 
 if __name__ == "__main__":

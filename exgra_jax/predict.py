@@ -12,7 +12,7 @@ expanded to the model's image tokens.
 from absl import app
 from absl import flags
 
-from exgra_jax import configuration
+from exgra_jax import configuration, console
 from exgra_jax.eval import prompts, single_question
 
 _MODEL = flags.DEFINE_string("model", None, "Checkpoint or HF directory.")
@@ -31,6 +31,7 @@ _CLIP_DIR = flags.DEFINE_string("clip_dir", None, "CLIP directory (release-layou
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_third_party(flags.FLAGS.verbosity)
   # Checked before the model loads (minutes for a 7B model), all in one message.
   problems = [p for p in (
       configuration.path_problem("--image", _IMAGE.value),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -214,12 +215,13 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
                  **{k: float(v) for k, v in pipe.log.counts().items()}}
         last = _write_summaries(writer, done, pending, extra)
         pending = []
-        logging.info("%s step %d/%d: %s", stage.name, done, stage.total_steps,
-                     {k: round(v, 4) for k, v in last.items() if "/" not in k})
+        logging.info("%s", metrics.progress_line(stage.name, done, stage.total_steps, last))
       if "align/matching" in step_metrics and done % config.train.image_every == 0:
         writer.write_images(done, {"matching_vs_identity": metrics.matching_image(
             np.asarray(jax.device_get(step_metrics["align/matching"])))[None]})
-      validation.maybe_run(state.params, done)
+      val_metrics = validation.maybe_run(state.params, done)
+      if val_metrics:
+        writer.write_scalars(done, metrics.flat_scalars("val", val_metrics))
       final = done == stage.total_steps
       stop = checkpointing.any_process(preemption.requested)
       ckpt.save(done, state, pipe.get_state(), model_config, validation=validation.to_json(),
@@ -238,6 +240,9 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
              "final_metrics": last, "bad_records": pipe.log.counts(), "params": state.params,
              "params_checksum": parameter_checksum(state.params)}
   summary.update(validation.finish(state.params))
+  if "test" in summary:  # the fine-tune's TensorBoard run shows the test scores too
+    writer.write_scalars(stage.total_steps, metrics.flat_scalars("test", summary["test"]))
+    writer.flush()
   return summary
 
 
@@ -283,19 +288,22 @@ class FinetuneValidation:
   def best_dir(self) -> epath.Path:
     return self.workdir / "checkpoints" / f"{self.stage.name}_best"
 
-  def maybe_run(self, params, done: int) -> None:
+  def maybe_run(self, params, done: int) -> dict[str, Any] | None:
+    """Validates at step `done` when due; returns the metrics (None when not due)."""
     cfg = self.stage.cfg
     if not cfg.val_records or (done % self.every and done != self.stage.total_steps):
-      return
+      return None
     result = self._evaluate(params, cfg.val_records, f"val_step_{done}")
     score = result.get("selection_score")
     self.history.append({"step": done, "selection_score": score})
-    logging.info("%s validation at step %d: selection score %s", self.stage.name, done, score)
+    logging.info("%s validation at step %d: selection score %s", self.stage.name, done,
+                 "-" if score is None else f"{score:.4f}")
     if score is not None and (self.best_score is None or score > self.best_score):
       self.best_score, self.best_step = score, done
       checkpoints.save_params(str(self.best_dir), step.model_params(params),
                               self.config.model.to_dict(),
                               tokenizer_dir=pipeline_lib.tokenizer_dir(self.config))
+    return result
 
   def finish(self, params) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -328,7 +336,9 @@ def _train_stage(config, name: str, workdir: epath.Path, mesh, token_ids, previo
                 "text_max_length": config.data.text_max_length}
     logging.info("stage %s: alignment texts in align.text_mode=%s, cut at "
                  "data.text_max_length=%d", name, *protocol.values())
-  return {**run_stage(config, stage, pipe, workdir, mesh, previous, preemption), **protocol}
+  started = time.perf_counter()
+  summary = run_stage(config, stage, pipe, workdir, mesh, previous, preemption)
+  return {**summary, **protocol, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:

@@ -4,7 +4,10 @@ Written by process 0 only (CLU's default writer is a no-op elsewhere). The match
 puts a step's predicted matching (one group, one modality pair, [g, g]) next to the identity
 it should equal, so a glance tells whether alignment is learnt.
 """
+import datetime
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from clu import metric_writers, periodic_actions
@@ -43,6 +46,32 @@ class Throughput:
     out = {"steps_per_s": self._steps / elapsed, "tokens_per_s": self._tokens / elapsed}
     self._time, self._steps, self._tokens = now, 0, 0.0
     return out
+
+
+def progress_line(stage: str, done: int, total: int, scalars: Mapping[str, float]) -> str:
+  """One human line per logging interval, e.g.
+  `stage2 step 10/15 (67%)  loss 5.7753  lm_loss 5.0648  align_loss 0.7104  5.87 steps/s  ETA 0:00:01`
+  (losses of the interval's mean; the rate of the interval sets the ETA)."""
+  names = sorted((k for k in scalars if k.endswith("loss") and "/" not in k),
+                 key=lambda k: (k != "loss", k))
+  losses = "  ".join(f"{k} {scalars[k]:.4f}" for k in names)
+  rate = scalars.get("steps_per_s", 0.0)
+  eta = datetime.timedelta(seconds=round((total - done) / rate)) if rate > 0 else "?"
+  return (f"{stage} step {done}/{total} ({100 * done // max(total, 1)}%)  {losses}  "
+          f"{rate:.2f} steps/s  ETA {eta}")
+
+
+def flat_scalars(prefix: str, values: Mapping[str, Any]) -> dict[str, float]:
+  """Nested metrics -> TensorBoard scalars `prefix/key[/subkey]` (numbers only, None dropped),
+  e.g. a VQA split's {"selection_score": .., "OPEN": {"recall": ..}} -> val/selection_score,
+  val/OPEN/recall."""
+  out = {}
+  for key, value in values.items():
+    if isinstance(value, Mapping):
+      out.update(flat_scalars(f"{prefix}/{key}", value))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      out[f"{prefix}/{key}"] = float(value)
+  return out
 
 
 def parse_profile_steps(spec: str) -> tuple[int, int] | None:

@@ -1,0 +1,105 @@
+"""What a person sees on the terminal: our own log lines, everyone's real warnings, a summary.
+
+Why: the demo printed ~460 lines on stderr, ~400 of them INFO chatter of the libraries
+underneath (Orbax's checkpoint internals, CLU's writers, jax probing for a TPU, TensorFlow's
+C++ start-up notes, transformers' "PyTorch was not found"), which buried the few lines that
+say how training goes. The libraries log through three channels (absl logging, Python
+logging, their own handlers / C++ logs), so `quiet_third_party` sets one filter on the
+absl handler (every Python log record passes it) and the libraries' own switches.
+absl's `--verbosity=1` (or higher) keeps everything, as before.
+
+`summary_table` is the end-of-run overview for people (numbers to 4 decimals); the full
+result stays JSON (stdout, and `summary.json` in the workdir).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from absl import logging as absl_logging
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+# Warnings of the libraries that are harmless here, dropped unless --verbosity >= 1.
+HARMLESS = (
+    "Unable to initialize backend",       # jax looking for a TPU / GPU on a CPU host
+    "PyTorch was not found",              # transformers: we use its tokenizers only
+    "torchvision",                        # transformers' image-processor fallback notice
+    "_CHECKPOINT_METADATA",               # Orbax: params-only checkpoints carry none
+    "All log messages before absl::InitializeLog()",
+)
+
+
+HEADLINE = ("selection_score", "open_recall", "closed_accuracy")
+
+
+class ThirdPartyFilter(logging.Filter):
+  """Passes every record of exgra_jax and the other libraries' real warnings and errors."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if os.path.abspath(record.pathname).startswith(_PACKAGE):
+      return True
+    return record.levelno >= logging.WARNING and not any(
+        text in record.getMessage() for text in HARMLESS)
+
+
+def quiet_third_party(verbosity: int) -> None:
+  """Silences the libraries' INFO chatter and known-harmless warnings for verbosity < 1.
+
+  Call it before the libraries are imported (TensorFlow and transformers read their
+  switches at import time).
+  """
+  if verbosity >= 1:
+    return
+  absl_logging.get_absl_handler().addFilter(ThirdPartyFilter())
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")          # TensorFlow's C++ INFO/WARNING
+  # TensorFlow only writes TensorBoard files here: without its oneDNN CPU kernels it also
+  # drops the start-up notice about them (printed before its log level applies).
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+  if "transformers" in sys.modules:
+    sys.modules["transformers"].logging.set_verbosity_error()
+
+
+def _number(value: Any) -> str:
+  if isinstance(value, float):
+    return f"{value:.4f}"
+  return "-" if value is None else str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+  cells = [header] + [[_number(v) for v in row] for row in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+  return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+
+
+def summary_table(result: Mapping[str, Any]) -> str:
+  """A few lines for people: per trained stage its steps, final losses and time; the test
+  (or evaluation) metrics. `result` is what `--mode=train` or `--mode=eval` returns."""
+  stages = {name: r for name, r in result.items()
+            if isinstance(r, Mapping) and "steps" in r and "status" in r}
+  lines = []
+  if stages:
+    rows = []
+    for name, r in stages.items():
+      final = r.get("final_metrics") or {}
+      rows.append([name, r["status"], r["steps"], final.get("loss"), final.get("lm_loss"),
+                   final.get("align_loss"),
+                   None if r.get("seconds") is None else round(r["seconds"])])
+    lines += _table(["stage", "status", "steps", "loss", "lm_loss", "align_loss", "seconds"],
+                    rows)
+  tests = {f"{name} test": r["test"] for name, r in stages.items() if "test" in r}
+  if not stages and "selection_score" in result:  # --mode=eval returns the metrics
+    tests = {"evaluation": result}
+  for name, scores in tests.items():
+    lines += ["", f"{name}: " + "  ".join(
+        f"{k} {_number(scores.get(k))}" for k in HEADLINE)]
+    types = [t for t in ("OPEN", "CLOSED", "overall") if isinstance(scores.get(t), Mapping)]
+    if types:
+      keys = list(scores[types[-1]])
+      lines += ["  " + line for line in _table(
+          ["answers"] + keys, [[t] + [scores[t].get(k) for k in keys] for t in types])]
+  return "\n".join(lines).strip("\n")
