@@ -20,7 +20,8 @@ def _vision(image_size, patch_size, hidden, layers, heads, mlp):
   v.num_heads = heads               # attention heads
   v.intermediate_size = mlp         # MLP width
   v.layer_norm_eps = 1e-5           # LayerNorm epsilon
-  v.select_layer = -2               # hidden state fed to the projector (CLS dropped)
+  v.select_layer = -2               # hidden state fed to the projector
+  v.feature_select = "default"      # default: CLS token dropped | full: kept (llava-hf models)
   return v
 
 

@@ -32,9 +32,11 @@ INIT = 0.2
 
 
 def tiny_config(connector: str = "none", projector: str = "mlp2x_gelu", *,
-                vocab: int = FULL_VOCAB, scan: bool = False, tie: bool = False) -> LlavaConfig:
+                vocab: int = FULL_VOCAB, scan: bool = False, tie: bool = False,
+                feature_select: str = "default") -> LlavaConfig:
   vision = VisionConfig(image_size=56, patch_size=14, hidden_size=32, num_layers=3,
-                        num_heads=4, intermediate_size=64, select_layer=-2)
+                        num_heads=4, intermediate_size=64, select_layer=-2,
+                        feature_select=feature_select)
   llm = LlmConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_layers=2,
                   num_heads=4, num_kv_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128,
                   tie_word_embeddings=tie, scan_layers=scan)

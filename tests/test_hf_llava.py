@@ -1,4 +1,5 @@
-"""Layout (a): transformers-native LlavaForConditionalGeneration, connector none and sci.
+"""Layout (a): transformers-native LlavaForConditionalGeneration, connector none and sci,
+and vision_feature_select_strategy "full" (CLS token kept: `vision.feature_select`).
 
 Import gives transformers' logits (fp32, 1e-4 max-abs); the export loads in
 `LlavaForConditionalGeneration.from_pretrained` with the same logits; export -> import is
@@ -15,13 +16,15 @@ import transformers
 import hf_fixtures as fx
 from exgra_jax.hf import exporter, importer, weights_io
 from exgra_jax.hf.placement import typed_config
+from exgra_jax.models.config import num_image_tokens
 
 TOL = 1e-4  # fp32 logits max-abs (logits are O(1..10))
 
 
-@pytest.fixture(scope="module", params=["none", "sci"])
+@pytest.fixture(scope="module", params=["none", "sci", "full"])
 def imported(request, tmp_path_factory):
-  cfg = fx.tiny_config(request.param)
+  cfg = (fx.tiny_config(feature_select="full") if request.param == "full"
+         else fx.tiny_config(request.param))
   directory = str(tmp_path_factory.mktemp(f"llava_{request.param}"))
   model = fx.llava_dir(directory, cfg)
   return cfg, model, directory, importer.import_model(directory)
@@ -55,8 +58,12 @@ def test_export_loads_in_transformers_and_round_trips(imported, tmp_path):
   assert index["metadata"]["total_size"] == result["bytes"]
   assert {"config.json", "preprocessor_config.json", "tokenizer.json"} <= set(os.listdir(out))
   assert transformers.AutoImageProcessor.from_pretrained(out).crop_size["height"] == 56
-
   cfg = typed_config(imp.model_config)
+  processor = transformers.AutoProcessor.from_pretrained(out)
+  assert processor.vision_feature_select_strategy == cfg.vision.feature_select
+  ids = processor(images=np.zeros((56, 56, 3), np.uint8), text="<im_patch>")["input_ids"][0]
+  assert ids.count(processor.image_token_id) == num_image_tokens(cfg)
+
   inputs = fx.batch(cfg, seed=1)
   reloaded = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
   np.testing.assert_allclose(fx.real(fx.torch_llava_logits(reloaded, inputs), inputs[1]),

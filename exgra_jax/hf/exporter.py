@@ -11,8 +11,8 @@ eos and the stop string `###` the model learned to end its turn with, so that `g
 stops where exgra_jax.predict cuts the answer; transformers needs
 `generate(..., tokenizer=...)` to apply stop strings). The `llava` layout also writes a
 `LlavaProcessor` (`processor_config.json`) whose image token, `patch_size`,
-`num_additional_image_tokens` and `vision_feature_select_strategy` give the model's N
-image tokens:
+`num_additional_image_tokens` and `vision_feature_select_strategy` (the model's
+`vision.feature_select`) give the model's N image tokens:
 
     processor = AutoProcessor.from_pretrained(out)
     prompt = processor.apply_chat_template([{"role": "user", "content": [
@@ -100,12 +100,14 @@ def _llava_processor(cfg: LlavaConfig, tok) -> transformers.LlavaProcessor:
   """The processor that expands the chat template's image token to the model's N."""
   processor = transformers.LlavaProcessor(
       image_processor=_image_processor(cfg.vision.image_size), tokenizer=tok,
-      patch_size=cfg.vision.patch_size, vision_feature_select_strategy="default",
+      patch_size=cfg.vision.patch_size,
+      vision_feature_select_strategy=cfg.vision.feature_select,
       num_additional_image_tokens=1,  # the CLS token, which "default" drops again
       image_token=text_lib.IM_PATCH, chat_template=tok.chat_template)
   side = cfg.vision.image_size // cfg.vision.patch_size
-  if side * side != num_image_tokens(cfg):
-    raise ValueError(f"a LlavaProcessor gives {side * side} image tokens, the model takes "
+  count = side * side + 1 - (cfg.vision.feature_select == "default")  # as the processor counts
+  if count != num_image_tokens(cfg):
+    raise ValueError(f"a LlavaProcessor gives {count} image tokens, the model takes "
                      f"{num_image_tokens(cfg)}")
   return processor
 

@@ -22,7 +22,7 @@ from typing import Any
 import transformers
 from absl import logging
 
-from exgra_jax.models.config import (LlavaConfig, LlmConfig, VisionConfig,
+from exgra_jax.models.config import (FEATURE_SELECTS, LlavaConfig, LlmConfig, VisionConfig,
                                      num_image_tokens, projector_input_width)
 
 LAYOUT_ARCHITECTURES = {
@@ -115,7 +115,12 @@ def clip_vision_dict(clip_config: Mapping[str, Any]) -> dict[str, Any]:
   return dict(clip_config)
 
 
-def vision_config_from_hf(vision: Mapping[str, Any], select_layer: int) -> VisionConfig:
+# The release's mm_vision_select_feature -> vision.feature_select (transformers' names).
+RELEASE_SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+
+
+def vision_config_from_hf(vision: Mapping[str, Any], select_layer: int,
+                          feature_select: str = "default") -> VisionConfig:
   what = "CLIP vision config"
   _require(vision, "model_type", ("clip_vision_model",), "clip_vision_model", what)
   _require(vision, "hidden_act", ("quick_gelu",), "quick_gelu", what)
@@ -124,7 +129,8 @@ def vision_config_from_hf(vision: Mapping[str, Any], select_layer: int) -> Visio
       image_size=vision["image_size"], patch_size=vision["patch_size"],
       hidden_size=vision["hidden_size"], num_layers=vision["num_hidden_layers"],
       num_heads=vision["num_attention_heads"], intermediate_size=vision["intermediate_size"],
-      layer_norm_eps=vision.get("layer_norm_eps", 1e-5), select_layer=select_layer)
+      layer_norm_eps=vision.get("layer_norm_eps", 1e-5), select_layer=select_layer,
+      feature_select=feature_select)
 
 
 def default_connector_layers(num_layers: int) -> tuple[int, int]:
@@ -135,7 +141,7 @@ def default_connector_layers(num_layers: int) -> tuple[int, int]:
 def _llava_connector(config: Mapping[str, Any]) -> dict[str, Any]:
   """Connector fields of a transformers LLaVA config (vision_feature_layer int or [s, a, b])."""
   what = "LLaVA config"
-  _require(config, "vision_feature_select_strategy", ("default",), "default", what)
+  _require(config, "vision_feature_select_strategy", FEATURE_SELECTS, "default", what)
   _require(config, "projector_hidden_act", ("gelu",), "gelu", what)
   _require(config, "multimodal_projector_bias", (True,), True, what)
   layer = config.get("vision_feature_layer", -2)
@@ -151,6 +157,7 @@ def _llava_connector(config: Mapping[str, Any]) -> dict[str, Any]:
   if stored is not None and stored != fields["connector"]:
     raise UnsupportedCheckpointError(
         f"{what}: exgra_connector={stored!r} disagrees with vision_feature_layer={layer}")
+  fields["feature_select"] = config.get("vision_feature_select_strategy", "default")
   return fields
 
 
@@ -158,12 +165,14 @@ def _release_connector(config: Mapping[str, Any], vision: Mapping[str, Any],
                        overrides: Mapping[str, Any]) -> dict[str, Any]:
   """Connector fields of a release config; the release did not save dci / sci (SPEC 1)."""
   what = "release config"
-  _require(config, "mm_vision_select_feature", ("patch",), "patch", what)
+  _require(config, "mm_vision_select_feature", tuple(RELEASE_SELECT_FEATURE), "patch", what)
   if not config.get("mm_use_im_start_end", True):
     logging.warning("release config has mm_use_im_start_end=False; this model always wraps "
                     "the image in <im_start> ... <im_end>")
   fields = {"select_layer": config.get("mm_vision_select_layer", -1),
-            "projector": config.get("mm_projector_type", "linear")}
+            "projector": config.get("mm_projector_type", "linear"),
+            "feature_select": RELEASE_SELECT_FEATURE[
+                config.get("mm_vision_select_feature", "patch")]}
   connector = config.get("exgra_connector") or overrides.get("connector")
   width, mm_hidden = vision["hidden_size"], config.get("mm_hidden_size", vision["hidden_size"])
   if connector is None:
@@ -213,7 +222,8 @@ def model_config_from_hf(layout: str, config: Mapping[str, Any],
   runtime = {k: fields.pop(k) for k in ("dtype", "param_dtype") if k in fields}
   llm_runtime = {k: fields.pop(k) for k in ("remat", "scan_layers", "attention")
                  if k in fields}
-  vision_cfg = vision_config_from_hf(vision, fields.pop("select_layer"))
+  vision_cfg = vision_config_from_hf(vision, fields.pop("select_layer"),
+                                     fields.pop("feature_select", "default"))
   return LlavaConfig(
       vision=dataclasses.replace(vision_cfg, **runtime),
       llm=dataclasses.replace(llm_config_from_hf(text), **runtime, **llm_runtime),
@@ -269,7 +279,7 @@ def llava_hf_config(cfg: LlavaConfig, image_token_id: int, *, text_extra: Mappin
       vision_config=clip_hf_config(cfg.vision, **extra),
       text_config=llama_hf_config(cfg.llm, **extra, **(text_extra or {})),
       image_token_index=image_token_id, projector_hidden_act="gelu",
-      vision_feature_layer=layer, vision_feature_select_strategy="default",
+      vision_feature_layer=layer, vision_feature_select_strategy=cfg.vision.feature_select,
       image_seq_length=num_image_tokens(cfg), multimodal_projector_bias=True,
       tie_word_embeddings=cfg.llm.tie_word_embeddings, **extra)
 
@@ -287,7 +297,8 @@ def release_config_dict(cfg: LlavaConfig, **text_extra: Any) -> dict[str, Any]:
       architectures=[LAYOUT_ARCHITECTURES["release"]], model_type="llava",
       mm_vision_tower=RELEASE_CLIP_SUBDIR, mm_hidden_size=projector_input_width(cfg),
       mm_projector_type=cfg.projector, mm_vision_select_layer=cfg.vision.select_layer,
-      mm_vision_select_feature="patch", mm_use_im_start_end=True, use_mm_proj=True,
+      mm_vision_select_feature={v: k for k, v in RELEASE_SELECT_FEATURE.items()}[
+          cfg.vision.feature_select], mm_use_im_start_end=True, use_mm_proj=True,
       **exgra_keys(cfg))
   return config
 

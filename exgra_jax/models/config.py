@@ -19,6 +19,9 @@ ATTENTIONS = ("auto", "xla", "splash", "cudnn")  # models/attention.py
 # Fields that say how the model runs, not what it computes: set by config.model's top level.
 RUNTIME = ("dtype", "param_dtype", "remat", "scan_layers", "attention")
 STI_POOL = 8  # tokens averaged per pooled token by the `sti` connector (window = stride)
+# Which CLIP tokens feed the connector (transformers' vision_feature_select_strategy):
+# "default" drops the CLS token (LLaVA-Med, SPEC.md 1), "full" keeps it (some llava-hf models).
+FEATURE_SELECTS = ("default", "full")
 _PROJECTOR = re.compile(r"^(linear|identity|mlp(\d+)x_gelu)$")
 
 
@@ -33,12 +36,18 @@ class VisionConfig:
   intermediate_size: int = 4096
   layer_norm_eps: float = 1e-5
   select_layer: int = -2
+  feature_select: str = "default"  # FEATURE_SELECTS
   dtype: str = "float32"
   param_dtype: str = "float32"
 
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def num_features(self) -> int:
+    """Tokens per image the connector sees: the patches, plus CLS with "full"."""
+    return self.num_patches + (self.feature_select == "full")
 
   @property
   def head_dim(self) -> int:
@@ -105,6 +114,12 @@ class LlavaConfig:
         not 0 <= i <= self.vision.num_layers for i in self.connector_layers):
       problems.append(f"connector_layers={self.connector_layers} outside hidden states "
                       f"0..{self.vision.num_layers}")
+    if self.vision.feature_select not in FEATURE_SELECTS:
+      problems.append(f"vision.feature_select={self.vision.feature_select!r} is not one of "
+                      f"{FEATURE_SELECTS}")
+    elif self.vision.feature_select == "full" and self.connector == "sti":
+      problems.append("connector='sti' pools patch tokens only: it needs "
+                      "vision.feature_select='default'")
     if self.connector == "sti" and self.vision.num_patches % STI_POOL:
       problems.append(f"connector='sti' pools {STI_POOL} tokens at a time; "
                       f"{self.vision.num_patches} patches do not divide")
@@ -158,10 +173,13 @@ def _fields(kind: type, node: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def num_image_tokens(cfg: LlavaConfig | ml_collections.ConfigDict) -> int:
-  """Image tokens per image fed to the LLM: 256 at 224px/14, 320 with `sti`."""
+  """Image tokens per image fed to the LLM: 256 at 224px/14 (257 with feature_select
+  "full"), 320 with `sti`."""
   cfg = _typed(cfg)
   patches = cfg.vision.num_patches
-  return patches + 2 * patches // STI_POOL if cfg.connector == "sti" else patches
+  if cfg.connector == "sti":
+    return patches + 2 * patches // STI_POOL
+  return cfg.vision.num_features
 
 
 def projector_input_width(cfg: LlavaConfig | ml_collections.ConfigDict) -> int:

@@ -1,7 +1,9 @@
 """Vision-to-language connector: pick / mix CLIP hidden states, then project to d_llm.
 
 Dense connectors (SPEC.md section 1), on the hidden states hs[0..L] of an L-layer tower
-with the CLS token dropped everywhere (P patch tokens of width D):
+with the CLS token dropped everywhere (P patch tokens of width D; with
+`vision.feature_select="full"` the CLS token is kept, P + 1 tokens, as transformers'
+`vision_feature_select_strategy="full"`):
 - none: hs[select_layer]                                         -> [B, P, D]
 - dci:  [hs[sel], mean(hs[0 .. L/2-1]), mean(hs[L/2 .. L-1])] on channels -> [B, P, 3D]
 - sci:  [hs[sel], hs[a], hs[b]] on channels, (a, b) = connector_layers     -> [B, P, 3D]
@@ -31,11 +33,13 @@ def _pool_tokens(x: jax.Array) -> jax.Array:
 
 
 def connector_features(hidden_states: Sequence[jax.Array], cfg: LlavaConfig) -> jax.Array:
-  """CLIP hidden states (L+1 of [B, 1+P, D]) -> projector input [B, N, C] (CLS dropped)."""
+  """CLIP hidden states (L+1 of [B, 1+P, D]) -> projector input [B, N, C] (CLS dropped
+  unless `vision.feature_select` is "full")."""
   layers = cfg.vision.num_layers
   if len(hidden_states) != layers + 1:
     raise ValueError(f"expected {layers + 1} hidden states, got {len(hidden_states)}")
-  patches = [h[:, 1:] for h in hidden_states]
+  first = 0 if cfg.vision.feature_select == "full" else 1
+  patches = [h[:, first:] for h in hidden_states]
   selected = patches[cfg.vision.select_layer]
   if cfg.connector == "none":
     return selected
