@@ -7,6 +7,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -23,7 +25,7 @@ from exgra_jax.models.config import LlavaConfig
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.serving import engine as engine_lib
 from exgra_jax.serving import http_api
-from exgra_jax.serving.requests import Limits
+from exgra_jax.serving.requests import Conversation, Limits
 from exgra_jax.weights import checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,3 +232,26 @@ def test_judge_client_runs_against_the_server(server, tmp_path):
                              str(tmp_path / "reviews.jsonl"), parse_attempts=1)
   # A random model writes no scores: the judge protocol ran end to end and says so.
   assert summary.get("overall") or "first line" in summary["failed"][0]["error"]
+
+
+def test_terminal_chat_answers_like_predict_and_keeps_the_conversation(server, model_dir,
+                                                                       demo_world):
+  _, served, _ = server
+  image = os.path.join(demo_world, "images", "CT_small.dcm")
+  expected = single_question.answer_question(
+      served.model, served.params, served.tokenizer, image, "Which organ is shown?",
+      template="train", max_new_tokens=MAX_TOKENS)
+  session = "Which organ is shown?\n/bogus\nAnd the side?\n/reset\nWhich organ is shown?\n"
+  result = subprocess.run(
+      [sys.executable, "-m", "exgra_jax.chat", f"--model={model_dir}", f"--image={image}",
+       "--template=train", f"--max_tokens={MAX_TOKENS}"],
+      input=session, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.split("\n")
+  assert lines[1] == expected and lines[2].startswith("unknown command /bogus")
+  assert lines[4] == "(new conversation)" and lines[5] == expected
+  conversation = Conversation(b"image")
+  first = conversation.request("Q1")
+  conversation.record(first, "A1")
+  assert conversation.request("Q2").turns == (Turn("human", "Q1\n<image>"), Turn("gpt", "A1"),
+                                              Turn("human", "Q2"))

@@ -40,6 +40,11 @@ def completion_body(completion: engine_lib.Completion, model: str, request_id: s
                     "total_tokens": completion.prompt_tokens + completion.completion_tokens}}
 
 
+def word_chunks(text: str) -> list[str]:
+  """The pieces an answer is streamed in: each word with the whitespace before it."""
+  return re.findall(r"\s*\S+|\s+$", text)
+
+
 def stream_chunks(completion: engine_lib.Completion, model: str, request_id: str,
                   created: int) -> Iterator[dict[str, Any]]:
   """The `chat.completion.chunk` objects of an answer: the role, one chunk per word (with
@@ -49,7 +54,7 @@ def stream_chunks(completion: engine_lib.Completion, model: str, request_id: str
             "model": model, "choices": [{"index": 0, "delta": delta,
                                          "finish_reason": finish_reason}]}
   yield chunk({"role": "assistant", "content": ""})
-  for word in re.findall(r"\s*\S+|\s+$", completion.text):
+  for word in word_chunks(completion.text):
     yield chunk({"content": word})
   yield chunk({}, completion.finish_reason)
 

@@ -246,3 +246,21 @@ def parse_chat_request(payload: dict[str, Any], *, image_root: str | None,
       stream=stream, temperature=_number(payload, "temperature", 0.0, 0.0, 2.0),
       top_p=_number(payload, "top_p", 1.0, 0.0, 1.0), max_tokens=_max_tokens(payload),
       stop=_stop(payload))
+
+
+@dataclasses.dataclass
+class Conversation:
+  """The terminal chat's state: the turns so far and the image (which joins the first
+  question)."""
+  image: bytes | None = None
+  turns: list[Turn] = dataclasses.field(default_factory=list)
+
+  def request(self, question: str, **settings) -> ChatRequest:
+    """The request for the next answer (the turns are not changed until `record`)."""
+    if not self.turns and self.image is not None:
+      question = f"{question}\n{IMAGE_TOKEN}"
+    return ChatRequest(turns=(*self.turns, Turn("human", question)), image=self.image,
+                       **settings)
+
+  def record(self, request: ChatRequest, answer: str) -> None:
+    self.turns = [*request.turns, Turn("gpt", answer)]

@@ -1,0 +1,107 @@
+r"""Chat with a model in the terminal, about one image at a time.
+
+    python -m exgra_jax.chat --model=workdir/checkpoints/finetune_best [--image=scan.dcm]
+
+Type a question and press Enter; `/image PATH` changes the image (and starts a new
+conversation: the model sees one image per conversation), `/reset` starts over, `/quit`
+(or Ctrl-D) leaves. The same model loading, templates and generation as
+`python -m exgra_jax.serve`, in this process; the answer is printed word by word once it
+is generated (docs/serve.md).
+"""
+from __future__ import annotations
+
+import sys
+
+import jax
+from absl import app
+from absl import flags
+
+from exgra_jax import configuration
+from exgra_jax.eval import prompts
+from exgra_jax.serving import engine as engine_lib
+from exgra_jax.serving import http_api
+from exgra_jax.serving.requests import Conversation, Limits, RequestError
+
+_MODEL = flags.DEFINE_string("model", None, "Checkpoint or HF directory.")
+_IMAGE = flags.DEFINE_string("image", None, "Image file to start with (PNG, JPEG, DICOM, ...).")
+_TEMPLATE = flags.DEFINE_enum("template", "simple", list(prompts.CHAT_TEMPLATES),
+                              "Conversation template (`train` for the demo's tiny model).")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 512, "Longest answer (tokens).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with --temperature > 0).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None,
+                                 "Tokenizer directory (for train checkpoints, which hold none).")
+_CLIP_DIR = flags.DEFINE_string("clip_dir", None, "CLIP directory (release-layout HF dirs).")
+
+HELP = "commands: /image PATH (new image, new conversation), /reset, /quit"
+
+
+def read_image(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _lines():
+  """Lines typed (with a prompt on a terminal) or piped in, until end of input."""
+  prompt = "> " if sys.stdin.isatty() else ""
+  while True:
+    try:
+      yield input(prompt)
+    except EOFError:
+      return
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  problems = [p for p in (configuration.path_problem("--model", _MODEL.value, "any"),
+                          _IMAGE.value and configuration.path_problem("--image", _IMAGE.value))
+              if p]
+  if problems:
+    configuration.exit_usage("\n".join(problems))
+  served = engine_lib.load_model(_MODEL.value, tokenizer_dir=_TOKENIZER.value,
+                                 clip_dir=_CLIP_DIR.value, template=_TEMPLATE.value,
+                                 default_max_tokens=_MAX_TOKENS.value)
+  conversation = Conversation(read_image(_IMAGE.value) if _IMAGE.value else None)
+  settings = dict(temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
+  key = jax.random.key(0)
+  print(f"chatting with {served.name}; {HELP}", flush=True)
+  for line in _lines():
+    line = line.strip()
+    if not line:
+      continue
+    if line in ("/quit", "/exit"):
+      break
+    if line == "/reset":
+      conversation = Conversation(conversation.image)
+      print("(new conversation)", flush=True)
+      continue
+    if line.startswith("/image"):
+      path = line[len("/image"):].strip()
+      problem = configuration.path_problem("/image", path)
+      if problem:
+        print(f"error: {problem}", flush=True)
+      else:
+        conversation = Conversation(read_image(path))
+        print(f"(new conversation about {path})", flush=True)
+      continue
+    if line.startswith("/"):
+      print(f"unknown command {line.split()[0]}; {HELP}", flush=True)
+      continue
+    request = conversation.request(line, **settings)
+    try:
+      job = engine_lib.prepare(request, served, Limits())
+    except (RequestError, ValueError) as e:
+      print(f"error: {e}", flush=True)
+      continue
+    key, step_key = jax.random.split(key)
+    (completion,) = engine_lib.run_batch(served, [job], step_key, 1)
+    for chunk in http_api.word_chunks(completion.text):
+      print(chunk, end="", flush=True)
+    print(flush=True)
+    conversation.record(request, completion.text)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["model"])
+  app.run(main)
