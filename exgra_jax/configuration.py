@@ -210,6 +210,13 @@ def _unwrap(e: BaseException) -> str:
   return text
 
 
+def stray_arguments(args: Sequence[str]) -> str:
+  """The message for positional arguments a program does not take (absl would print its
+  whole flag help above it)."""
+  return (f"unexpected arguments {' '.join(args)!r}: every setting is --name=value, e.g. "
+          "--config.stage2.lr=1e-5 or --mode=eval")
+
+
 def exit_usage(message: str) -> None:
   """Writes `error: message` to stderr and exits with status 2 (a usage error)."""
   sys.stderr.write(f"error: {message}\n")

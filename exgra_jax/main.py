@@ -93,7 +93,7 @@ def checkpoint_problem(config, workdir: epath.Path) -> str | None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    configuration.exit_usage(configuration.stray_arguments(argv[1:]))
   console.quiet_third_party(flags.FLAGS.verbosity)
   config = _CONFIG.value
   if config is None:

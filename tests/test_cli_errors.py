@@ -92,3 +92,10 @@ def test_a_group_is_not_a_setting():
   assert "is a group of settings; set one of them, e.g. --config.align." in (
       configuration.key_problem(base, "align"))
   assert configuration.key_problem(base, "align.num_neighbors") is None
+
+
+def test_stray_arguments_are_one_line_without_the_flag_help(tmp_path):
+  out = run_cli("-m", "exgra_jax.main", "eval", f"--config={DEMO}", f"--workdir={tmp_path}/w")
+  assert out.stderr == ("error: unexpected arguments 'eval': every setting is --name=value, "
+                        "e.g. --config.stage2.lr=1e-5 or --mode=eval\n")
+  assert not (tmp_path / "w").exists()
