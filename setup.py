@@ -46,7 +46,9 @@ setup(
         # torch is the reference implementation in parity tests only; 2.13.0 is the
         # CPU build available offline on the project machines. jax[tpu] brings libtpu, the
         # TPU compiler that tests/test_tpu_compile.py runs on the CPU host (no TPU needed).
+        # selenium drives the system's chromium (apt: chromium, chromium-driver; the
+        # README's test command installs them) for the chat page's browser test.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "pygmtools>=0.5",
-                 "jax[tpu]>=0.10,<0.11"],
+                 "jax[tpu]>=0.10,<0.11", "selenium>=4.20"],
     },
 )

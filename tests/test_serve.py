@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -255,3 +256,60 @@ def test_terminal_chat_answers_like_predict_and_keeps_the_conversation(server, m
   conversation.record(first, "A1")
   assert conversation.request("Q2").turns == (Turn("human", "Q1\n<image>"), Turn("gpt", "A1"),
                                               Turn("human", "Q2"))
+
+
+def browser_session(base: str, image: str, questions: list[str], screenshot: str,
+                    user_data_dir: str) -> list[tuple[str, int]]:
+  """Headless Chromium on the chat page: choose `image`, ask each question, wait for each
+  streamed answer; -> [(answer text, chunks received)]; the page saved to `screenshot`."""
+  from selenium import webdriver  # pylint: disable=g-import-not-at-top (browser test only)
+  from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
+  options = webdriver.ChromeOptions()
+  for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+               "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--window-size=1000,800",
+               f"--user-data-dir={user_data_dir}"):
+    options.add_argument(flag)
+  options.binary_location = shutil.which("chromium") or ""
+  service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+  driver = webdriver.Chrome(options=options, service=service)
+  try:
+    driver.set_page_load_timeout(30)
+    driver.get(base + "/")
+    driver.find_element(By.ID, "file").send_keys(image)
+    wait = WebDriverWait(driver, 120)
+    wait.until(lambda d: os.path.basename(image) in d.find_element(By.ID, "imageName").text)
+    answers = []
+    for turn, question in enumerate(questions):
+      driver.find_element(By.ID, "question").send_keys(question)
+      driver.find_element(By.ID, "send").click()
+      wait.until(lambda d, n=turn + 1: len(d.find_elements(
+          By.CSS_SELECTOR, ".msg.assistant[data-done='true']")) == n
+                 or d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+      assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error"), driver.find_element(
+          By.CSS_SELECTOR, ".msg.error").text
+      out = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+      answers.append((out.text, int(out.get_attribute("data-chunks") or 0)))
+    driver.save_screenshot(screenshot)
+    return answers
+  finally:
+    driver.quit()
+
+
+def test_the_page_in_a_real_browser(server, demo_world, tmp_path):
+  """Upload a demo image, ask, see the answer stream in, ask again (Debian's chromium and
+  chromium-driver, installed by the README's test command). SERVE_SCREENSHOT=PATH keeps
+  the screenshot (docs/serve.png is made so)."""
+  base, _, _ = server
+  assert shutil.which("chromedriver") and shutil.which("chromium"), (
+      "the browser test needs Debian's chromium and chromium-driver (apt-get install -y "
+      "chromium chromium-driver; the README's test command installs them)")
+  name = next(n for n in _images(demo_world) if n.endswith(".png"))
+  image = os.path.join(demo_world, "images", name)
+  screenshot = os.environ.get("SERVE_SCREENSHOT") or str(tmp_path / "serve.png")
+  answers = browser_session(base, image, ["What is shown in this image?", "Anything else?"],
+                            screenshot, str(tmp_path / "chromium"))
+  expected = _answer(base, _ask("What is shown in this image?", name))
+  assert answers[0] == (expected, len(http_api.word_chunks(expected)))
+  assert len(answers) == 2 and os.path.getsize(screenshot) > 0
