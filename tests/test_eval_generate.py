@@ -147,11 +147,13 @@ def test_greedy_answers_equal_transformers_generate_on_our_export(demo_world, tm
   (ours,) = gen.generate(model, params, [prompt_ids], pixels, settings,
                          image_patch_id=tok.convert_tokens_to_ids("<im_patch>"), eos_id=-1,
                          pad_id=tok.pad_token_id, detokenize=lambda t: " ".join(map(str, t)))
+  generation = hf.generation_config
+  generation.stop_strings = None  # the export's "###"; a fixed-length comparison stops never
   with torch.no_grad():
     ref = hf.generate(input_ids=torch.tensor([prompt_ids]),
                       pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)),
-                      do_sample=False, max_new_tokens=NEW, eos_token_id=None,
-                      pad_token_id=tok.pad_token_id)
+                      generation_config=generation, do_sample=False, max_new_tokens=NEW,
+                      eos_token_id=None, pad_token_id=tok.pad_token_id)
   expected = ref[0, len(prompt_ids):].tolist()
   assert len(set(expected)) > 2, "degenerate reference"
   assert ours == " ".join(map(str, expected))
