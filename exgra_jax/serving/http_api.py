@@ -62,6 +62,7 @@ def stream_chunks(completion: engine_lib.Completion, model: str, request_id: str
 class Server(http.server.ThreadingHTTPServer):
   """A threading HTTP server that holds what its handlers need."""
   daemon_threads = True
+  request_queue_size = 128  # listen backlog; the default 5 drops bursts of clients (1 s retries)
 
   def __init__(self, address: tuple[str, int], served: engine_lib.ServedModel,
                engine: engine_lib.BatchingEngine, *, limits: Limits,
