@@ -7,6 +7,8 @@ A preset is the `config.model` sub-tree. Field meanings:
   connector_layers  the two CLIP hidden-state indices used by sci / sti ((7, 15) at 24 layers);
              dci averages hs[0 .. L/2-1] and hs[L/2 .. L-1] for an L-layer tower.
   projector  linear | mlpNx_gelu (e.g. mlp2x_gelu) | identity.
+  image_tokens  how an image sits in the text: im_start_end (LLaVA-Med) | image (llava-hf);
+             an imported checkpoint's own style replaces it (data/text.py).
 """
 import ml_collections
 
@@ -50,6 +52,7 @@ def tiny() -> ml_collections.ConfigDict:
   m.connector = "none"              # none | dci | sci | sti
   m.connector_layers = (1, 2)       # sci / sti hidden-state indices
   m.projector = "mlp2x_gelu"        # linear | mlpNx_gelu | identity
+  m.image_tokens = "im_start_end"   # im_start_end (LLaVA-Med) | image (llava-hf, N x <image>)
   m.dtype = "float32"               # compute dtype: float32 | bfloat16
   m.param_dtype = "float32"         # master-weight dtype
   m.remat = "none"                  # none | full | dots (rematerialisation policy)

@@ -89,9 +89,9 @@ def test_tokenizer_without_image_tokens_is_refused(tmp_path):
     text.load_tokenizer(tmp_path)
 
 
-def _expanded_reference(tok, turns, n, mode):
+def _expanded_reference(tok, turns, n, mode, image_tokens="im_start_end"):
   """The straightforward algorithm: tokenise the text with all N patches written out."""
-  header, pieces = text.training_pieces(turns, n)
+  header, pieces = text.training_pieces(turns, n, image_tokens)
   full = header + "".join(pieces) + text.BEGIN_SIGNAL
   if mode == "per_turn":
     spans, start = [], len(header)
@@ -128,7 +128,7 @@ def _sentencepiece_tokenizer(directory):
   fast = transformers.PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>",
                                               bos_token="<s>", eos_token="</s>")
   fast.add_special_tokens({"pad_token": "<pad>"})
-  fast.add_tokens([text.IM_START, text.IM_PATCH, text.IM_END], special_tokens=True)
+  fast.add_tokens([text.IM_START, text.IM_PATCH, text.IM_END, "<image>"], special_tokens=True)
   fast.save_pretrained(directory)
   return text.load_tokenizer(directory)
 
@@ -142,12 +142,17 @@ CONVERSATIONS = [
 ]
 
 
+@pytest.mark.parametrize("image_tokens", list(text.IMAGE_TOKEN_STYLES))
 @pytest.mark.parametrize("mode", ["per_turn", "release"])
-def test_single_patch_expansion_equals_the_expanded_text(tok, tmp_path, mode):
+def test_single_patch_expansion_equals_the_expanded_text(tok, tmp_path, mode, image_tokens):
+  """Both image-token styles: <im_start> N x <im_patch> <im_end>, and N x <image>."""
   for t in (tok, _sentencepiece_tokenizer(tmp_path / "sp")):
     for turns in CONVERSATIONS:
-      ids, labels = _expanded_reference(t, turns, 7, mode)
+      ids, labels = _expanded_reference(t, turns, 7, mode, image_tokens)
       out = text.tokenize_conversation(t, turns, num_image_tokens=7, max_length=10_000,
-                                       label_mode=mode)
+                                       label_mode=mode, image_tokens=image_tokens)
       assert out.input_ids.tolist() == ids
       assert out.labels.tolist() == labels
+      patch = t.convert_tokens_to_ids(text.patch_token(image_tokens))
+      assert (out.image_mask == (out.input_ids == patch)).all()
+      assert out.image_mask.sum() == 7 * sum("<image>" in x.value for x in turns)

@@ -79,9 +79,10 @@ def test_generate_answers_as_predict_does(export):
   out, _, image_path = export
   processor = transformers.AutoProcessor.from_pretrained(out)
   model = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
-  messages = [{"role": "user", "content": [{"type": "image"},
-                                           {"type": "text", "text": QUESTION}]}]
+  messages = [{"role": "user", "content": [{"type": "text", "text": QUESTION},
+                                           {"type": "image"}]}]  # predict's order
   prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+  assert prompt == prompts.build_prompt(f"{QUESTION}\n<image>", "train", 1)
   with PIL.Image.open(image_path) as image:
     inputs = processor(images=image.convert("RGB"), text=prompt, return_tensors="pt")
   with torch.no_grad():

@@ -20,13 +20,17 @@ _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF directory (llava, release or p
                               required=True)
 _CLIP_DIR = flags.DEFINE_string("clip_dir", None, "CLIP directory (release and plain layouts)")
 _TOKENIZER = flags.DEFINE_string("tokenizer_dir", None, "tokenizer (default: --hf_dir)")
-_ADD_TOKENS = flags.DEFINE_bool("add_tokens", False, "add <pad>, <im_patch>, <im_start>, "
-                                "<im_end> where missing; new rows = mean of the old rows")
+_ADD_TOKENS = flags.DEFINE_bool("add_tokens", False, "add <pad> and the image tokens of the "
+                                "style (<im_patch>, <im_start>, <im_end>, or <image>) where "
+                                "missing; new rows = mean of the old rows")
 _OUT = flags.DEFINE_string("out", None, "params checkpoint directory to write", required=True)
 _CONNECTOR = flags.DEFINE_enum("connector", None, ["none", "dci", "sci", "sti"],
                                "connector, where the checkpoint does not say it")
 _LAYERS = flags.DEFINE_list("connector_layers", None, "the two sci / sti CLIP layers, e.g. 7,15")
 _PROJECTOR = flags.DEFINE_string("projector", None, "projector of a plain LLaMA start")
+_IMAGE_TOKENS = flags.DEFINE_enum("image_tokens", None, ["im_start_end", "image"],
+                                  "image-token style of a plain LLaMA start (a LLaVA "
+                                  "checkpoint's own is read from it; data/text.py)")
 _SCAN = flags.DEFINE_bool("scan_layers", None, "store the decoder layers scanned")
 _PARAM_DTYPE = flags.DEFINE_string("param_dtype", None, "parameter dtype (default float32)")
 _ALLOW_MISSING = flags.DEFINE_bool("allow_missing", False,
@@ -46,6 +50,7 @@ def main(argv):
   from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top
   overrides = {key: value for key, value in (
       ("connector", _CONNECTOR.value), ("projector", _PROJECTOR.value),
+      ("image_tokens", _IMAGE_TOKENS.value),
       ("scan_layers", _SCAN.value), ("param_dtype", _PARAM_DTYPE.value),
       ("connector_layers", _LAYERS.value and [int(i) for i in _LAYERS.value]))
       if value is not None}

@@ -48,6 +48,7 @@ class ExampleSpec:
   label_mode: str
   align: bool  # produce short/long alignment texts (stage 2)
   text_mode: str = "default"  # alignment texts: default | release (text.alignment_text)
+  image_tokens: str = text.DEFAULT_IMAGE_TOKENS  # the model's image-token style (text.py)
 
 
 def _turns(raw: list[dict]) -> tuple[Turn, ...]:
@@ -71,7 +72,8 @@ def tokenize_example(tok, record: dict, spec: ExampleSpec) -> dict:
   conversation = _turns(record["conversations"])
   tokenized = text.tokenize_conversation(
       tok, conversation, num_image_tokens=spec.num_image_tokens,
-      max_length=spec.max_length, label_mode=spec.label_mode, record_id=record["id"])
+      max_length=spec.max_length, label_mode=spec.label_mode, record_id=record["id"],
+      image_tokens=spec.image_tokens)
   example = {
       "record_id": record["id"],
       "truncated": tokenized.truncated,
@@ -208,7 +210,7 @@ class BatchMaker:
 
   def _tok(self):
     if self._tokenizer is None:  # loaded once per worker process
-      self._tokenizer = text.load_tokenizer(self._spec.tokenizer_dir)
+      self._tokenizer = text.load_tokenizer(self._spec.tokenizer_dir, self._spec.image_tokens)
     return self._tokenizer
 
   def _record_index(self, position: int, draw: int) -> int:
@@ -298,7 +300,7 @@ class InputPipeline:
                               num_epochs=num_epochs)
     self.log = log if log is not None else bad.BadRecordLog()
     self._buckets = tuple(length_buckets)
-    self._pad_id = text.load_tokenizer(spec.tokenizer_dir).pad_token_id
+    self._pad_id = text.load_tokenizer(spec.tokenizer_dir, spec.image_tokens).pad_token_id
     self._consumed = 0
     self._iterator = None
 
@@ -437,7 +439,8 @@ def pipeline_from_config(config, stage: str, *, num_image_tokens: int, batch_siz
                      image_size=config.model.vision.image_size,
                      num_image_tokens=num_image_tokens, max_length=data.max_length,
                      text_max_length=data.text_max_length, label_mode=data.label_mode,
-                     align=bool(config[stage].align), text_mode=config.align.text_mode)
+                     align=bool(config[stage].align), text_mode=config.align.text_mode,
+                     image_tokens=config.model.image_tokens)
   return InputPipeline(stage_source(config, stage, log), spec, batch_size=batch_size,
                        length_buckets=tuple(data.length_buckets), seed=config.seed,
                        shuffle=data.shuffle, num_epochs=num_epochs, workers=data.workers,

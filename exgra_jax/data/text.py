@@ -19,14 +19,20 @@ Two label modes:
   first two tokens of each human turn ("###", " Human" or so) supervised. Offered so
   that a run reproduces the release's loss exactly.
 
-Speed: the text is tokenised with a single `<im_patch>` per image and that id is then
+Speed: the text is tokenised with a single patch token per image and that id is then
 repeated N times (with its label). The image tokens are added tokens, which the
 tokenizer matches before it splits the text between them, so the ids equal those of the
 fully expanded text (tested against it) while the tokenizer and the label loop see
 ~N fewer tokens (N = 256 is two thirds of a typical conversation).
 
-`data/` knows no model: the number of image tokens N is passed in by the caller
-(`exgra_jax.models.config.num_image_tokens(config.model)`).
+Image-token styles (`image_tokens`, from `config.model.image_tokens`, which the importer
+reads from the checkpoint and every checkpoint saves): `im_start_end` (LLaVA v1 /
+LLaVA-Med: `<image>` -> `<im_start>` + N x `<im_patch>` + `<im_end>`, SPEC.md 1) and
+`image` (LLaVA-1.5 / llava-hf: `<image>` -> N x `<image>`). The "patch token" is the one
+repeated N times, whose positions take the projector output.
+
+`data/` knows no model: the number of image tokens N and the style are passed in by the
+caller (`exgra_jax.models.config.num_image_tokens(config.model)`, `config.model.image_tokens`).
 """
 import dataclasses
 
@@ -47,40 +53,68 @@ IGNORE = -100
 ALIGNMENT_TEXT_MODES = ("default", "release")  # config.align.text_mode
 
 
-def image_placeholder(num_image_tokens: int) -> str:
-  return IM_START + IM_PATCH * num_image_tokens + IM_END
+# style -> (before, patch token, after) of one image's placeholder
+IMAGE_TOKEN_STYLES = {"im_start_end": (IM_START, IM_PATCH, IM_END),
+                      "image": ("", IMAGE_TOKEN, "")}
+DEFAULT_IMAGE_TOKENS = "im_start_end"
 
 
-def expand_image_token(text: str, num_image_tokens: int) -> str:
-  """`<image>` -> `<im_start>` + N x `<im_patch>` + `<im_end>`, in place."""
-  return text.replace(IMAGE_TOKEN, image_placeholder(num_image_tokens))
+def _style(image_tokens: str) -> tuple[str, str, str]:
+  if image_tokens not in IMAGE_TOKEN_STYLES:
+    raise ValueError(f"image_tokens={image_tokens!r} is not one of {list(IMAGE_TOKEN_STYLES)}")
+  return IMAGE_TOKEN_STYLES[image_tokens]
 
 
-def training_pieces(turns: tuple[Turn, ...], num_image_tokens: int) -> tuple[str, list[str]]:
+def patch_token(image_tokens: str = DEFAULT_IMAGE_TOKENS) -> str:
+  """The token repeated N times per image (its positions take the image features)."""
+  return _style(image_tokens)[1]
+
+
+def style_tokens(image_tokens: str = DEFAULT_IMAGE_TOKENS) -> tuple[str, ...]:
+  """The tokens a tokenizer needs for `image_tokens` (the added tokens of a recipe)."""
+  return tuple(t for t in _style(image_tokens) if t)
+
+
+def image_placeholder(num_image_tokens: int, image_tokens: str = DEFAULT_IMAGE_TOKENS) -> str:
+  before, patch, after = _style(image_tokens)
+  return before + patch * num_image_tokens + after
+
+
+def expand_image_token(text: str, num_image_tokens: int,
+                       image_tokens: str = DEFAULT_IMAGE_TOKENS) -> str:
+  """`<image>` -> its placeholder with N patch tokens (see the module doc), in place."""
+  return text.replace(IMAGE_TOKEN, image_placeholder(num_image_tokens, image_tokens))
+
+
+def training_pieces(turns: tuple[Turn, ...], num_image_tokens: int,
+                    image_tokens: str = DEFAULT_IMAGE_TOKENS) -> tuple[str, list[str]]:
   """(header, [one string per turn]) of the training template, images expanded."""
   header = SYSTEM + "\n\n"
   pieces = [BEGIN_SIGNAL + ROLE_NAMES[t.role] + ": "
-            + expand_image_token(t.value, num_image_tokens) + END_SIGNAL for t in turns]
+            + expand_image_token(t.value, num_image_tokens, image_tokens) + END_SIGNAL
+            for t in turns]
   return header, pieces
 
 
-def training_text(turns: tuple[Turn, ...], num_image_tokens: int) -> str:
-  header, pieces = training_pieces(turns, num_image_tokens)
+def training_text(turns: tuple[Turn, ...], num_image_tokens: int,
+                  image_tokens: str = DEFAULT_IMAGE_TOKENS) -> str:
+  header, pieces = training_pieces(turns, num_image_tokens, image_tokens)
   return header + "".join(pieces) + BEGIN_SIGNAL
 
 
-def chat_template() -> str:
+def chat_template(image_tokens: str = DEFAULT_IMAGE_TOKENS) -> str:
   """The training template as a transformers chat template (Jinja), for exported models.
 
   Messages render as `training_pieces` renders turns ("### Human: ...\n", "### Assistant:
   ...\n" after the system line; a `system` message replaces the system line), the parts of
   a message joined by "\n", an image (an image part, or `<image>` in a text message) as
-  `<im_start><im_patch><im_end>`, which the exported LlavaProcessor expands to N x
-  `<im_patch>`; `add_generation_prompt` opens the assistant's turn as the `train`
-  inference prompt does (eval/prompts.py). So `[image, question]` gives the prompt of
-  `build_prompt("<image>\nquestion", "train", N)`.
+  its placeholder with one patch token (`<im_start><im_patch><im_end>` or `<image>`), which
+  the exported LlavaProcessor expands to N patch tokens; `add_generation_prompt` opens the
+  assistant's turn as the `train` inference prompt does (eval/prompts.py). So `[image,
+  question]` gives the prompt of `build_prompt("<image>\nquestion", "train", N)`.
   """
   roles = {"user": ROLE_NAMES["human"], "assistant": ROLE_NAMES["gpt"]}
+  image = repr(image_placeholder(1, image_tokens))
   return (
       "{%- set system = messages[0]['content'] if messages and messages[0]['role'] == "
       "'system' and messages[0]['content'] is string else " + repr(SYSTEM) + " -%}"
@@ -88,11 +122,10 @@ def chat_template() -> str:
       "{%- for message in messages if message['role'] != 'system' -%}"
       "{{- " + repr(BEGIN_SIGNAL) + " + " + repr(roles) + "[message['role']] + ': ' -}}"
       "{%- if message['content'] is string -%}"
-      "{{- message['content'] | replace(" + repr(IMAGE_TOKEN) + ", "
-      + repr(image_placeholder(1)) + ") -}}"
+      "{{- message['content'] | replace(" + repr(IMAGE_TOKEN) + ", " + image + ") -}}"
       "{%- else -%}{%- for part in message['content'] -%}"
       "{%- if not loop.first -%}{{- " + repr("\n") + " -}}{%- endif -%}"
-      "{%- if part['type'] == 'image' -%}{{- " + repr(image_placeholder(1)) + " -}}"
+      "{%- if part['type'] == 'image' -%}{{- " + image + " -}}"
       "{%- else -%}{{- part['text'] -}}{%- endif -%}"
       "{%- endfor -%}{%- endif -%}"
       "{{- " + repr(END_SIGNAL) + " -}}"
@@ -135,25 +168,26 @@ def alignment_text(turns: tuple[Turn, ...], mode: str = "default") -> str:
   return ". ".join(a for a in answers if a)
 
 
-def load_tokenizer(directory: str | epath.Path) -> transformers.PreTrainedTokenizerFast:
+def load_tokenizer(directory: str | epath.Path, image_tokens: str = DEFAULT_IMAGE_TOKENS
+                   ) -> transformers.PreTrainedTokenizerFast:
   """A local HF fast tokenizer (never remote code) with the image tokens and a pad token."""
   tok = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-  check_tokenizer(tok)
+  check_tokenizer(tok, image_tokens)
   # `encode` calls the Rust tokenizer directly: it must not truncate or pad on its own.
   tok.backend_tokenizer.no_truncation()
   tok.backend_tokenizer.no_padding()
   return tok
 
 
-def check_tokenizer(tok) -> None:
+def check_tokenizer(tok, image_tokens: str = DEFAULT_IMAGE_TOKENS) -> None:
   """Raises ValueError naming what the tokenizer lacks for this pipeline."""
   problems = []
   if not getattr(tok, "is_fast", False):
     problems.append("not a fast tokenizer (character offsets are needed)")
   vocab = tok.get_vocab()
-  for token in (IM_START, IM_PATCH, IM_END):
+  for token in style_tokens(image_tokens):
     if token not in vocab:
-      problems.append(f"token {token} is missing")
+      problems.append(f"token {token} is missing (image_tokens={image_tokens!r})")
   if tok.pad_token_id is None:
     problems.append("no pad token")
   if problems:
@@ -164,7 +198,7 @@ def check_tokenizer(tok) -> None:
 class TokenizedConversation:
   input_ids: np.ndarray    # [L] int32
   labels: np.ndarray       # [L] int32, IGNORE where not supervised
-  image_mask: np.ndarray   # [L] bool, True at the N <im_patch> positions
+  image_mask: np.ndarray   # [L] bool, True at the N patch-token positions
   truncated: bool          # the text was cut at max_length
 
 
@@ -176,13 +210,14 @@ def encode(tok, text: str) -> tokenizers.Encoding:
 
 def _expand_patches(ids: np.ndarray | list[int], patch_id: int, num_image_tokens: int
                     ) -> np.ndarray:
-  """Index map that repeats every `<im_patch>` position N times (others once)."""
+  """Index map that repeats every patch-token position N times (others once)."""
   ids = np.asarray(ids, np.int64)
   return np.repeat(np.arange(len(ids)), np.where(ids == patch_id, num_image_tokens, 1))
 
 
-def _per_turn_labels(tok, turns, num_image_tokens, patch_id) -> tuple[np.ndarray, np.ndarray]:
-  header, pieces = training_pieces(turns, 1)
+def _per_turn_labels(tok, turns, num_image_tokens, patch_id, image_tokens
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  header, pieces = training_pieces(turns, 1, image_tokens)
   text = header + "".join(pieces) + BEGIN_SIGNAL
   spans, start = [], len(header)
   for turn, piece in zip(turns, pieces):
@@ -202,8 +237,9 @@ def _per_turn_labels(tok, turns, num_image_tokens, patch_id) -> tuple[np.ndarray
   return ids[index], labels[index]
 
 
-def _release_labels(tok, turns, num_image_tokens, patch_id) -> tuple[np.ndarray, np.ndarray]:
-  header, pieces = training_pieces(turns, 1)
+def _release_labels(tok, turns, num_image_tokens, patch_id, image_tokens
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  header, pieces = training_pieces(turns, 1, image_tokens)
   compact = encode(tok, header + "".join(pieces) + BEGIN_SIGNAL).ids
   ids = np.asarray(compact, np.int64)[_expand_patches(compact, patch_id, num_image_tokens)]
   labels = ids.copy()
@@ -220,18 +256,18 @@ def _release_labels(tok, turns, num_image_tokens, patch_id) -> tuple[np.ndarray,
 
 
 def tokenize_conversation(tok, turns: tuple[Turn, ...], *, num_image_tokens: int,
-                          max_length: int, label_mode: str, record_id: str = ""
-                          ) -> TokenizedConversation:
+                          max_length: int, label_mode: str, record_id: str = "",
+                          image_tokens: str = DEFAULT_IMAGE_TOKENS) -> TokenizedConversation:
   """Template, tokenise, mask and truncate one conversation.
 
   Raises BadRecordError(TEXT_TOO_LONG) when truncation would cut into the image tokens
   (the model needs all N of them); a cut after the image only sets `truncated`.
   """
-  patch_id = tok.convert_tokens_to_ids(IM_PATCH)
+  patch_id = tok.convert_tokens_to_ids(patch_token(image_tokens))
   if label_mode == "per_turn":
-    ids, labels = _per_turn_labels(tok, turns, num_image_tokens, patch_id)
+    ids, labels = _per_turn_labels(tok, turns, num_image_tokens, patch_id, image_tokens)
   elif label_mode == "release":
-    ids, labels = _release_labels(tok, turns, num_image_tokens, patch_id)
+    ids, labels = _release_labels(tok, turns, num_image_tokens, patch_id, image_tokens)
   else:
     raise ValueError(f"label_mode {label_mode!r} not in ('per_turn', 'release')")
   truncated = len(ids) > max_length

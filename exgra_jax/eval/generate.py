@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from exgra_jax.data import text as text_lib
 from exgra_jax.models.decode import greedy_decode
 from exgra_jax.models.llama import init_cache
 from exgra_jax.models.llava import LlavaModel
@@ -192,11 +193,13 @@ def answer_prompts(model: LlavaModel, params, tokenizer, prompt_texts: Sequence[
                    batch_sharding: jax.sharding.Sharding | None = None) -> list[str]:
   """Prompt texts (images expanded) + images -> answers, through a transformers tokenizer.
 
-  The tokenizer must hold `<im_patch>` (data/text.py builds it) and define eos and pad.
+  The tokenizer must hold the model's patch token (`<im_patch>`, or `<image>` for
+  `image_tokens="image"`; data/text.py) and define eos and pad.
   """
-  patch_id = tokenizer.convert_tokens_to_ids("<im_patch>")
+  patch = text_lib.patch_token(model.cfg.image_tokens)
+  patch_id = tokenizer.convert_tokens_to_ids(patch)
   if patch_id is None or patch_id == tokenizer.unk_token_id:
-    raise ValueError("tokenizer lacks the <im_patch> token")
+    raise ValueError(f"tokenizer lacks the {patch} token")
   return generate(model, params, [tokenizer(text).input_ids for text in prompt_texts],
                   pixel_values, settings, image_patch_id=patch_id,
                   eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,

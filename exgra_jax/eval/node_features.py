@@ -88,10 +88,10 @@ def node_features(model_dir: str, records: Sequence[Mapping[str, Any]], *,
   report.require_complete_weights(loaded.report)
   if loaded.tokenizer_dir is None:
     raise ValueError(f"{model_dir} holds no tokenizer: pass tokenizer_dir")
-  tok = text.load_tokenizer(loaded.tokenizer_dir)
+  model = LlavaModel(typed_config(loaded.model_config))
+  tok = text.load_tokenizer(loaded.tokenizer_dir, model.cfg.image_tokens)
   examples = [pipeline.alignment_example(tok, record, max_length=max_length, mode=text_mode)
               for record in records]
-  model = LlavaModel(typed_config(loaded.model_config))
   variables = {"params": loaded.params}
   features = jax.jit(functools.partial(model.apply, method="text_features", mode=text_mode,
                                        group_size=group_size))

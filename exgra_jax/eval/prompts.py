@@ -23,22 +23,26 @@ CHAT_TEMPLATES = ("simple", "train")
 _SIMPLE_GREETING = "###Human: Hi!###Assistant: Hi there!  How can I help you today?\n"
 
 
-def build_prompt(question: str, template: str, num_image_tokens: int) -> str:
-  """A question (with or without `<image>`) -> the full prompt text for `template`."""
+def build_prompt(question: str, template: str, num_image_tokens: int,
+                 image_tokens: str = text.DEFAULT_IMAGE_TOKENS) -> str:
+  """A question (with or without `<image>`) -> the full prompt text for `template`, the
+  image in the model's style `image_tokens` (data/text.py)."""
   if template not in TEMPLATES:
     raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
   if question.count(IMAGE_TOKEN) > 1:
     raise ValueError(f"question holds {question.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tokens, "
                      "at most 1")
   if template == "none":
-    return text.expand_image_token(question, num_image_tokens)
+    return text.expand_image_token(question, num_image_tokens, image_tokens)
   if template == "simple":
     question = f"{question.replace(IMAGE_TOKEN, '').strip()}\n{IMAGE_TOKEN}"
-  return chat_prompt((Turn("human", question),), template, num_image_tokens)
+  return chat_prompt((Turn("human", question),), template, num_image_tokens,
+                     image_tokens=image_tokens)
 
 
 def chat_prompt(turns: Sequence[Turn], template: str, num_image_tokens: int,
-                system: str | None = None) -> str:
+                system: str | None = None,
+                image_tokens: str = text.DEFAULT_IMAGE_TOKENS) -> str:
   """A conversation (human and gpt turns alternating, ending with a human turn; `<image>`
   at most once, where the image goes) -> the prompt for the assistant's next answer.
 
@@ -53,8 +57,9 @@ def chat_prompt(turns: Sequence[Turn], template: str, num_image_tokens: int,
   system = text.SYSTEM if system is None else system
   if template == "simple":
     body = "".join(f"###{text.ROLE_NAMES[t.role]}: "
-                   f"{text.expand_image_token(t.value, num_image_tokens)}" for t in turns)
+                   f"{text.expand_image_token(t.value, num_image_tokens, image_tokens)}"
+                   for t in turns)
     return f"{system}{_SIMPLE_GREETING}{body}###"
-  _, pieces = text.training_pieces(tuple(turns), num_image_tokens)
+  _, pieces = text.training_pieces(tuple(turns), num_image_tokens, image_tokens)
   return (system + "\n\n" + "".join(pieces) + text.BEGIN_SIGNAL + text.ROLE_NAMES["gpt"]
           + ":")

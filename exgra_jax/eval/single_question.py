@@ -33,7 +33,8 @@ def answer_question(model: LlavaModel, params, tokenizer, image_path: str, quest
   """The model's cleaned answer; `<image>` is added to the question when missing."""
   if IMAGE_TOKEN not in question:
     question = f"{question}\n{IMAGE_TOKEN}"
-  prompt = prompts.build_prompt(question, template, num_image_tokens(model.cfg))
+  prompt = prompts.build_prompt(question, template, num_image_tokens(model.cfg),
+                                model.cfg.image_tokens)
   settings = generate.GenerationSettings(batch_size=1,
                                          length_buckets=(len(tokenizer(prompt).input_ids),),
                                          max_new_tokens=max_new_tokens,
@@ -54,7 +55,8 @@ def answer_from_checkpoint(model_dir: str, image: str, question: str, *,
   if not loaded.tokenizer_dir:
     raise ValueError(f"{model_dir} holds no tokenizer: pass --tokenizer=DIR")
   model = LlavaModel(LlavaConfig.from_config(loaded.model_config))
-  return answer_question(model, loaded.params, text.load_tokenizer(loaded.tokenizer_dir),
+  tokenizer = text.load_tokenizer(loaded.tokenizer_dir, model.cfg.image_tokens)
+  return answer_question(model, loaded.params, tokenizer,
                          image, question, template=template, max_new_tokens=max_new_tokens,
                          stop=stop, temperature=temperature)
 

@@ -43,7 +43,7 @@ def evaluate_loaded(model: LlavaModel, params, tokenizer, inputs: VqaInputs,
                     batch_sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
   """Answers, scores and reports one VQA split; returns the metrics.
 
-  `tokenizer` is a transformers tokenizer holding `<im_patch>` (data/ builds it);
+  `tokenizer` is a transformers tokenizer holding the model's image tokens (data/text.py);
   `load_pixels(item)` returns the item's CLIP-preprocessed image [S, S, 3].
   """
   report.require_complete_weights(load_report)
@@ -51,7 +51,7 @@ def evaluate_loaded(model: LlavaModel, params, tokenizer, inputs: VqaInputs,
   if len(by_id) != len(inputs.items):
     raise ValueError("VQA item ids must be unique")
   questions = [(qid, prompts.build_prompt(vqa_metrics.question_text(item), template,
-                                          num_image_tokens))
+                                          num_image_tokens, model.cfg.image_tokens))
                for qid, item in by_id.items()]
 
   def answer_batch(chunk: Sequence[tuple[str, str]]) -> list[str]:
@@ -108,7 +108,7 @@ def evaluate_split(config: ml_collections.ConfigDict, model: LlavaModel, params,
     relative = records_lib.safe_relative_path(str(item["image"]), str(item.get("id")))
     return single_question.load_pixels(str(root / relative), size)
 
-  tokenizer = text.load_tokenizer(pipeline.tokenizer_dir(config))
+  tokenizer = text.load_tokenizer(pipeline.tokenizer_dir(config), model.cfg.image_tokens)
   return evaluate_loaded(model, params, tokenizer, inputs, load_pixels,
                          settings=generate.GenerationSettings.from_config(config),
                          template=config.eval.template, num_image_tokens=num_image_tokens(

@@ -84,7 +84,7 @@ def evaluate_loaded(model: LlavaModel, params, tokenizer, items: Sequence[Mappin
     raise ValueError("zero-shot item ids must be unique")
   questions = [(qid, prompts.build_prompt(
       f"{build_prompt(item['question'], item_options(item))}\n{IMAGE_TOKEN}", template,
-      num_image_tokens)) for qid, item in by_id.items()]
+      num_image_tokens, model.cfg.image_tokens)) for qid, item in by_id.items()]
 
   def answer_batch(chunk: Sequence[tuple[str, str]]) -> list[str]:
     pixels = np.stack([load_pixels(by_id[qid]) for qid, _ in chunk])

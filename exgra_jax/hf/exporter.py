@@ -103,7 +103,7 @@ def _llava_processor(cfg: LlavaConfig, tok) -> transformers.LlavaProcessor:
       patch_size=cfg.vision.patch_size,
       vision_feature_select_strategy=cfg.vision.feature_select,
       num_additional_image_tokens=1,  # the CLS token, which "default" drops again
-      image_token=text_lib.IM_PATCH, chat_template=tok.chat_template)
+      image_token=text_lib.patch_token(cfg.image_tokens), chat_template=tok.chat_template)
   side = cfg.vision.image_size // cfg.vision.patch_size
   count = side * side + 1 - (cfg.vision.feature_select == "default")  # as the processor counts
   if count != num_image_tokens(cfg):
@@ -138,9 +138,12 @@ def export(params: Mapping[str, Any], model_config: ml_collections.ConfigDict | 
   if layout == "llava" and (problem := hf_configs.transformers_llava_problem(cfg)):
     raise ValueError(f"layout 'llava' cannot hold this model: {problem}; export it with "
                      "layout='release'")
+  if layout == "release" and cfg.image_tokens != "im_start_end":
+    raise ValueError(f"layout 'release' holds <im_start> / <im_end> models only; this one has "
+                     f"image_tokens={cfg.image_tokens!r}: export it with layout='llava'")
   tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-  text_lib.check_tokenizer(tok)
-  tok.chat_template = text_lib.chat_template()
+  text_lib.check_tokenizer(tok, cfg.image_tokens)
+  tok.chat_template = text_lib.chat_template(cfg.image_tokens)
   if len(tok) > cfg.llm.vocab_size:
     raise ValueError(f"tokenizer {tokenizer_dir} has {len(tok)} tokens, the model "
                      f"{cfg.llm.vocab_size} embedding rows")
@@ -170,7 +173,8 @@ def export(params: Mapping[str, Any], model_config: ml_collections.ConfigDict | 
     if is_writer:
       if layout == "llava":
         config = hf_configs.llava_hf_config(
-            cfg, tok.convert_tokens_to_ids(text_lib.IM_PATCH), text_extra=token_ids).to_dict()
+            cfg, tok.convert_tokens_to_ids(text_lib.patch_token(cfg.image_tokens)),
+            text_extra=token_ids).to_dict()
         config["architectures"] = [hf_configs.LAYOUT_ARCHITECTURES["llava"]]
         config.update(hf_configs.exgra_keys(cfg))
       else:

@@ -31,8 +31,10 @@ LAYOUT_ARCHITECTURES = {
     "plain": "LlamaForCausalLM",                # start of stage 1 (+ CLIP dir)
 }
 # Top-level `config.model` keys an import may set (the rest comes from the checkpoint).
+# `image_tokens` chooses the style of a plain LLaMA start; a LLaVA checkpoint's own style
+# must agree with it (the importer reads the style from the checkpoint's tokenizer).
 OVERRIDABLE = ("name", "connector", "connector_layers", "projector", "dtype", "param_dtype",
-               "remat", "scan_layers", "attention")
+               "remat", "scan_layers", "attention", "image_tokens")
 RELEASE_CLIP_SUBDIR = "vision_tower"  # where the release export writes its CLIP tower
 
 

@@ -10,10 +10,17 @@ sharding: peak host memory is one leaf, and no device ever holds more than its s
 Only safetensors and weights-only `.bin` files are read (weights_io.py); no code from the
 checkpoint runs (no `trust_remote_code`, no pickle).
 
-New tokens (`add_tokens`): the tokens the data pipeline needs and the tokenizer lacks
-(`<pad>`, `<im_patch>`, `<im_start>`, `<im_end>`, in the release's order) are added to
-the tokenizer (written to `tokenizer_out`), and their embedding and LM-head rows are the
-mean of the existing rows (LLaVA's recipe).
+Image-token style (`config.model.image_tokens`, data/text.py): a transformers LLaVA
+checkpoint's is the token at its `image_token_index` (`<image>`: llava-hf, N x `<image>`;
+`<im_patch>`: LLaVA-Med v1), a release checkpoint's `im_start_end`, a plain LLaMA's the
+`image_tokens` override (default `im_start_end`). An override that disagrees with the
+checkpoint is an error, not a silent re-interpretation.
+
+New tokens (`add_tokens`): the tokens the style needs and the tokenizer lacks (`<pad>`,
+then for `im_start_end` `<im_patch>`, `<im_start>`, `<im_end>`, in the release's order;
+`<image>` for `image`) are added to the tokenizer (written to `tokenizer_out`), and their
+embedding and LM-head rows are the mean of the existing rows (LLaVA's recipe). Nothing is
+added that the style does not use.
 """
 from __future__ import annotations
 
@@ -34,8 +41,8 @@ from exgra_jax.hf import hf_configs, layouts, placement
 from exgra_jax.hf.weights_io import TensorReader
 
 PAD_TOKEN = "<pad>"
-# Added in this order by the release (pad first, then the image tokens).
-NEW_TOKENS = (text_lib.IM_PATCH, text_lib.IM_START, text_lib.IM_END)
+# The patch token of a transformers LLaVA checkpoint -> its image-token style.
+STYLE_OF_PATCH_TOKEN = {text_lib.patch_token(s): s for s in text_lib.IMAGE_TOKEN_STYLES}
 
 
 # The entries of one Flax leaf with their layer index (None: an unscanned leaf, one entry).
@@ -83,15 +90,39 @@ def _clip_directory(layout: str, config: Mapping[str, Any], hf_dir: str,
   return os.path.abspath(clip_dir)
 
 
-def _add_tokens(tokenizer_dir: str, tokenizer_out: str | None) -> tuple[int, list[str]]:
-  """Adds the missing pipeline tokens, saves to `tokenizer_out`; -> (tokenizer length, added)."""
+def _image_tokens(layout: str, config: Mapping[str, Any], tokenizer_dir: str,
+                  requested: str | None) -> str:
+  """The checkpoint's image-token style (module docstring); ValueError on a disagreement."""
+  if layout == "plain":
+    return requested or text_lib.DEFAULT_IMAGE_TOKENS
+  found = text_lib.DEFAULT_IMAGE_TOKENS
+  if layout == "llava":
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    token = tok.convert_ids_to_tokens(int(config["image_token_index"]))
+    if token not in STYLE_OF_PATCH_TOKEN:
+      raise hf_configs.UnsupportedCheckpointError(
+          f"{tokenizer_dir}: image_token_index={config['image_token_index']} is {token!r}; "
+          f"supported image tokens: {sorted(STYLE_OF_PATCH_TOKEN)}")
+    found = STYLE_OF_PATCH_TOKEN[token]
+  if requested is not None and requested != found:
+    raise ValueError(f"the checkpoint uses image_tokens={found!r}, the config asks for "
+                     f"{requested!r}: set config.model.image_tokens={found!r}")
+  return found
+
+
+def _add_tokens(tokenizer_dir: str, tokenizer_out: str | None, image_tokens: str
+                ) -> tuple[int, list[str]]:
+  """Adds the missing pad and style tokens, saves to `tokenizer_out`; -> (tokenizer length,
+  added)."""
   tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
   vocab = tok.get_vocab()
   added = []
   if tok.pad_token is None:
     tok.add_special_tokens({"pad_token": PAD_TOKEN})
     added.append(PAD_TOKEN)
-  new = [t for t in NEW_TOKENS if t not in vocab]
+  patch = text_lib.patch_token(image_tokens)  # first: the release's order
+  wanted = (patch, *(t for t in text_lib.style_tokens(image_tokens) if t != patch))
+  new = [t for t in wanted if t not in vocab]
   if new:
     tok.add_tokens(new, special_tokens=True)
     added += new
@@ -208,13 +239,17 @@ def import_model(hf_dir: str, clip_dir: str | None = None, *, tokenizer_dir: str
   clip_dir = None if text_only else _clip_directory(layout, config, hf_dir, clip_dir)
   clip_config = (hf_configs.read_json(os.path.join(clip_dir, "config.json"))
                  if clip_dir else None)
-  cfg = hf_configs.model_config_from_hf(layout, config, clip_config,
-                                        name=os.path.basename(hf_dir), overrides=overrides)
+  overrides = dict(overrides or {})
+  requested = overrides.pop("image_tokens", None)
   tokenizer_dir = os.path.abspath(tokenizer_dir or hf_dir)
+  cfg = dataclasses.replace(
+      hf_configs.model_config_from_hf(layout, config, clip_config,
+                                      name=os.path.basename(hf_dir), overrides=overrides),
+      image_tokens=_image_tokens(layout, config, tokenizer_dir, requested))
   checkpoint_vocab = cfg.llm.vocab_size
   added: list[str] = []
   if add_tokens:
-    length, added = _add_tokens(tokenizer_dir, tokenizer_out)
+    length, added = _add_tokens(tokenizer_dir, tokenizer_out, cfg.image_tokens)
     if added:
       tokenizer_dir = os.path.abspath(tokenizer_out)
     if length > checkpoint_vocab:

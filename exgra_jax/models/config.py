@@ -22,6 +22,9 @@ STI_POOL = 8  # tokens averaged per pooled token by the `sti` connector (window 
 # Which CLIP tokens feed the connector (transformers' vision_feature_select_strategy):
 # "default" drops the CLS token (LLaVA-Med, SPEC.md 1), "full" keeps it (some llava-hf models).
 FEATURE_SELECTS = ("default", "full")
+# How an image appears in the token sequence (data/text.py): im_start_end = <im_start> +
+# N x <im_patch> + <im_end> (LLaVA v1 / LLaVA-Med), image = N x <image> (llava-hf).
+IMAGE_TOKEN_STYLES = ("im_start_end", "image")
 _PROJECTOR = re.compile(r"^(linear|identity|mlp(\d+)x_gelu)$")
 
 
@@ -99,9 +102,12 @@ class LlavaConfig:
   connector_layers: tuple[int, int] = (7, 15)
   projector: str = "mlp2x_gelu"
   name: str = "custom"
+  image_tokens: str = "im_start_end"  # IMAGE_TOKEN_STYLES
 
   def __post_init__(self):
     problems = []
+    if self.image_tokens not in IMAGE_TOKEN_STYLES:
+      problems.append(f"image_tokens={self.image_tokens!r} is not one of {IMAGE_TOKEN_STYLES}")
     if self.connector not in CONNECTORS:
       problems.append(f"connector={self.connector!r} is not one of {CONNECTORS}")
     if not _PROJECTOR.match(self.projector):
@@ -150,7 +156,9 @@ class LlavaConfig:
                     attention=model.get("attention", "auto"))
     return cls(vision=vision, llm=llm, connector=model.connector,
                connector_layers=tuple(int(i) for i in model.connector_layers),
-               projector=model.projector, name=model.name)
+               projector=model.projector, name=model.name,
+               # Checkpoints from before the field existed are LLaVA-Med style.
+               image_tokens=model.get("image_tokens", "im_start_end"))
 
   def to_dict(self) -> dict[str, Any]:
     """The `config.model` tree (plain JSON-able dict) this config was built from."""
@@ -160,7 +168,7 @@ class LlavaConfig:
                 connector_layers=list(self.connector_layers), projector=self.projector,
                 dtype=self.llm.dtype, param_dtype=self.llm.param_dtype,
                 remat=self.llm.remat, scan_layers=self.llm.scan_layers,
-                attention=self.llm.attention)
+                attention=self.llm.attention, image_tokens=self.image_tokens)
 
 
 def _fields(kind: type, node: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -71,8 +71,9 @@ def load_model(model_dir: str, *, tokenizer_dir: str | None = None,
   report.require_complete_weights(loaded.report)
   if not loaded.tokenizer_dir:
     raise ValueError(f"{model_dir} holds no tokenizer: pass --tokenizer=DIR")
-  return ServedModel(model=LlavaModel(LlavaConfig.from_config(loaded.model_config)),
-                     params=loaded.params, tokenizer=text.load_tokenizer(loaded.tokenizer_dir),
+  model = LlavaModel(LlavaConfig.from_config(loaded.model_config))
+  return ServedModel(model=model, params=loaded.params,
+                     tokenizer=text.load_tokenizer(loaded.tokenizer_dir, model.cfg.image_tokens),
                      name=name or os.path.basename(os.path.normpath(model_dir)),
                      template=template, default_max_tokens=default_max_tokens)
 
@@ -104,7 +105,8 @@ def prepare(request: ChatRequest, served: ServedModel, limits: Limits) -> Job:
   if request.image is not None:
     pixels = images.clip_preprocess(decode_image(request.image, limits), cfg.vision.image_size)
   prompt = prompts.chat_prompt(request.turns, served.template,
-                               num_image_tokens(cfg), system=request.system)
+                               num_image_tokens(cfg), system=request.system,
+                               image_tokens=cfg.image_tokens)
   ids = served.encode(prompt)
   room = served.context_length - len(ids)
   max_tokens = request.max_tokens or min(served.default_max_tokens, room)
@@ -158,7 +160,7 @@ def run_batch(served: ServedModel, jobs: Sequence[Job], key: jax.Array, max_batc
   padded = list(jobs) + [jobs[0]] * (rows - len(jobs))
   ids, mask = generate.pad_prompts([j.prompt_ids for j in padded], length,
                                    tokenizer.pad_token_id)
-  patch_id = tokenizer.convert_tokens_to_ids(text.IM_PATCH)
+  patch_id = tokenizer.convert_tokens_to_ids(text.patch_token(served.model.cfg.image_tokens))
   has_image = jobs[0].pixels is not None
   pixels = np.stack([j.pixels for j in padded]) if has_image else None
   tokens = np.asarray(_decode(

@@ -62,9 +62,10 @@ class Stage:
   mesh: jax.sharding.Mesh       # where its state lives and its programs are traced
 
 
-def new_token_ids(tokenizer) -> tuple[int, ...]:
-  """Ids of the tokens LLaVA adds to the LLM (their rows train in stage 1)."""
-  tokens = (records.IMAGE_TOKEN, text.IM_START, text.IM_PATCH, text.IM_END)
+def new_token_ids(tokenizer, image_tokens: str) -> tuple[int, ...]:
+  """Ids of the tokens LLaVA adds to the LLM (their rows train in stage 1): `<image>`, the
+  tokens of the image-token style, pad."""
+  tokens = dict.fromkeys((records.IMAGE_TOKEN, *text.style_tokens(image_tokens)))
   return tuple(tokenizer.convert_tokens_to_ids(t) for t in tokens) + (tokenizer.pad_token_id,)
 
 
@@ -143,9 +144,15 @@ def load_weights(config, path: str, mesh) -> Any:
   # What an HF directory does not decide (layer scanning, dtypes, the projector of a plain
   # LLaMA start, a release checkpoint's connector) comes from config.model.
   overrides = {key: config.model[key] for key in hf_configs.OVERRIDABLE}
-  return checkpoints.load(path, tokenizer_dir=pipeline_lib.tokenizer_dir(config), mesh=mesh,
-                          rules=config.logical_axis_rules,
-                          clip_dir=config.init.clip_dir or None, overrides=overrides).params
+  loaded = checkpoints.load(path, tokenizer_dir=pipeline_lib.tokenizer_dir(config), mesh=mesh,
+                            rules=config.logical_axis_rules,
+                            clip_dir=config.init.clip_dir or None, overrides=overrides)
+  # The data pipeline writes images in config.model's style: it must be the weights' own.
+  stored = LlavaConfig.from_config(loaded.model_config).image_tokens
+  if stored != config.model.image_tokens:
+    raise ValueError(f"{path} was trained with image_tokens={stored!r}, the config has "
+                     f"{config.model.image_tokens!r}: set config.model.image_tokens={stored!r}")
+  return loaded.params
 
 
 def _host_tokens(batch: dict) -> float:
@@ -344,8 +351,8 @@ def _train_stage(config, name: str, workdir: epath.Path, mesh, token_ids, previo
 def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:
   """Runs `config.stages` in order (see module doc); returns a summary per stage."""
   mesh = mesh_lib.build_mesh(config.mesh)
-  tokenizer = text.load_tokenizer(pipeline_lib.tokenizer_dir(config))
-  token_ids = new_token_ids(tokenizer)
+  tokenizer = text.load_tokenizer(pipeline_lib.tokenizer_dir(config), config.model.image_tokens)
+  token_ids = new_token_ids(tokenizer, config.model.image_tokens)
   results, previous = {}, None
   preemption = checkpointing.PreemptionFlag()  # SIGTERM from here on: checkpoint, exit 0
   try:
