@@ -43,7 +43,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   problems = [p for p in (configuration.path_problem("--model", _MODEL.value, "any"),
                           _IMAGE_ROOT.value and configuration.path_problem(
-                              "--image_root", _IMAGE_ROOT.value, "dir")) if p]
+                              "--image_root", _IMAGE_ROOT.value, "dir"),
+                          _MAX_BATCH.value < 1 and f"--max_batch={_MAX_BATCH.value} must be >= 1")
+              if p]
   if problems:
     configuration.exit_usage("\n".join(problems))
   served = engine_lib.load_model(_MODEL.value, tokenizer_dir=_TOKENIZER.value,

@@ -313,3 +313,21 @@ def test_the_page_in_a_real_browser(server, demo_world, tmp_path):
   expected = _answer(base, _ask("What is shown in this image?", name))
   assert answers[0] == (expected, len(http_api.word_chunks(expected)))
   assert len(answers) == 2 and os.path.getsize(screenshot) > 0
+
+
+def test_serve_command_line(model_dir, demo_world):
+  """The real entry point: binds 127.0.0.1, says where, answers; bad flags exit 2."""
+  command = [sys.executable, "-m", "exgra_jax.serve", f"--model={model_dir}", "--port=0",
+             "--template=train", f"--image_root={os.path.join(demo_world, 'images')}"]
+  bad = subprocess.run(command + ["--max_batch=0"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, check=False)
+  assert bad.returncode == 2 and "--max_batch=0 must be >= 1" in bad.stderr
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+  try:
+    line = process.stdout.readline()
+    base = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
+    assert _answer(base, _ask("Which organ?", "CT_small.dcm")) is not None
+  finally:
+    process.terminate()
+    process.wait(timeout=60)

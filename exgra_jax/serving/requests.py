@@ -8,7 +8,8 @@ into a JSON error and keeps serving. Remote `http(s)` image URLs are refused, ne
 fetched: the server reads nothing from the network.
 
 The model sees one image per conversation, placed where its `image_url` part stands
-among the text parts of its message (parts joined with newlines).
+among the text parts of its message (parts joined with newlines). `Conversation` builds
+the same requests for the terminal chat.
 """
 from __future__ import annotations
 
