@@ -13,10 +13,12 @@ from exgra_jax.data.sources import RecordImageSource
 
 def check_dataset(records_path: str | epath.Path, image_root: str | epath.Path, *,
                   tokenizer_dir: str = "", num_image_tokens: int = 256,
-                  max_length: int = 2048) -> bad.BadRecordLog:
-  """Counts every problem (with example ids); conversations are checked with a tokenizer."""
+                  max_length: int = 2048,
+                  image_tokens: str = text.DEFAULT_IMAGE_TOKENS) -> bad.BadRecordLog:
+  """Counts every problem (with example ids); conversations are checked with a tokenizer
+  (images written in the model's style `image_tokens`, data/text.py)."""
   recs, log = records.load_records(records_path)
-  tok = text.load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+  tok = text.load_tokenizer(tokenizer_dir, image_tokens) if tokenizer_dir else None
   source = RecordImageSource(recs, image_root)
   for i, record in enumerate(recs):
     element = source[i]
@@ -28,7 +30,8 @@ def check_dataset(records_path: str | epath.Path, image_root: str | epath.Path, 
       if tok is not None:
         tokenized = text.tokenize_conversation(
             tok, record.conversations, num_image_tokens=num_image_tokens,
-            max_length=max_length, label_mode="per_turn", record_id=record.id)
+            max_length=max_length, label_mode="per_turn", record_id=record.id,
+            image_tokens=image_tokens)
         if tokenized.truncated:
           log.add(bad.TRUNCATED, record.id)
     except images.ImageDecodeError:
