@@ -21,6 +21,7 @@ import pytest
 from exgra_jax import configuration
 from exgra_jax.data.records import Turn
 from exgra_jax.eval import chat_client, judge, prompts, single_question
+from exgra_jax.hf import exporter
 from exgra_jax.models import llava
 from exgra_jax.models.config import LlavaConfig
 from exgra_jax.models.llava import LlavaModel
@@ -331,3 +332,17 @@ def test_serve_command_line(model_dir, demo_world):
   finally:
     process.terminate()
     process.wait(timeout=60)
+
+
+def test_serves_a_hugging_face_export_like_its_checkpoint(server, model_dir, demo_world,
+                                                          tmp_path):
+  base, _, _ = server
+  loaded = checkpoints.load(model_dir)
+  exporter.export(loaded.params, loaded.model_config, str(tmp_path / "hf"),
+                  tokenizer_dir=loaded.tokenizer_dir)
+  served = engine_lib.load_model(str(tmp_path / "hf"), template="train")
+  with open(os.path.join(demo_world, "images", "MR_small.dcm"), "rb") as f:
+    request = Conversation(f.read()).request("Which organ?", max_tokens=MAX_TOKENS)
+  (completion,) = engine_lib.run_batch(served, [engine_lib.prepare(request, served, Limits())],
+                                       jax.random.key(0), 1)
+  assert completion.text == _answer(base, _ask("Which organ?", "MR_small.dcm"))
