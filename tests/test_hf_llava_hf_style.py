@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import PIL.Image
 import pytest
@@ -14,11 +15,14 @@ import torch
 import transformers
 
 import hf_fixtures as fx
+from configs import base
 from exgra_jax.data import text
 from exgra_jax.eval import generate, single_question
 from exgra_jax.hf import hf_configs, importer
 from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
+from exgra_jax.train import loop
+from exgra_jax.weights import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
@@ -120,3 +124,23 @@ def test_import_export_round_trip_keeps_logits_and_answers(llava_hf, tmp_path):
   ours = single_question.answer_from_checkpoint(out, image, QUESTION, template="train",
                                                 max_new_tokens=MAX_NEW_TOKENS)
   assert ours == generate.clean_answer(theirs, "###")
+
+
+def test_a_run_in_another_style_is_refused(llava_hf, tmp_path):
+  """Stage starts check the weights' style against config.model.image_tokens (the data
+  pipeline writes images in the config's style)."""
+  _, _, directory, _ = llava_hf
+  params_dir = str(tmp_path / "params")
+  imp = importer.import_model(directory)
+  checkpoints.save_params(params_dir, imp.params, imp.model_config,
+                          tokenizer_dir=imp.tokenizer_dir)
+  config = base.get_config()
+  config.init.hf_dir = directory  # the tokenizer
+  config.model = ml_collections.ConfigDict(imp.model_config.to_dict())
+  assert loop.load_weights(config, params_dir, None)["llm"]["norm"]["scale"].shape == (40,)
+  config.model.image_tokens = "im_start_end"
+  with pytest.raises(ValueError, match="set config.model.image_tokens='image'"):
+    loop.load_weights(config, params_dir, None)
+  tok = text.load_tokenizer(directory, "image")  # stage 1 trains <image> and <pad> only
+  assert loop.new_token_ids(tok, "image") == (tok.convert_tokens_to_ids("<image>"),
+                                              tok.pad_token_id)
