@@ -5,6 +5,7 @@ Import gives transformers' logits (fp32, 1e-4 max-abs); the export loads in
 `LlavaForConditionalGeneration.from_pretrained` with the same logits; export -> import is
 bit-identical in both export layouts; the scanned import holds the same tensors.
 """
+import dataclasses
 import json
 import os
 
@@ -102,3 +103,19 @@ def test_scanned_bfloat16_import_holds_the_same_tensors(imported, tmp_path):
   fx.assert_same_params(again.params, scanned.params)
   with open(os.path.join(out, "config.json")) as f:
     assert json.load(f)["dtype"] == "bfloat16"
+
+
+def test_336_px_and_last_layer_import_with_transformers_logits(tmp_path):
+  """llava-1.5's geometry: 336 px / 14 (576 image tokens), any vision_feature_layer."""
+  cfg = fx.tiny_config()
+  cfg = dataclasses.replace(
+      cfg, vision=dataclasses.replace(cfg.vision, image_size=336, select_layer=-1),
+      llm=dataclasses.replace(cfg.llm, max_position_embeddings=1024))
+  model = fx.llava_dir(str(tmp_path), cfg)
+  imp = importer.import_model(str(tmp_path))
+  got = typed_config(imp.model_config)
+  assert (got.vision.image_size, got.vision.select_layer, num_image_tokens(got)) == (336, -1, 576)
+  inputs = fx.batch(got)
+  np.testing.assert_allclose(fx.real(fx.flax_logits(got, imp.params, inputs), inputs[1]),
+                             fx.real(fx.torch_llava_logits(model, inputs), inputs[1]),
+                             atol=TOL, rtol=0)
