@@ -34,6 +34,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 import transformers
+from absl import logging
 from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
@@ -91,7 +92,8 @@ def resolve_step(path: str, kind: str) -> str:
 
 def run_tokenizer_dir(step_dir: str) -> str | None:
   """The tokenizer a train step `workdir/checkpoints/<stage>/<step>` was trained with: the
-  run's `data.tokenizer_dir` in `workdir/config.json` (None without that file)."""
+  run's `data.tokenizer_dir` in `workdir/config.json`; None (with a warning naming what is
+  missing) without that file or when its tokenizer is not there from here."""
   config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(step_dir))),
                              RUN_CONFIG)
   if not os.path.isfile(config_path):
@@ -103,8 +105,9 @@ def run_tokenizer_dir(step_dir: str) -> str | None:
   except (ValueError, KeyError, AttributeError) as e:
     raise ValueError(f"{config_path}: cannot tell the run's tokenizer: {e}") from None
   if not os.path.isdir(found):
-    raise FileNotFoundError(f"{config_path} names the tokenizer {found}, which does not "
-                            "exist from here: pass the tokenizer directory explicitly")
+    logging.warning("%s names the tokenizer %s, which does not exist from here (a relative "
+                    "data.root is relative to where the run started)", config_path, found)
+    return None
   return found
 
 
