@@ -23,8 +23,8 @@ _TEMPLATE = flags.DEFINE_enum("template", "simple", list(prompts.TEMPLATES),
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Decoding limit.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None,
-                                 "Tokenizer directory (needed for train checkpoints, which "
-                                 "hold none).")
+                                 "Tokenizer directory (default: the checkpoint's own, or for "
+                                 "a train checkpoint its run's, from WORKDIR/config.json).")
 _CLIP_DIR = flags.DEFINE_string("clip_dir", None, "CLIP directory (release-layout HF dirs).")
 
 
