@@ -79,19 +79,29 @@ def draw_tokens(logits: jax.Array, key: jax.Array, temperature: float | jax.Arra
   softmax(logits / T) over the smallest set of tokens whose probability reaches top_p.
 
   temperature and top_p: scalars or [B]. With top_p >= 1 the draw is exactly
-  `categorical(key, logits / T)`.
+  `categorical(key, logits / T)`. The sort of the nucleus runs only when a row asks for
+  top_p < 1 and the draw only when a row samples (`lax.cond`): an all-greedy batch costs
+  an argmax, as in `greedy_decode`.
   """
   rows = logits.shape[:1]
   temperature = jnp.broadcast_to(jnp.asarray(temperature, logits.dtype), rows)[:, None]
   top_p = jnp.broadcast_to(jnp.asarray(top_p, logits.dtype), rows)[:, None]
-  scaled = logits / jnp.where(temperature > 0, temperature, 1)
-  ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
-  probs = jax.nn.softmax(ordered, axis=-1)
-  kept = jnp.maximum(jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p, axis=-1), 1)
-  threshold = jnp.take_along_axis(ordered, kept[:, None] - 1, axis=-1)
-  nucleus = jnp.where((top_p < 1) & (scaled < threshold), -jnp.inf, scaled)
-  sampled = jax.random.categorical(key, nucleus)
-  return jnp.where(temperature[:, 0] > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def nucleus(scaled: jax.Array) -> jax.Array:
+    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    kept = jnp.maximum(jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p, axis=-1), 1)
+    threshold = jnp.take_along_axis(ordered, kept[:, None] - 1, axis=-1)
+    return jnp.where((top_p < 1) & (scaled < threshold), -jnp.inf, scaled)
+
+  def sample() -> jax.Array:
+    scaled = logits / jnp.where(temperature > 0, temperature, 1)
+    scaled = jax.lax.cond(jnp.any(top_p < 1), nucleus, lambda x: x, scaled)
+    sampled = jax.random.categorical(key, scaled).astype(jnp.int32)
+    return jnp.where(temperature[:, 0] > 0, sampled, greedy)
+
+  return jax.lax.cond(jnp.any(temperature > 0), sample, lambda: greedy)
 
 
 def sample_decode(model: LlavaModel, params, input_ids: jax.Array, attention_mask: jax.Array,
