@@ -15,6 +15,7 @@ import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -136,13 +137,20 @@ def sample_decode(model: LlavaModel, params, input_ids: jax.Array, attention_mas
 def decode_batch(model: LlavaModel, params, input_ids, attention_mask, image_mask,
                  pixel_values, key, *, max_new_tokens: int, temperature: float, eos_id: int,
                  pad_id: int) -> jax.Array:
-  """One compiled decode: greedy when temperature == 0, sampling otherwise."""
+  """One compiled decode: greedy when temperature == 0, sampling otherwise.
+
+  Traced under a mesh and logical rules (fine-tune validation), the activations are sharded
+  by batch; the tokens come back replicated so that every process can read every answer
+  (a constraint that is a no-op without rules).
+  """
   if temperature == 0:
-    return greedy_decode(model, params, input_ids, attention_mask, image_mask, pixel_values,
-                         max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
-  return sample_decode(model, params, input_ids, attention_mask, image_mask, pixel_values,
-                       key, max_new_tokens=max_new_tokens, temperature=temperature,
-                       eos_id=eos_id, pad_id=pad_id)
+    tokens = greedy_decode(model, params, input_ids, attention_mask, image_mask, pixel_values,
+                           max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+  else:
+    tokens = sample_decode(model, params, input_ids, attention_mask, image_mask, pixel_values,
+                           key, max_new_tokens=max_new_tokens, temperature=temperature,
+                           eos_id=eos_id, pad_id=pad_id)
+  return nn.with_logical_constraint(tokens, (None, None))
 
 
 def clean_answer(text: str, stop: str) -> str:
