@@ -44,19 +44,26 @@ def answer_question(model: LlavaModel, params, tokenizer, image_path: str, quest
   return answer
 
 
-def answer_from_checkpoint(model_dir: str, image: str, question: str, *,
-                           template: str = "simple", max_new_tokens: int = 128,
-                           temperature: float = 0.0, stop: str = "###",
-                           tokenizer_dir: str | None = None, clip_dir: str | None = None) -> str:
-  """The answer of the model at `model_dir`: anything `weights.checkpoints.load` reads
-  (train / params-only checkpoint, HF directory). Refuses incomplete weights."""
+def load_for_generation(model_dir: str, *, tokenizer_dir: str | None = None,
+                        clip_dir: str | None = None):
+  """(model, params, tokenizer) of anything `weights.checkpoints.load` reads (train /
+  params-only checkpoint, HF directory). Refuses incomplete weights and a missing tokenizer."""
   loaded = checkpoints.load(model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir)
   report.require_complete_weights(loaded.report)
   if not loaded.tokenizer_dir:
     raise ValueError(f"{model_dir} holds no tokenizer: pass --tokenizer=DIR")
   model = LlavaModel(LlavaConfig.from_config(loaded.model_config))
-  tokenizer = text.load_tokenizer(loaded.tokenizer_dir, model.cfg.image_tokens)
-  return answer_question(model, loaded.params, tokenizer,
+  return model, loaded.params, text.load_tokenizer(loaded.tokenizer_dir, model.cfg.image_tokens)
+
+
+def answer_from_checkpoint(model_dir: str, image: str, question: str, *,
+                           template: str = "simple", max_new_tokens: int = 128,
+                           temperature: float = 0.0, stop: str = "###",
+                           tokenizer_dir: str | None = None, clip_dir: str | None = None) -> str:
+  """The answer of the model at `model_dir` (see `load_for_generation`)."""
+  model, params, tokenizer = load_for_generation(model_dir, tokenizer_dir=tokenizer_dir,
+                                                 clip_dir=clip_dir)
+  return answer_question(model, params, tokenizer,
                          image, question, template=template, max_new_tokens=max_new_tokens,
                          stop=stop, temperature=temperature)
 

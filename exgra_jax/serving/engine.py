@@ -28,11 +28,10 @@ import jax
 import numpy as np
 
 from exgra_jax.data import images, text
-from exgra_jax.eval import generate, prompts, report
-from exgra_jax.models.config import LlavaConfig, num_image_tokens
+from exgra_jax.eval import generate, prompts, single_question
+from exgra_jax.models.config import num_image_tokens
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.serving.requests import ChatRequest, Limits, RequestError, decode_image
-from exgra_jax.weights import checkpoints
 
 _MIN_LENGTH, _MIN_NEW_TOKENS = 64, 16
 
@@ -67,13 +66,9 @@ def load_model(model_dir: str, *, tokenizer_dir: str | None = None,
   """Anything `weights.checkpoints.load` reads; refuses incomplete weights."""
   if template not in prompts.CHAT_TEMPLATES:
     raise ValueError(f"template must be one of {prompts.CHAT_TEMPLATES}, got {template!r}")
-  loaded = checkpoints.load(model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir)
-  report.require_complete_weights(loaded.report)
-  if not loaded.tokenizer_dir:
-    raise ValueError(f"{model_dir} holds no tokenizer: pass --tokenizer=DIR")
-  model = LlavaModel(LlavaConfig.from_config(loaded.model_config))
-  return ServedModel(model=model, params=loaded.params,
-                     tokenizer=text.load_tokenizer(loaded.tokenizer_dir, model.cfg.image_tokens),
+  model, params, tokenizer = single_question.load_for_generation(
+      model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir)
+  return ServedModel(model=model, params=params, tokenizer=tokenizer,
                      name=name or os.path.basename(os.path.normpath(model_dir)),
                      template=template, default_max_tokens=default_max_tokens)
 
