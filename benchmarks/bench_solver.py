@@ -1,7 +1,7 @@
 """Host graph-matching solver vs pygmtools, linear assignment and the LPMP reference figures.
 
-Instances are built as SPEC.md section 3.3 builds them: random features X [n, d]; graph 2
-features Y = X + noise * N(0, 1) (easy 0.5, medium 1.0, hard 1.4, as in SOLVER_NOTES.md);
+Instances are built as docs/align.md builds them: random features X [n, d]; graph 2
+features Y = X + noise * N(0, 1) (easy 0.5, medium 1.0, hard 1.4, the regimes of docs/solver.md);
 kNN edges (k = 5, Euclidean on X, no self loops) shared by both graphs; L2-normalised node
 features, edge features = normalised difference of endpoint features; U = -(cos + G_n - 0.5),
 Q = -0.5 (e_X . e_Y + G_e - 0.5), Gumbel scale 0.05. The `backward` regime is the hard one
@@ -10,8 +10,8 @@ distance to the identity; Q does not enter H).
 
 Per n and regime it prints the median time per problem and the objective gap (in % of
 |best|, the best objective any method found on that instance), the share of instances
-where each method reaches that best, and LPMP's figures from SOLVER_NOTES.md (measured on
-a like machine, not in this run). pygmtools' RRWM / IPFP / SM need the dense n^2 x n^2
+where each method reaches that best, and LPMP's figures (the release's solver, measured on
+a like machine before this project; also in docs/solver.md; not measured in this run). pygmtools' RRWM / IPFP / SM need the dense n^2 x n^2
 affinity and return full permutations; they run for n <= --pygm_max_n only (numpy
 backend, time includes building the affinity). Then the 12 solves of one stage-2 step at
 n = 16 (hard) in one batched call.
@@ -43,7 +43,7 @@ NOISE = {"easy": 0.5, "medium": 1.0, "hard": 1.4, "backward": 1.4}
 NEIGHBOURS = 5
 GUMBEL_SCALE = 0.05
 IMLE_LAMBDA = 80.0
-# SOLVER_NOTES.md: LPMP (release settings) median time in s and gap in %, per regime and n.
+# The release's LPMP solver (release settings), measured on a like machine: median time in s and gap in %, per regime and n.
 LPMP = {
     "easy": {16: (1.4e-3, 0.0), 32: (6.5e-3, 0.0), 64: (39e-3, 0.0), 128: (0.266, 0.0),
              256: (2.02, 0.0)},
@@ -165,7 +165,7 @@ def main(argv):
   step = batched_step_seconds(rng)
   print(f"\n12 solves of one stage-2 step (n = 16, hard) in one batched call: "
         f"{step * 1e3:.2f} ms (LPMP serially, release: ~30 ms)")
-  print("* LPMP figures from SOLVER_NOTES.md (gap there is to its own best known), "
+  print("* LPMP figures: the release's solver measured on a like machine (gap there is to its own best known), "
         "not measured in this run. 'x LPMP' = our median time / LPMP's.")
 
 

@@ -21,7 +21,7 @@ STAGE_NAMES = ("stage1", "stage2", "finetune")
 
 
 def stage_config(kind: str) -> ml_collections.ConfigDict:
-  """Defaults of one training stage, following the release (SPEC.md section 2)."""
+  """Defaults of one training stage, following the release (docs/train.md)."""
   s = ml_collections.ConfigDict()
   s.records = ""              # JSON / JSONL record file (relative to data.root unless absolute)
   s.image_root = "images"     # image folder (relative to data.root unless absolute)
@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init.checkpoint = ""            # an exgra-jax Orbax checkpoint to start from
   c.init.random = False             # allow random init (demo / tests); else weights required
 
-  # --- multi-graph alignment (SPEC.md section 3) ---------------------------------------
+  # --- multi-graph alignment (docs/align.md) ---------------------------------------
   c.align = ml_collections.ConfigDict()
   c.align.alpha = 1.0               # weight of L_align in LM + alpha * L_align
   c.align.num_neighbors = 5         # k of the kNN graphs (Euclidean, no self loops)
@@ -154,7 +154,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.eval_every = 0            # finetune: steps between validations (0 = per epoch)
   c.train.profile_steps = ""        # "start:stop" steps to trace with the profiler ("" = off)
 
-  # --- evaluation and generation (SPEC.md section 5) ----------------------------------
+  # --- evaluation and generation (docs/eval.md) ----------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.template = "simple"        # simple (release inference prompt) | train | none
   c.eval.max_new_tokens = 1024      # greedy decoding limit

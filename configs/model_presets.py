@@ -3,7 +3,7 @@
 A preset is the `config.model` sub-tree. Field meanings:
   vision.*   CLIP vision tower (ViT, quick-GELU, pre-LN, pre-layernorm on embeddings).
   llm.*      LLaMA-family decoder; `num_kv_heads < num_heads` is grouped-query attention.
-  connector  none | dci | sci | sti (dense connectors on CLIP hidden states, SPEC.md 1).
+  connector  none | dci | sci | sti (dense connectors on CLIP hidden states, docs/models.md).
   connector_layers  the two CLIP hidden-state indices used by sci / sti ((7, 15) at 24 layers);
              dci averages hs[0 .. L/2-1] and hs[L/2 .. L-1] for an L-layer tower.
   projector  linear | mlpNx_gelu (e.g. mlp2x_gelu) | identity.

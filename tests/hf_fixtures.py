@@ -163,7 +163,7 @@ def torch_llava_logits(model: transformers.LlavaForConditionalGeneration, inputs
 
 
 def torch_connector(hidden_states, cfg: LlavaConfig) -> torch.Tensor:
-  """Reference connector (SPEC.md 1) on transformers' CLIP hidden states, CLS dropped."""
+  """Reference connector (docs/models.md) on transformers' CLIP hidden states, CLS dropped."""
   patches = [h[:, 1:] for h in hidden_states]
   layers, selected = cfg.vision.num_layers, patches[cfg.vision.select_layer]
   a, b = cfg.connector_layers

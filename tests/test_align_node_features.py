@@ -1,5 +1,5 @@
 """Alignment node features (f_S, f_L, f_I) of explicit records, both text modes, against an
-independent PyTorch reference (SPEC.md 3.1).
+independent PyTorch reference (docs/align.md).
 
 The reference is written from the release's description, not from our code: its texts
 follow `merge_sentences_preprocess` (every second turn, `<image>` expanded and then deleted

@@ -1,4 +1,4 @@
-"""Unary and quadratic costs of one matching H(X -> Y) (SPEC.md 3.3).
+"""Unary and quadratic costs of one matching H(X -> Y) (docs/align.md).
 
 Node features are L2-normalised; edge features are e_ij = h_i - h_j, L2-normalised.
   U = -(cos(x_X, x_Y) + G_n - 0.5)          [g, g]

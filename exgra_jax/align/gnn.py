@@ -1,4 +1,4 @@
-"""The GNN shared by all modalities of the alignment loss (SPEC.md 3.3).
+"""The GNN shared by all modalities of the alignment loss (docs/align.md).
 
 Each layer is PyTorch Geometric's GraphConv with max aggregation:
   h_j' = W_root h_j + W_rel max_{i -> j} h_i + b

@@ -1,4 +1,4 @@
-"""kNN graphs over the samples of one alignment group (SPEC.md 3.3).
+"""kNN graphs over the samples of one alignment group (docs/align.md).
 
 Each row i of X gets an edge (i -> j) to each of its k nearest other rows j (Euclidean,
 no self loops). The edge count g * k is static, so the graph has a fixed shape under jit;

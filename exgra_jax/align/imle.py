@@ -1,4 +1,4 @@
-"""Differentiable graph matching: the host solver inside a `jax.custom_vjp` (SPEC.md 3.4).
+"""Differentiable graph matching: the host solver inside a `jax.custom_vjp` (docs/align.md).
 
 Forward: every problem of the step goes to the host in *one* batched `jax.pure_callback`
 (`align.solver.solve_batch`, parallel over cores) and comes back as a 0/1 node matching

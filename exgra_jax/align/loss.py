@@ -1,4 +1,4 @@
-"""The multi-graph alignment loss of ExGra-Med (SPEC.md 3.1-3.3).
+"""The multi-graph alignment loss of ExGra-Med (docs/align.md).
 
 For each group of g samples with node features f_I, f_S, f_L [g, d] (image, short text,
 long text) and their barycenter c = (f_I + f_S + f_L) / 3 (not detached):
@@ -33,7 +33,7 @@ GROUPINGS = ("per_device", "fixed", "global")
 
 @dataclasses.dataclass(frozen=True)
 class AlignSettings:
-  """The loss's constants (from `config.align`; SPEC.md section 3 gives the release's)."""
+  """The loss's constants (from `config.align`; docs/align.md gives the release's)."""
   num_neighbors: int = 5
   gnn_width: int = 0           # 0 = input width
   gnn_layers: int = 2

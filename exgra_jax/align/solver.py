@@ -1,4 +1,4 @@
-"""Host solver for the partial quadratic graph matching of the alignment loss (SPEC.md 3.3).
+"""Host solver for the partial quadratic graph matching of the alignment loss (docs/align.md).
 
 Problem: over partial one-to-one matchings M in {0, 1}^{n1 x n2} (each node matched at most
 once on each side, an unmatched node costs 0) minimise
@@ -6,7 +6,7 @@ once on each side, an unmatched node costs 0) minimise
     <U, M> + sum_{e1 = (i, j), e2 = (a, b)} Q[e1, e2] M[i, a] M[j, b],
 
 with U [n1, n2], Q [E1, E2] dense over the edge lists edges1 [E1, 2], edges2 [E2, 2]. This
-is the problem the release hands to LPMP (SOLVER_NOTES.md); with the release's costs the
+is the problem the release hands to LPMP (docs/solver.md); with the release's costs the
 optimum leaves 15-20 % of the nodes unmatched on noisy instances.
 
 Algorithm (kernels in `solver_kernels.py`, compiled by numba):

@@ -1,4 +1,4 @@
-"""Image decoding to RGB uint8 and the CLIP preprocessing of SPEC.md section 4.
+"""Image decoding to RGB uint8 and the CLIP preprocessing (docs/data.md).
 
 Why one decoder for every format: medical datasets mix JPEG/PNG photographs, 16-bit
 grayscale PNG/TIFF exports and raw DICOM; the model only ever sees 8-bit RGB, so every
@@ -27,7 +27,7 @@ import PIL.Image
 import pydicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-# CLIP's normalisation constants (SPEC.md section 4; fixed by the pre-trained tower).
+# CLIP's normalisation constants (docs/data.md; fixed by the pre-trained tower).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -1,6 +1,6 @@
 """LLaVA-Med record files (JSON list or JSONL) validated into typed records, and subsets.
 
-Formats (SPEC.md section 4): stage-1 captions and stage-2 instructions are
+Formats (docs/data.md): stage-1 captions and stage-2 instructions are
 `{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}...],
 "conversations_long": [...]}`; VQA items add `"answer_type": "OPEN"|"CLOSED"`. A record
 that breaks the format is skipped and counted in a `BadRecordLog` (never dropped

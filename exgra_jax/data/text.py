@@ -1,7 +1,7 @@
-"""Training template, `<image>` expansion, tokenisation and label masks (SPEC.md 4), and
-the alignment texts of f_S / f_L (SPEC.md 3.1, `alignment_text`).
+"""Training template, `<image>` expansion, tokenisation and label masks (docs/data.md), and
+the alignment texts of f_S / f_L (docs/align.md, `alignment_text`).
 
-(The inference prompts of SPEC.md 5 live in `eval/prompts.py`.)
+(The inference prompts of docs/eval.md live in `eval/prompts.py`.)
 
 Training template: the system line + "\\n\\n", then every turn as "### Human: ...\\n" or
 "### Assistant: ...\\n", then a final "### " (the stop signal the model learns to emit;
@@ -27,7 +27,7 @@ fully expanded text (tested against it) while the tokenizer and the label loop s
 
 Image-token styles (`image_tokens`, from `config.model.image_tokens`, which the importer
 reads from the checkpoint and every checkpoint saves): `im_start_end` (LLaVA v1 /
-LLaVA-Med: `<image>` -> `<im_start>` + N x `<im_patch>` + `<im_end>`, SPEC.md 1) and
+LLaVA-Med: `<image>` -> `<im_start>` + N x `<im_patch>` + `<im_end>`, docs/models.md) and
 `image` (LLaVA-1.5 / llava-hf: `<image>` -> N x `<image>`). The "patch token" is the one
 repeated N times, whose positions take the projector output.
 
@@ -138,7 +138,7 @@ def alignment_text(turns: tuple[Turn, ...], mode: str = "default") -> str:
   """The text whose LLM states give f_S (of the turns) or f_L (of the extended turns).
 
   Both modes join answers with ". " (an answer ending in "." thus gives "..") and remove
-  the image tokens; they differ where the release is careless (SPEC.md 3.1):
+  the image tokens; they differ where the release is careless (docs/align.md):
   - `default`: the assistant turns (by role); a newline becomes a space and whitespace
     runs collapse, so that the words on either side of a newline are not glued into one;
     empty answers are left out;

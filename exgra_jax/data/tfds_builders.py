@@ -8,7 +8,7 @@ Nothing is downloaded: the user places the released files in the manual dir
 
 Each item becomes `{id, image (RGB uint8, decoded by data/images.py), image_path,
 question, answer, answer_type ('OPEN' | 'CLOSED')}`; the question keeps its options
-and the closed-question suffix but loses `<image>`. Answer types follow SPEC.md 4:
+and the closed-question suffix but loses `<image>`. Answer types follow docs/data.md:
 VQA-RAD and SLAKE keep the released `answer_type`; SLAKE keeps English only (items with
 `q_lang` other than "en", or with CJK characters, are left out); PathVQA marks yes/no
 answers CLOSED and the rest OPEN.

@@ -1,4 +1,4 @@
-"""Extended captions (`conversations_long`) for a record file via an LLM (SPEC.md 4).
+"""Extended captions (`conversations_long`) for a record file via an LLM (docs/data.md).
 
 Each assistant answer is sent with its question as JSON `{"question", "answer"}`; the
 reply must be JSON `{"revision": str}` holding one paragraph no longer than twice the

@@ -2,7 +2,7 @@
 
 `align/equivalence.py` holds the loss against the release from the node features on; this
 covers the step before: which texts are embedded, how they are tokenised, padded and
-masked, and how positions are averaged into f_S and f_L (SPEC.md 3.1). Dump the release's
+masked, and how positions are averaged into f_S and f_L (docs/align.md). Dump the release's
 `merge_sentence_id(_long)`, attention masks and text features for some records and
 compare them with `node_features(model_dir, records, text_mode="release")`.
 

@@ -1,4 +1,4 @@
-"""The VQA-v2 answer normaliser as the LLaVA-Med release applies it (SPEC.md section 5).
+"""The VQA-v2 answer normaliser as the LLaVA-Med release applies it (docs/eval.md).
 
 Both the reference and the prediction go through `normalize_answer` before any metric, so
 that "The Left Lung." and "left lung" compare equal. Each rule is a separate function so
@@ -6,7 +6,7 @@ that tests can check them one by one; `normalize_answer` chains them in the rele
 order. Two deliberate differences from the release's code, both documented in
 docs/eval.md: the release passes `re.UNICODE` as the *count* of `re.sub` (so only the
 first 32 periods are removed); we remove all of them. The VQA-v2 contraction map
-("dont" -> "don't") is not part of SPEC.md's definition and is not applied.
+("dont" -> "don't") is not part of the release's normaliser and is not applied.
 """
 from __future__ import annotations
 

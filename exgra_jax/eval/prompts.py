@@ -1,4 +1,4 @@
-"""Inference prompts (SPEC.md section 5) built from data/'s template pieces.
+"""Inference prompts (docs/eval.md) built from data/'s template pieces.
 
 `simple` is the release's inference conversation (LLaVA-Med `simple_conv`, sep "###"):
 the prompt ends with "###" and the model writes "Assistant: ..." itself, which

@@ -1,4 +1,4 @@
-"""The protocol report written beside every evaluation's answers (SPEC.md section 5).
+"""The protocol report written beside every evaluation's answers (docs/eval.md).
 
 Why: published VQA numbers of LLaVA-Med-style models are often not reproducible because
 the protocol is implicit (candidate file, template, a tower that failed to load, open /

@@ -1,4 +1,4 @@
-"""Zero-shot classification as VQA, OmniMedVQA style (SPEC.md section 5).
+"""Zero-shot classification as VQA, OmniMedVQA style (docs/eval.md).
 
 A multiple-choice item becomes one open question whose prompt lists the options; the
 free-text answer is mapped back to the option it resembles most (difflib ratio), and

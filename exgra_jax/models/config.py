@@ -20,7 +20,7 @@ ATTENTIONS = ("auto", "xla", "splash", "cudnn")  # models/attention.py
 RUNTIME = ("dtype", "param_dtype", "remat", "scan_layers", "attention")
 STI_POOL = 8  # tokens averaged per pooled token by the `sti` connector (window = stride)
 # Which CLIP tokens feed the connector (transformers' vision_feature_select_strategy):
-# "default" drops the CLS token (LLaVA-Med, SPEC.md 1), "full" keeps it (some llava-hf models).
+# "default" drops the CLS token (LLaVA-Med, docs/models.md), "full" keeps it (some llava-hf models).
 FEATURE_SELECTS = ("default", "full")
 # How an image appears in the token sequence (data/text.py): im_start_end = <im_start> +
 # N x <im_patch> + <im_end> (LLaVA v1 / LLaVA-Med), image = N x <image> (llava-hf).

@@ -1,6 +1,6 @@
 """Vision-to-language connector: pick / mix CLIP hidden states, then project to d_llm.
 
-Dense connectors (SPEC.md section 1), on the hidden states hs[0..L] of an L-layer tower
+Dense connectors (docs/models.md), on the hidden states hs[0..L] of an L-layer tower
 with the CLS token dropped everywhere (P patch tokens of width D; with
 `vision.feature_select="full"` the CLS token is kept, P + 1 tokens, as transformers'
 `vision_feature_select_strategy="full"`):

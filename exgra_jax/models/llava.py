@@ -105,7 +105,7 @@ class LlavaModel(nn.Module):
     averaged over positions.
 
     `default`: the mean over the text's own tokens (independent of the padding).
-    `release`: as the release's stage 2 (SPEC.md 3.1): it padded each per-device batch to
+    `release`: as the release's stage 2 (docs/align.md): it padded each per-device batch to
     its longest text and averaged every position, padding included, and its flash
     attention gave padded positions a zero attention output (the MLP still runs there).
     Here consecutive rows form groups of `group_size` (0 = all rows; train/step.py passes
