@@ -58,3 +58,16 @@ def test_a_group_size_the_mesh_cannot_hold_is_refused_up_front():
               "--length=72", "--config.align.grouping=fixed", "--config.align.group_size=12")
   assert out.returncode == 2
   assert "alignment groups of 12 samples" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_missing_libtpu_is_one_line_with_the_install_command(tmp_path):
+  """libtpu hidden from the tool's interpreter (a `sitecustomize` that blocks its import):
+  one line naming the install command, exit status 2, no traceback."""
+  (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['libtpu'] = None\n")
+  out = subprocess.run([sys.executable, TOOL, CONFIG, "--topology=v5e:2x2",
+                        "--mesh=data=1,fsdp=4", "--samples_per_device=8", "--length=72"],
+                       capture_output=True, text=True, timeout=300, check=False,
+                       env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"))
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "libtpu" in out.stderr and "pip install -e '.[tpu]'" in out.stderr
+  assert "Traceback" not in out.stderr

@@ -87,8 +87,10 @@ def topology_devices(name: str) -> list:
   try:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
   except (RuntimeError, ValueError) as e:
-    if "tpu" in str(e).lower() and ("plugin" in str(e).lower() or "not found" in str(e).lower()
-                                   or "unknown backend" in str(e).lower()):
+    message = str(e).lower()
+    # jax 0.10 says "JAX TPU support not installed"; older ones named the missing plugin.
+    if "tpu" in message and any(s in message for s in ("not installed", "plugin", "not found",
+                                                        "unknown backend")):
       raise LibtpuMissing("the TPU compiler (libtpu) is not installed: "
                           "pip install -e '.[tpu]'") from e
     raise
