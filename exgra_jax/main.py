@@ -20,6 +20,7 @@ import jax
 from etils import epath
 
 from exgra_jax import configuration, console, temp_paths
+from exgra_jax.data import records
 
 _CONFIG = configuration.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).",
@@ -117,7 +118,10 @@ def main(argv):
 
   if _MODE.value == "train":
     from exgra_jax.train import loop  # pylint: disable=g-import-not-at-top
-    result = loop.train(config, workdir)
+    try:
+      result = loop.train(config, workdir)
+    except records.RecordFileError as e:  # a whole file unreadable: the message says the fix
+      configuration.exit_usage(str(e))
   elif _MODE.value == "eval":
     from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top
     result = vqa.evaluate(config, workdir, checkpoint=_CHECKPOINT.value)

@@ -99,3 +99,22 @@ def test_stray_arguments_are_one_line_without_the_flag_help(tmp_path):
   assert out.stderr == ("error: unexpected arguments 'eval': every setting is --name=value, "
                         "e.g. --config.stage2.lr=1e-5 or --mode=eval\n")
   assert not (tmp_path / "w").exists()
+
+
+def test_an_unreadable_record_file_met_in_training_is_one_error_line(tmp_path):
+  """A stage's JSON list that does not parse is found when the stage reads it (the
+  up-front checks only see that it exists): one `error:` line naming the file and the
+  position, exit status 2, no traceback."""
+  from exgra_jax.data import demo_world  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "world"
+  demo_world.make_demo_world(str(root), size="small", seed=0)
+  (root / "stage1_captions.json").write_text('[{"id": "a", "conversations": [}')
+  out = subprocess.run([sys.executable, "-m", "exgra_jax.main", f"--config={DEMO}",
+                        f"--workdir={tmp_path}/w", "--config.data.demo_world=",
+                        f"--config.data.root={root}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr
+  assert out.stderr.splitlines()[-1].startswith(
+      f"error: {root}/stage1_captions.json: record file is not a valid JSON list")
