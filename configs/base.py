@@ -74,6 +74,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init.checkpoint = ""            # an exgra-jax Orbax checkpoint to start from
   c.init.random = False             # allow random init (demo / tests); else weights required
 
+  # --- contrastive pre-training of a random vision tower (demo only) -------------------
+  # A real run starts from pretrained CLIP weights. Without them (init.random) the demo
+  # pre-trains its tiny tower CLIP-style on the stage-1 image/caption pairs before the
+  # first stage, which then freezes it as the release does (train/vision_pretrain.py).
+  c.vision_pretrain = ml_collections.ConfigDict()
+  c.vision_pretrain.steps = 0       # optimizer steps (0 = off: the tower is used as loaded)
+  c.vision_pretrain.global_batch = 64  # image/caption pairs per step (the InfoNCE negatives)
+  c.vision_pretrain.lr = 1e-3       # AdamW peak learning rate (warm-up 5 %, cosine decay)
+  c.vision_pretrain.weight_decay = 0.0  # AdamW decoupled weight decay
+  c.vision_pretrain.embed_dim = 64  # width of the shared image/caption embedding space
+
   # --- multi-graph alignment (docs/align.md) ---------------------------------------
   c.align = ml_collections.ConfigDict()
   c.align.alpha = 1.0               # weight of L_align in LM + alpha * L_align

@@ -330,6 +330,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
       any(config[s].init_from for s in config.stages)):
     problems.append("init: no weights given: set init.hf_dir, init.checkpoint or "
                     "init.llm_dir + init.clip_dir (or init.random=True for a random model)")
+  if config.vision_pretrain.steps and not (
+      config.init.random and config.stage1.records and not (
+          config.init.hf_dir or config.init.llm_dir or config.init.checkpoint)):
+    problems.append("vision_pretrain.steps > 0 pre-trains the tower of a random start: it needs "
+                    "init.random=True, no init.hf_dir / llm_dir / checkpoint, and "
+                    "stage1.records (the image/caption pairs)")
   if check_paths:
     problems += path_problems(config, mode)
   if problems:
@@ -353,6 +359,11 @@ _RANGES = {
     "model.vision.layer_norm_eps": _POSITIVE,
     "model.llm.rms_norm_eps": _POSITIVE,
     "model.llm.rope_theta": _POSITIVE,
+    "vision_pretrain.steps": _NON_NEGATIVE,
+    "vision_pretrain.global_batch": _AT_LEAST_1,
+    "vision_pretrain.lr": _POSITIVE,
+    "vision_pretrain.weight_decay": _NON_NEGATIVE,
+    "vision_pretrain.embed_dim": _AT_LEAST_1,
     "align.alpha": _NON_NEGATIVE,
     "align.num_neighbors": _AT_LEAST_1,
     "align.gnn_layers": _AT_LEAST_1,

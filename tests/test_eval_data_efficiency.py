@@ -100,8 +100,9 @@ def test_markdown_report():
   assert "| 10 % | LM only | 3 | 0.500 ± 0.100 |" in text
   assert "| 100 % | LM only | 2 | 0.700 ± 0.000 |" in text
   assert "0.333 ± 0.058" in text  # hamming of align 10 %: std of (0.4, 0.3, 0.3)
-  assert "| 10 % | test selection score | 0.100 ± 0.087 | +0.050, +0.050, +0.200 |" in text
-  assert "| 100 % | test selection score |" not in text  # no pair at 100 %
+  pair = "(LM + multi-graph alignment) − (LM only)"
+  assert f"| 10 % | {pair} | test selection score | 0.100 ± 0.087 | +0.050, +0.050, +0.200 |" in text
+  assert f"| 100 % | {pair} | test selection score |" not in text  # no pair at 100 %
   assert "no fine-tune" not in text  # no stage-2-alone metrics in these rows
   rows.append(de.run_row("lm", 1.0, 2, *_summaries(0.7, 0.6, 0.8), {"selection_score": 0.25}))
   text = de.markdown_report(de.aggregate(rows))

@@ -1,12 +1,12 @@
-r"""The data-efficiency experiment: stage 2 with LM only vs LM + multi-graph alignment, at
-several fractions of the stage-2 data, over seeds, each run ending with a VQA fine-tune and
+r"""The data-efficiency experiment: stage 2 with LM only vs LM + multi-graph alignment (exact
+solver, and a deliberately weakened one), at several fractions of the stage-2 data, over seeds, each run ending with a VQA fine-tune and
 a test evaluation (docs/data_efficiency.md). Not part of CI.
 
     nice -n 10 .venv/bin/python -m tools.run_data_efficiency --out=results/data_efficiency
     .venv/bin/python -m tools.run_data_efficiency --dry_run        # print the commands
 
-Per seed: stage 1 (projector only; it does not depend on the arm or the fraction) runs once
-in `<workdir>/seed<S>/stage1`; each (fraction, arm) then runs stage 2 from that checkpoint
+Per seed: the contrastive pre-training of the tower and stage 1 (projector only; neither
+depends on the arm or the fraction) run once in `<workdir>/seed<S>/stage1`; each (fraction, arm) then runs stage 2 from that checkpoint
 (`stage2.init_from`) and the fine-tune from its own stage 2 (`finetune.init_from`) in
 `<workdir>/seed<S>/<arm>_f<fraction>`. Every run is a `python -m exgra_jax.main`
 sub-process (stdout / stderr to files there); its JSON summary is kept as
@@ -41,7 +41,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/data_efficiency",
                                "run directories (checkpoints, logs, summaries); not committed")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "config.seed of the runs")
 _FRACTIONS = flags.DEFINE_list("fractions", ["0.1", "1.0"], "stage2.subset_fraction values")
-_ARMS = flags.DEFINE_list("arms", list(de.ARMS), "stage-2 arms: lm (align=False), align")
+_ARMS = flags.DEFINE_list("arms", list(de.ARMS), "stage-2 arms: lm (align=False), align, "
+                         "align_weak (align, solver_iterations=1); de.ARM_OVERRIDES")
 _WORLD = flags.DEFINE_enum("world", "medium", ["small", "medium"], "demo world size")
 _WORLD_ROOT = flags.DEFINE_string("world_root", None,
                                   "demo world folder (default .cache/demo_<world>)")
@@ -54,7 +55,7 @@ _EXTRA = flags.DEFINE_multi_string(
     "extra_override", [], "config override added to every run, e.g. stage2.lr=5e-4 "
     "(with or without the --config. prefix)")
 _STAGE2_EVAL = flags.DEFINE_bool(
-    "stage2_eval", True, "also answer the VQA test split with each stage-2 checkpoint "
+    "stage2_eval", False, "also answer the VQA test split with each stage-2 checkpoint "
     "itself, before any fine-tune (--mode=eval; ~15 s a run on an idle machine)")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the commands, run nothing")
 
@@ -111,7 +112,7 @@ def plan(world_root: str) -> list[Job]:
         work = arm_dir(seed, fraction, arm)
         jobs.append(Job("stage2", work, _common(work, seed, "stage2", world_root) + [
             f"--config.stage2.init_from={os.path.join(stage1_dir, 'checkpoints', 'stage1')}",
-            f"--config.stage2.align={arm == 'align'}",
+            *[_override(o) for o in de.ARM_OVERRIDES[arm]],
             f"--config.stage2.subset_fraction={fraction}",
             f"--config.stage2.epochs={_STAGE2_EPOCHS.value}"] + extra))
         if _STAGE2_EVAL.value:  # stages=('stage2',): eval reads checkpoints/stage2
@@ -209,8 +210,10 @@ def write_outputs(jobs: list[Job], world_root: str) -> None:
   out = _abs(_OUT.value)
   os.makedirs(out, exist_ok=True)
   groups = de.aggregate(rows)
-  diffs = [d for m in de.TEST_METRICS + de.ZERO_SHOT_METRICS
-           for d in de.paired_differences(rows, m)]
+  diffs = [d for treatment, control in de.COMPARISONS
+           if {treatment, control} <= set(_ARMS.value)
+           for m in de.TEST_METRICS + de.ZERO_SHOT_METRICS
+           for d in de.paired_differences(rows, m, treatment, control)]
   settings = {"world": _WORLD.value, "world_seed": _WORLD_SEED.value,
               "world_root": os.path.relpath(world_root, REPO), "seeds": _SEEDS.value,
               "fractions": _FRACTIONS.value, "arms": _ARMS.value,

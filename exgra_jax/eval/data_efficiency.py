@@ -1,7 +1,7 @@
 """Bookkeeping of the data-efficiency experiment (tools/run_data_efficiency.py).
 
-The experiment crosses two stage-2 arms (LM only, LM + multi-graph alignment) with stage-2
-data fractions and seeds; every (arm, fraction, seed) run ends with a VQA fine-tune and a
+The experiment crosses stage-2 arms (LM only, LM + multi-graph alignment with the exact
+solver, and with a deliberately weakened one) with stage-2 data fractions and seeds; every (arm, fraction, seed) run ends with a VQA fine-tune and a
 test evaluation. This module turns the runs' JSON summaries into:
 
 - one flat row per run (`run_row`): the test metrics of the fine-tune, the alignment
@@ -9,9 +9,9 @@ test evaluation. This module turns the runs' JSON summaries into:
   the stage-2 checkpoint itself, before any fine-tune (`zs_*`);
 - mean +- std over seeds per (fraction, arm) (`aggregate`; std is the sample standard
   deviation, ddof=1, and 0 for a single seed);
-- the per-seed difference align - LM of a metric (`paired_differences`): both arms of a
-  seed start from the same stage-1 checkpoint, so the paired difference removes the
-  spread the two arms share;
+- the per-seed difference of a metric between two arms (`paired_differences`, e.g.
+  align - LM, align - align_weak): all arms of a seed start from the same stage-1
+  checkpoint, so the paired difference removes the spread the arms share;
 - a Markdown report (`markdown_report`) and a bar chart (`bar_chart`) drawn with pillow's
   ImageDraw (matplotlib is not a dependency): one panel per metric, one group of bars per
   fraction, bar = mean, whisker = +-1 std, dots = the seeds.
@@ -30,7 +30,15 @@ import PIL.ImageDraw
 import PIL.ImageFont
 
 # Arm name -> label, in the order tables and charts show them.
-ARMS = {"lm": "LM only", "align": "LM + multi-graph alignment"}
+ARMS = {"lm": "LM only", "align": "LM + multi-graph alignment",
+        "align_weak": "LM + alignment, weakened solver"}
+# Per arm: the stage-2 config overrides that make it (tools/run_data_efficiency.py).
+# align_weak: one round of the solver's iterated local search instead of up to 100 (the
+# Hungarian seed and one descent remain), to see whether solver quality matters.
+ARM_OVERRIDES = {"lm": ("stage2.align=False",), "align": ("stage2.align=True",),
+                 "align_weak": ("stage2.align=True", "align.solver_iterations=1")}
+# (treatment, control) pairs whose per-seed differences the report shows.
+COMPARISONS = (("align", "lm"), ("align_weak", "lm"), ("align", "align_weak"))
 # Test metrics of the fine-tune's summary (`summary["finetune"]["test"]`, SPEC.md 5).
 TEST_METRICS = ("selection_score", "open_recall", "closed_accuracy")
 # The same metrics of the stage-2 checkpoint answering the test split without fine-tune.
@@ -50,7 +58,7 @@ LABELS = {
     "stage2_lm_loss": "stage-2 LM loss (end)",
 }
 # Bar colours per arm (colour-blind safe pair), error bars and seed dots.
-COLORS = {"lm": (110, 140, 190), "align": (230, 140, 40)}
+COLORS = {"lm": (110, 140, 190), "align": (230, 140, 40), "align_weak": (120, 180, 120)}
 _INK = (30, 30, 30)
 _GRID = (225, 225, 225)
 
@@ -127,7 +135,7 @@ def aggregate(rows: Sequence[Mapping[str, Any]],
 def paired_differences(rows: Sequence[Mapping[str, Any]], metric: str,
                        treatment: str = "align", control: str = "lm") -> list[dict[str, Any]]:
   """Per fraction: mean +- std over seeds of metric(treatment) - metric(control), using the
-  seeds both arms have."""
+  seeds both arms have (no entry for a pair that has no such seed at any fraction)."""
   by_key = {(float(r["fraction"]), r["arm"], r["seed"]): r.get(metric) for r in rows}
   out = []
   for fraction in sorted({float(r["fraction"]) for r in rows}):
@@ -136,7 +144,8 @@ def paired_differences(rows: Sequence[Mapping[str, Any]], metric: str,
     diffs = [by_key[(fraction, treatment, s)] - by_key[(fraction, control, s)] for s in seeds
              if by_key[(fraction, treatment, s)] is not None
              and by_key[(fraction, control, s)] is not None]
-    out.append({"fraction": fraction, "metric": metric, "seeds": seeds, **mean_std(diffs)})
+    out.append({"fraction": fraction, "metric": metric, "treatment": treatment,
+                "control": control, "seeds": seeds, **mean_std(diffs)})
   return out
 
 
@@ -171,13 +180,14 @@ def markdown_report(groups: Sequence[Mapping[str, Any]],
     lines += _table(groups, ZERO_SHOT_METRICS)
   differences = [d for d in differences if d["n"]]
   if differences:
-    lines += ["", "Paired difference (LM + alignment) − (LM only), same seed, mean ± std over "
-              "seeds:", "", "| stage-2 data | metric | difference | per seed |",
-              "|---|---|---|---|"]
+    lines += ["", "Paired differences between arms, same seed, mean ± std over seeds:", "",
+              "| stage-2 data | difference | metric | mean ± std | per seed |",
+              "|---|---|---|---|---|"]
     for d in differences:
       per_seed = ", ".join(f"{v:+.3f}" for v in d["values"])
-      lines.append(f"| {_percent(d['fraction'])} | {LABELS.get(d['metric'], d['metric'])} | "
-                   f"{format_mean_std(d)} | {per_seed} |")
+      pair = " − ".join(f"({ARMS.get(d[k], d[k])})" for k in ("treatment", "control"))
+      lines.append(f"| {_percent(d['fraction'])} | {pair} | "
+                   f"{LABELS.get(d['metric'], d['metric'])} | {format_mean_std(d)} | {per_seed} |")
   return "\n".join(lines) + "\n"
 
 

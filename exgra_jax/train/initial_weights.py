@@ -5,7 +5,9 @@ Order (first that applies), for a stage that has no checkpoint of its own yet:
 2. the previous stage of `config.stages`: its final parameters;
 3. for the first stage: `config.init.checkpoint`, then `config.init.hf_dir` (LLaVA /
    LLaVA-Med / ExGra-Med), then `config.init.llm_dir` (+ `clip_dir`: the start of stage 1);
-4. random weights, only when `config.init.random` says so (demo, tests).
+4. random weights, only when `config.init.random` says so (demo, tests); with
+   `config.vision_pretrain.steps` the tower of that random start is first pre-trained
+   contrastively (train/vision_pretrain.py).
 
 Loaded parameters replace the matching leaves of the freshly initialised (sharded) tree.
 Only the projector (a plain LLaMA + CLIP start has none) and the GNN (created fresh in
@@ -22,6 +24,7 @@ import numpy as np
 from etils import epath
 
 MAY_BE_FRESH = ("projector", "gnn")
+VISION_PRETRAIN_CHECKPOINT = "vision_pretrain"  # workdir/checkpoints/<this>
 
 
 class InitialWeightsError(ValueError):
@@ -30,7 +33,9 @@ class InitialWeightsError(ValueError):
 
 def source_for(config: ml_collections.ConfigDict, stage_name: str, workdir: epath.Path
                ) -> tuple[str, str]:
-  """-> (kind, path) with kind in {"checkpoint", "previous_stage", "hf", "random"}."""
+  """-> (kind, path) with kind in {"checkpoint", "previous_stage", "hf", "vision_pretrain",
+  "random"}; "vision_pretrain": the whole-model checkpoint `vision_pretrain` writes (or
+  wrote) at `path`, a random start whose tower was pre-trained contrastively."""
   stage = config[stage_name]
   if stage.init_from:
     return "checkpoint", stage.init_from
@@ -41,6 +46,8 @@ def source_for(config: ml_collections.ConfigDict, stage_name: str, workdir: epat
     return "checkpoint", config.init.checkpoint
   if config.init.hf_dir or config.init.llm_dir:
     return "hf", config.init.hf_dir or config.init.llm_dir
+  if config.init.random and config.vision_pretrain.steps:
+    return "vision_pretrain", str(workdir / "checkpoints" / VISION_PRETRAIN_CHECKPOINT)
   if config.init.random:
     return "random", ""
   raise InitialWeightsError(

@@ -39,7 +39,7 @@ from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models import llava
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import (alignment_sharding, checkpointing, initial_weights, metrics,
-                             optimizer, sharded_state, sharding, step)
+                             optimizer, sharded_state, sharding, step, vision_pretrain)
 from exgra_jax.train import mesh as mesh_lib
 from exgra_jax.weights import checkpoints
 from exgra_jax.weights.checksum import parameter_checksum
@@ -127,6 +127,8 @@ def starting_state(config, stage: Stage, workdir: epath.Path, mesh,
   if kind == "random":
     logging.info("stage %s starts from random weights (config.init.random)", stage.name)
     return state
+  if kind == "vision_pretrain":
+    vision_pretrain.ensure_checkpoint(config, path)
   if kind == "previous_stage" and previous and previous[0] == epath.Path(path).name:
     loaded, source = previous[1], f"the end of stage {previous[0]}"
   else:  # a checkpoint (the previous stage's newest, when not in memory) or an HF directory
