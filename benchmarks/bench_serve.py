@@ -1,15 +1,15 @@
 """Serving throughput and latency: 1, 4 and 16 concurrent HTTP clients against sequential
 `predict` calls (`eval.single_question.answer_question`), same model, same run.
 
-Why: the server batches concurrent requests into one generation (serving/engine.py); this
-measures what that buys. Every client asks the same question about a different demo
-image with greedy decoding, so all requests have the same prompt length (one compiled
-program for predict) and the server's answers are the predict answers (their token counts
-are used for both). Every batch shape the server can form is compiled before timing, and
-each setting runs once untimed first. Reports tokens/s,
-requests/s, latency p50 / p95 and the mean batch the server formed per setting, and each
+Why: the server decodes concurrent requests together (continuous batching,
+serving/engine.py); this measures what that buys. Every client asks the same question
+about a different demo image with greedy decoding, so all requests have the same prompt
+length (one compiled program for predict) and the server's answers are the predict
+answers (their token counts are used for both). Every prefill size the server can form is
+compiled before timing, and each setting runs once untimed first. Reports tokens/s,
+requests/s, latency p50 / p95 and the mean rows per decode step per setting, and each
 setting's tokens/s over the sequential one (target: 16 clients >= 4x; docs/serve.md has
-the numbers and why the tiny model on a CPU does not reach it).
+the numbers).
 
     python -m benchmarks.bench_serve [--model=DIR --image_dir=DIR --template=simple]
         [--requests=32] [--max_tokens=32]
@@ -77,16 +77,15 @@ def _request(base: str, image: str) -> tuple[float, int]:
   return time.perf_counter() - start, usage["completion_tokens"]
 
 
-def _concurrent(base: str, images: list[str], clients: int,
-                engine: engine_lib.BatchingEngine) -> dict:
-  before = len(engine.batch_sizes)
+def _concurrent(base: str, images: list[str], clients: int, engine: engine_lib.Engine
+                ) -> dict:
+  steps, row_steps = engine.stats.steps, engine.stats.row_steps
   start = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(clients) as pool:
     results = list(pool.map(lambda image: _request(base, image), images))
   wall = time.perf_counter() - start
-  batches = engine.batch_sizes[before:]
   return {**_summary(wall, [r[0] for r in results], sum(r[1] for r in results)),
-          "mean_batch": sum(batches) / len(batches)}
+          "mean_batch": (engine.stats.row_steps - row_steps) / (engine.stats.steps - steps)}
 
 
 def _summary(wall: float, latencies: list[float], tokens: int) -> dict:
@@ -95,14 +94,18 @@ def _summary(wall: float, latencies: list[float], tokens: int) -> dict:
           "p50_s": statistics.median(latencies), "p95_s": quantiles[18]}
 
 
-def _compile_batch_shapes(served: engine_lib.ServedModel, image: str) -> None:
-  """Runs every batch size the engine pads to (1, 2, 4, ... max_batch) once."""
+def _compile_shapes(served: engine_lib.ServedModel, image: str) -> None:
+  """Prefills of every size the engine pads to (1, 2, 4, ... max_batch) and the decode
+  step, in an engine run by hand (compiled programs are shared by every engine)."""
   with open(image, "rb") as f:
     request = Conversation(f.read()).request(QUESTION, max_tokens=FLAGS.max_tokens)
   job = engine_lib.prepare(request, served, Limits())
+  engine = engine_lib.Engine(served, FLAGS.max_batch, start=False)
   rows = 1
   while rows <= FLAGS.max_batch:
-    engine_lib.run_batch(served, [job] * rows, jax.random.key(0), FLAGS.max_batch)
+    streams = [engine.submit(job) for _ in range(rows)]
+    while not all(s.done for s in streams):
+      engine.run_once()
     rows *= 2
 
 
@@ -116,15 +119,13 @@ def main(argv):
     images = [names[i % len(names)] for i in range(FLAGS.requests)]
     served = engine_lib.load_model(model_dir, template=FLAGS.template,
                                    default_max_tokens=FLAGS.max_tokens)
-    engine = engine_lib.BatchingEngine(
-        lambda jobs, key: engine_lib.run_batch(served, jobs, key, FLAGS.max_batch),
-        FLAGS.max_batch)
+    engine = engine_lib.Engine(served, FLAGS.max_batch)
     server = http_api.Server(("127.0.0.1", 0), served, engine, limits=Limits(),
                              image_root=image_dir)
     server.serve_in_thread()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-      _compile_batch_shapes(served, os.path.join(image_dir, images[0]))
+      _compile_shapes(served, os.path.join(image_dir, images[0]))
       tokens = [_request(base, image)[1] for image in images]
 
       def predict(image: str) -> str:
@@ -150,7 +151,7 @@ def main(argv):
   sequential = results["sequential predict"]["tokens_per_s"]
   print(f"{FLAGS.requests} requests of {FLAGS.max_tokens} tokens, {jax.devices()[0].platform}")
   print(f"{'setting':24s} {'tokens/s':>9s} {'req/s':>7s} {'p50 s':>7s} {'p95 s':>7s} "
-        f"{'batch':>6s} {'x sequential':>12s}")
+        f"{'rows':>6s} {'x sequential':>12s}")
   for name, r in results.items():
     print(f"{name:24s} {r['tokens_per_s']:9.1f} {r['requests_per_s']:7.2f} {r['p50_s']:7.3f} "
           f"{r['p95_s']:7.3f} {r.get('mean_batch', 1):6.1f} {r['tokens_per_s'] / sequential:12.2f}")

@@ -5,21 +5,19 @@ r"""Chat with a model in the terminal, about one image at a time.
 Type a question and press Enter; `/image PATH` changes the image (and starts a new
 conversation: the model sees one image per conversation), `/reset` starts over, `/quit`
 (or Ctrl-D) leaves. The same model loading, templates and generation as
-`python -m exgra_jax.serve`, in this process; the answer is printed word by word once it
-is generated (docs/serve.md).
+`python -m exgra_jax.serve`, in this process; the answer is printed as it is generated
+(docs/serve.md).
 """
 from __future__ import annotations
 
 import sys
 
-import jax
 from absl import app
 from absl import flags
 
 from exgra_jax import configuration
 from exgra_jax.eval import prompts
 from exgra_jax.serving import engine as engine_lib
-from exgra_jax.serving import http_api
 from exgra_jax.serving.requests import Conversation, Limits, RequestError
 
 _MODEL = flags.DEFINE_string("model", None, "Checkpoint or HF directory.")
@@ -64,7 +62,16 @@ def main(argv):
                                  default_max_tokens=_MAX_TOKENS.value)
   conversation = Conversation(read_image(_IMAGE.value) if _IMAGE.value else None)
   settings = dict(temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
-  key = jax.random.key(0)
+  engine = engine_lib.Engine(served, 1)
+  try:
+    _chat(served, engine, conversation, settings)
+  finally:
+    engine.close()
+
+
+def _chat(served: engine_lib.ServedModel, engine: engine_lib.Engine,
+          conversation: Conversation, settings: dict) -> None:
+  """The read-answer loop: each answer printed piece by piece as the engine settles it."""
   print(f"chatting with {served.name}; {HELP}", flush=True)
   for line in _lines():
     line = line.strip()
@@ -94,12 +101,11 @@ def main(argv):
     except (RequestError, ValueError) as e:
       print(f"error: {e}", flush=True)
       continue
-    key, step_key = jax.random.split(key)
-    (completion,) = engine_lib.run_batch(served, [job], step_key, 1)
-    for chunk in http_api.word_chunks(completion.text):
-      print(chunk, end="", flush=True)
+    stream = engine.submit(job)
+    for chunk in stream.chunks():
+      print(chunk.text, end="", flush=True)
     print(flush=True)
-    conversation.record(request, completion.text)
+    conversation.record(request, stream.result().text)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ r"""Serve a model over an OpenAI-compatible HTTP API, with a chat page at `/`.
 
 `--model` is anything `weights.checkpoints.load` reads (train checkpoint, params-only
 checkpoint, Hugging Face directory). Binds to 127.0.0.1 unless `--host` says otherwise:
-the server has no authentication. Concurrent requests are batched into one generation
-(up to `--max_batch`). docs/serve.md has the API, the limits and the errors.
+the server has no authentication. Concurrent requests share every decode step (up to
+`--max_batch`; a new request joins at the next step), and `stream: true` sends each piece
+of the answer as it is generated. docs/serve.md has the API, the limits and the errors.
 """
 from absl import app
 from absl import flags
@@ -23,7 +24,7 @@ _PORT = flags.DEFINE_integer("port", 8000, "TCP port (0 = any free port).")
 _IMAGE_ROOT = flags.DEFINE_string("image_root", None,
                                   "Directory whose files requests may name as image paths "
                                   "(default: none; images come as data: URLs).")
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Most requests decoded together.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Most requests decoded together (cache rows).")
 _TEMPLATE = flags.DEFINE_enum("template", "simple", list(prompts.CHAT_TEMPLATES),
                               "Conversation template (SPEC.md 5; `train` for models that know "
                               "only the training template, e.g. the demo's tiny model).")
@@ -51,9 +52,7 @@ def main(argv):
   served = engine_lib.load_model(_MODEL.value, tokenizer_dir=_TOKENIZER.value,
                                  clip_dir=_CLIP_DIR.value, name=_NAME.value,
                                  template=_TEMPLATE.value, default_max_tokens=_MAX_TOKENS.value)
-  engine = engine_lib.BatchingEngine(
-      lambda jobs, key: engine_lib.run_batch(served, jobs, key, _MAX_BATCH.value),
-      _MAX_BATCH.value)
+  engine = engine_lib.Engine(served, _MAX_BATCH.value)
   limits = Limits(max_image_bytes=int(_MAX_IMAGE_MB.value * 2**20),
                   max_image_pixels=_MAX_IMAGE_PIXELS.value)
   server = http_api.Server((_HOST.value, _PORT.value), served, engine, limits=limits,

@@ -1,6 +1,7 @@
 """`exgra_jax.serve` on loopback with a tiny random model: the same greedy answers as
-predict, streaming, 16 concurrent clients batched, every bad input a 4xx while the server
-keeps serving, and the project's judge client against it."""
+predict, token-by-token streaming, 16 concurrent clients batched, requests joining a
+running batch, every bad input a 4xx while the server keeps serving, and the project's
+judge client against it."""
 import base64
 import concurrent.futures
 import io
@@ -50,8 +51,7 @@ def model_dir(demo_world, tmp_path_factory) -> str:
 def server(model_dir, demo_world):
   """(base URL, served model, engine) of a server in this process, on a free port."""
   served = engine_lib.load_model(model_dir, template="train", default_max_tokens=MAX_TOKENS)
-  engine = engine_lib.BatchingEngine(
-      lambda jobs, key: engine_lib.run_batch(served, jobs, key, 16), 16, wait_s=0.05)
+  engine = engine_lib.Engine(served, 16)
   httpd = http_api.Server(("127.0.0.1", 0), served, engine,
                           limits=Limits(max_image_bytes=2**20, max_image_pixels=10**6),
                           image_root=os.path.join(demo_world, "images"))
@@ -123,6 +123,74 @@ def test_same_answer_as_predict_and_streaming_concatenates(server, demo_world):
   chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
   assert "".join(c["delta"].get("content", "") for c in chunks) == expected
   assert chunks[-1]["finish_reason"] in ("stop", "length")
+  assert len(_stream_pieces(base, _ask(question, "CT_small.dcm"))) > 1  # not one final blob
+
+
+def _stream_pieces(base: str, payload: dict) -> list[str]:
+  """The content pieces of a streamed answer."""
+  status, body = _post(base, {**payload, "stream": True})
+  assert status == 200, body
+  events = [line[len("data: "):] for line in body.decode().split("\n\n") if line]
+  return [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1]
+          if json.loads(e)["choices"][0]["delta"].get("content")]
+
+
+def _job(served: engine_lib.ServedModel, image: str, question: str, max_tokens: int
+         ) -> engine_lib.Job:
+  with open(image, "rb") as f:
+    request = Conversation(f.read()).request(question, max_tokens=max_tokens)
+  return engine_lib.prepare(request, served, Limits())
+
+
+def _predict(served: engine_lib.ServedModel, image: str, question: str, max_tokens: int
+             ) -> str:
+  return single_question.answer_question(served.model, served.params, served.tokenizer, image,
+                                         question, template="train", max_new_tokens=max_tokens)
+
+
+def test_stream_sends_each_piece_during_generation(server, demo_world):
+  """Driven by hand, step by step: the first piece is there after the first step while the
+  answer is still being generated; every piece is sent at the step that settled it."""
+  _, served, _ = server
+  image = os.path.join(demo_world, "images", "CT_small.dcm")
+  engine = engine_lib.Engine(served, 4, start=False)
+  stream = engine.submit(_job(served, image, "Which organ is shown?", MAX_TOKENS))
+  pieces = stream.chunks(timeout=60)
+  engine.run_once()  # admits (prefill: token 1) and decodes token 2
+  first = next(pieces)
+  assert not stream.done and first.tokens <= 2
+  while not stream.done:
+    engine.run_once()
+  chunks = [first, *pieces]
+  completion = stream.result()
+  assert "".join(c.text for c in chunks) == completion.text == _predict(
+      served, image, "Which organ is shown?", MAX_TOKENS)
+  sent_at = [c.tokens for c in chunks]
+  assert len(chunks) > 1 and sent_at == sorted(set(sent_at))
+  assert sent_at[0] < completion.completion_tokens
+
+
+def test_a_request_joins_a_running_batch_at_the_next_step(server, demo_world):
+  """A short request submitted while a long one decodes joins at the next step, finishes
+  first, and both answers are predict's (prompts of different lengths in one batch)."""
+  _, served, _ = server
+  ct, mr = (os.path.join(demo_world, "images", n) for n in ("CT_small.dcm", "MR_small.dcm"))
+  long_question, short_question = "Describe this image in detail.", "Which organ?"
+  engine = engine_lib.Engine(served, 4, start=False)
+  long = engine.submit(_job(served, ct, long_question, 24))
+  for _ in range(3):
+    engine.run_once()
+  short = engine.submit(_job(served, mr, short_question, 4))
+  engine.run_once()
+  assert engine.stats.joined_running == 1
+  while not short.done:
+    engine.run_once()
+  assert not long.done  # the short one left the batch first
+  while not long.done:
+    engine.run_once()
+  assert short.result().text == _predict(served, mr, short_question, 4)
+  assert long.result().text == _predict(served, ct, long_question, 24)
+  assert long.result().completion_tokens == 24 and engine.stats.steps == 23
 
 
 def test_sixteen_concurrent_clients_are_batched_and_correct(server, demo_world):
@@ -131,11 +199,11 @@ def test_sixteen_concurrent_clients_are_batched_and_correct(server, demo_world):
   payloads = [_ask(f"Question {i}: what is in this image?", name)
               for i, name in enumerate(names)]
   alone = [_answer(base, p) for p in payloads]
-  before = len(engine.batch_sizes)
+  steps, row_steps = engine.stats.steps, engine.stats.row_steps
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
     together = list(pool.map(lambda p: _answer(base, p), payloads))
   assert together == alone and len(set(alone)) > 1, alone
-  assert max(engine.batch_sizes[before:]) > 1, engine.batch_sizes[before:]
+  assert engine.stats.row_steps - row_steps > engine.stats.steps - steps  # > 1 row per step
 
 
 def test_sampling_settings_and_stop(server):
@@ -311,8 +379,8 @@ def test_the_page_in_a_real_browser(server, demo_world, tmp_path):
   screenshot = os.environ.get("SERVE_SCREENSHOT") or str(tmp_path / "serve.png")
   answers = browser_session(base, image, ["What is shown in this image?", "Anything else?"],
                             screenshot, str(tmp_path / "chromium"))
-  expected = _answer(base, _ask("What is shown in this image?", name))
-  assert answers[0] == (expected, len(http_api.word_chunks(expected)))
+  pieces = _stream_pieces(base, _ask("What is shown in this image?", name))
+  assert answers[0] == ("".join(pieces), len(pieces))
   assert len(answers) == 2 and os.path.getsize(screenshot) > 0
 
 
@@ -341,8 +409,11 @@ def test_serves_a_hugging_face_export_like_its_checkpoint(server, model_dir, dem
   exporter.export(loaded.params, loaded.model_config, str(tmp_path / "hf"),
                   tokenizer_dir=loaded.tokenizer_dir)
   served = engine_lib.load_model(str(tmp_path / "hf"), template="train")
-  with open(os.path.join(demo_world, "images", "MR_small.dcm"), "rb") as f:
-    request = Conversation(f.read()).request("Which organ?", max_tokens=MAX_TOKENS)
-  (completion,) = engine_lib.run_batch(served, [engine_lib.prepare(request, served, Limits())],
-                                       jax.random.key(0), 1)
+  engine = engine_lib.Engine(served, 1)
+  try:
+    job = _job(served, os.path.join(demo_world, "images", "MR_small.dcm"), "Which organ?",
+               MAX_TOKENS)
+    completion = engine.submit(job).result(timeout=120)
+  finally:
+    engine.close()
   assert completion.text == _answer(base, _ask("Which organ?", "MR_small.dcm"))

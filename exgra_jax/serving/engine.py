@@ -1,39 +1,36 @@
-"""The served model and dynamic batching over eval/'s KV-cache generation.
+"""The served model and continuous batching over its KV cache (serving/slots.py).
 
-Why batching: one decode step of a batch of 16 costs little more than one of a single
-prompt (the weights are read once per step), so requests that wait together are decoded
-together. A thread takes up to `max_batch` waiting requests (those that arrive within
-`wait_s` of the first join it), groups them by whether they carry an image (one
-compiled program each) and runs one `generate.sample_decode` per group, with per-row
-temperature and top-p (temperature 0 = greedy, token-identical to `predict`). Requests
-that arrive meanwhile form the next batch.
+Why continuous batching: a decode step of 16 rows costs far less than 16 steps of one row
+(one dispatch, the weights read once), so every request being answered shares each step.
+A request does not wait for a batch: before every step the engine thread puts waiting
+requests into free cache rows (one batched prefill per image / no-image group), and a
+request leaves its row as soon as its answer is final, freeing it for the next one.
+Each row has its own position, temperature and top-p (temperature 0 = greedy,
+token-identical to `predict`, whatever else shares the step).
 
-Why the shapes are rounded: every distinct (batch, prompt length, new tokens) is one XLA
-compilation, so the batch is padded to a power of two (with copies of its first
-request), the prompt length to a power of two (>= 64) and the new tokens to a power of
-two (>= 16); each request keeps its own first `max_tokens` tokens.
+Why per-step tokens reach the host: every drawn token goes through the request's
+`AnswerText` (serving/answer.py), which streams the settled text at once (`Stream.chunks`)
+and ends the request at eos, a stop string or `max_tokens`.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import os
 import queue
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
 
 from exgra_jax.data import images, text
-from exgra_jax.eval import generate, prompts, single_question
+from exgra_jax.eval import prompts, single_question
 from exgra_jax.models.config import num_image_tokens
 from exgra_jax.models.llava import LlavaModel
+from exgra_jax.serving import slots
+from exgra_jax.serving.answer import AnswerText
 from exgra_jax.serving.requests import ChatRequest, Limits, RequestError, decode_image
-
-_MIN_LENGTH, _MIN_NEW_TOKENS = 64, 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,123 +109,251 @@ def prepare(request: ChatRequest, served: ServedModel, limits: Limits) -> Job:
   return Job(tuple(ids), pixels, request.temperature, request.top_p, max_tokens, request.stop)
 
 
-def _power_of_two(n: int, minimum: int) -> int:
-  return max(minimum, 1 << (n - 1).bit_length())
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+  """A piece of an answer, sent as soon as it is settled; `tokens`: generated so far."""
+  text: str
+  tokens: int
 
 
-def batch_shape(jobs: Sequence[Job], max_batch: int, context_length: int
-                ) -> tuple[int, int, int]:
-  """(batch rows, prompt length, new tokens) of the compiled program for `jobs`."""
-  rows = min(_power_of_two(len(jobs), 1), max(max_batch, len(jobs)))
-  length = min(_power_of_two(max(len(j.prompt_ids) for j in jobs), _MIN_LENGTH), context_length)
-  return rows, length, _power_of_two(max(j.max_tokens for j in jobs), _MIN_NEW_TOKENS)
+class Stream:
+  """A submitted job's answer, filled by the engine's thread: `chunks()` yields its pieces
+  as they are generated, `result()` waits for the whole Completion."""
+
+  def __init__(self):
+    self._chunks: queue.Queue = queue.Queue()
+    self._done: concurrent.futures.Future = concurrent.futures.Future()
+
+  def chunks(self, timeout: float | None = None) -> Iterator[Chunk]:
+    """The answer's pieces until it is complete (they concatenate to its text); raises
+    what generation raised, or TimeoutError after `timeout` s without a piece."""
+    while True:
+      try:
+        chunk = self._chunks.get(timeout=timeout)
+      except queue.Empty as e:
+        raise TimeoutError(f"no answer for {timeout} s") from e
+      if chunk is None:
+        self._done.result()  # raises the generation's exception, if any
+        return
+      yield chunk
+
+  def result(self, timeout: float | None = None) -> Completion:
+    return self._done.result(timeout)
+
+  @property
+  def done(self) -> bool:
+    return self._done.done()
+
+  def _put(self, chunk: Chunk) -> None:
+    self._chunks.put(chunk)
+
+  def _finish(self, completion: Completion | None, error: BaseException | None = None
+              ) -> None:
+    if self._done.done():
+      return  # already failed (a failure reaches every request it touches)
+    if error is None:
+      self._done.set_result(completion)
+    else:
+      self._done.set_exception(error)
+    self._chunks.put(None)
 
 
-def finish(tokens: np.ndarray, job: Job, eos_id: int,
-           detokenize: Callable[[Sequence[int]], str]) -> Completion:
-  """A row of generated tokens -> the answer: cut at eos and at `max_tokens`, cleaned as
-  `generate` cleans answers (leading tags, `###`), then cut at the request's stops."""
-  row = tokens[:job.max_tokens]
-  ends = np.flatnonzero(row == eos_id)
-  kept = row[:ends[0]] if ends.size else row
-  raw = detokenize(kept.tolist())
-  answer = generate.clean_answer(raw, "###")
-  cuts = [answer.index(s) for s in job.stop if s in answer]
-  stopped = bool(ends.size) or "###" in raw or bool(cuts)
-  return Completion(answer[:min(cuts)] if cuts else answer,
-                    "stop" if stopped else "length", len(job.prompt_ids), len(kept))
+@dataclasses.dataclass
+class _Row:
+  """A request in a cache row: `token` goes to `position` at the next step."""
+  job: Job
+  stream: Stream
+  answer: AnswerText
+  token: int
+  position: int
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id"))
-def _decode(model: LlavaModel, params, ids, mask, image_mask, pixels, key, temperature, top_p,
-            *, max_new_tokens: int, eos_id: int, pad_id: int) -> jax.Array:
-  return generate.sample_decode(model, params, ids, mask, image_mask, pixels, key,
-                                max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_p=top_p, eos_id=eos_id, pad_id=pad_id)
+@dataclasses.dataclass
+class EngineStats:
+  """Counters for tests and benchmarks: decode steps, rows decoded over all steps, requests
+  that joined while other rows were decoding."""
+  steps: int = 0
+  row_steps: int = 0
+  joined_running: int = 0
 
 
-def run_batch(served: ServedModel, jobs: Sequence[Job], key: jax.Array, max_batch: int
-              ) -> list[Completion]:
-  """Jobs that all carry an image, or all none -> their completions, in one generation."""
-  tokenizer = served.tokenizer
-  rows, length, new_tokens = batch_shape(jobs, max_batch, served.context_length)
-  padded = list(jobs) + [jobs[0]] * (rows - len(jobs))
-  ids, mask = generate.pad_prompts([j.prompt_ids for j in padded], length,
-                                   tokenizer.pad_token_id)
-  patch_id = tokenizer.convert_tokens_to_ids(text.patch_token(served.model.cfg.image_tokens))
-  has_image = jobs[0].pixels is not None
-  pixels = np.stack([j.pixels for j in padded]) if has_image else None
-  tokens = np.asarray(_decode(
-      served.model, served.params, ids, mask, (ids == patch_id) & (mask == 1),
-      pixels, key, np.array([j.temperature for j in padded], np.float32),
-      np.array([j.top_p for j in padded], np.float32), max_new_tokens=new_tokens,
-      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id))
-  return [finish(row, job, tokenizer.eos_token_id, served.decode)
-          for row, job in zip(tokens, jobs)]
+class Engine:
+  """Continuous batching: a KV cache of `max_batch` rows (serving/slots.py) and a thread
+  that, before every decode step, puts waiting requests into free rows (one batched
+  prefill per image / no-image group) and then advances every row by one token.
 
-
-def group_by_image(jobs: Sequence[Job]) -> list[list[int]]:
-  """Indices of `jobs`, split into those with an image and those without (in order)."""
-  groups = [[i for i, j in enumerate(jobs) if (j.pixels is not None) == flag]
-            for flag in (True, False)]
-  return [g for g in groups if g]
-
-
-class BatchingEngine:
-  """A queue of jobs and one thread that runs them in batches of up to `max_batch`.
-
-  `run(jobs, key)` computes the completions of one group (`run_batch` bound to a model);
-  `submit` returns a Future of the job's Completion (or of the exception its batch raised).
+  A request leaves its row as soon as its answer is final (eos, a stop string, or
+  `max_tokens`), and the next waiting one takes the row at the next step. With
+  `start=False` no thread runs and `run_once` is called by hand (tests).
   """
 
-  def __init__(self, run: Callable[[list[Job], jax.Array], list[Completion]], max_batch: int,
-               wait_s: float = 0.005, seed: int = 0):
+  def __init__(self, served: ServedModel, max_batch: int, *, seed: int = 0,
+               start: bool = True):
     if max_batch < 1:
       raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    self._run, self.max_batch, self._wait_s = run, max_batch, wait_s
-    self._key = jax.random.key(seed)
+    self.served, self.max_batch = served, max_batch
+    tokenizer = served.tokenizer
+    self._patch_id = tokenizer.convert_tokens_to_ids(
+        text.patch_token(served.model.cfg.image_tokens))
+    self._eos_id, self._pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    self._key = slots.like_params(served.params, jax.random.key(seed))
     self._queue: queue.Queue = queue.Queue()
-    self.batch_sizes: list[int] = []  # of every generation run (for tests and benchmarks)
-    self._thread = threading.Thread(target=self._loop, name="batching", daemon=True)
-    self._thread.start()
+    self._rows: list[_Row | None] = [None] * max_batch
+    self._cache: dict | None = None
+    self.stats = EngineStats()
+    self._thread = None
+    if start:
+      self._thread = threading.Thread(target=self._loop, name="batching", daemon=True)
+      self._thread.start()
 
-  def submit(self, job: Job) -> concurrent.futures.Future:
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    self._queue.put((job, future))
-    return future
+  def submit(self, job: Job) -> Stream:
+    stream = Stream()
+    self._queue.put((job, stream))
+    return stream
 
   def close(self) -> None:
+    """Stops the thread; requests still waiting or decoding fail with RuntimeError."""
     self._queue.put(None)
-    self._thread.join()
-
-  def _take(self) -> list | None:
-    first = self._queue.get()
-    if first is None:
-      return None
-    taken = [first]
-    deadline = time.monotonic() + self._wait_s
-    while len(taken) < self.max_batch:
+    if self._thread is not None:
+      self._thread.join()
+    while True:
       try:
-        item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+        item = self._queue.get_nowait()
+      except queue.Empty:
+        return
+      if item is not None:
+        item[1]._finish(None, RuntimeError("the server is shutting down"))
+
+  def run_once(self, block: bool = False) -> bool:
+    """Admits waiting requests into free rows, then runs one decode step of the busy rows.
+    `block`: wait for a request when none is decoding. False once `close` was called."""
+    free = [i for i, row in enumerate(self._rows) if row is None]
+    taken = self._take(len(free), block and len(free) == self.max_batch)
+    if taken is None:
+      self._fail_all(RuntimeError("the server is shutting down"))
+      return False
+    if taken:
+      self._admit(list(zip(free, taken)))
+    if any(self._rows):
+      self._decode()
+    return True
+
+  def _loop(self) -> None:
+    while self.run_once(block=True):
+      pass
+
+  def _take(self, room: int, block: bool) -> list | None:
+    """Up to `room` waiting (job, stream) pairs; None when closed."""
+    taken = []
+    while len(taken) < room:
+      try:
+        item = self._queue.get(block=block and not taken)
       except queue.Empty:
         break
       if item is None:
-        self._queue.put(None)
-        break
+        for job_stream in taken:
+          job_stream[1]._finish(None, RuntimeError("the server is shutting down"))
+        return None
       taken.append(item)
     return taken
 
-  def _loop(self) -> None:
-    while (taken := self._take()) is not None:
-      jobs = [job for job, _ in taken]
-      for group in group_by_image(jobs):
-        self._key, key = jax.random.split(self._key)
-        self.batch_sizes.append(len(group))
-        try:
-          completions = self._run([jobs[i] for i in group], key)
-        except Exception as e:  # pylint: disable=broad-except  (handed to the waiting request)
-          for i in group:
-            taken[i][1].set_exception(e)
-          continue
-        for i, completion in zip(group, completions):
-          taken[i][1].set_result(completion)
+  def _resize(self, length: int = 0) -> None:
+    """Fits the cache to the busy rows (a power of two covering the highest) and to at
+    least `length` positions; drops it when no row is busy."""
+    busy = [i for i, row in enumerate(self._rows) if row is not None]
+    if not busy:
+      self._cache = None
+      return
+    rows = slots.power_of_two(busy[-1] + 1)
+    have = (0, 0) if self._cache is None else self._cache["k"].shape[1:3]
+    length = max(length, have[1])
+    if (rows, length) != tuple(have):
+      self._cache = slots.resize(self.served.model, self.served.params, self._cache, rows,
+                                 length)
+
+  def _admit(self, placed: list[tuple[int, tuple[Job, Stream]]]) -> None:
+    """Prefills the new requests (one call per image / no-image group) into their rows."""
+    running = any(self._rows)
+    jobs = [job for _, (job, _) in placed]
+    try:
+      prefilled = []
+      for with_image in (True, False):
+        group = [(i, js) for i, js in placed if (js[0].pixels is not None) == with_image]
+        if group:
+          prefilled.append((group, *self._prefill([job for _, (job, _) in group])))
+      for i, (job, stream) in placed:
+        self._rows[i] = _Row(job, stream, AnswerText(self.served.decode, self._eos_id,
+                                                     job.max_tokens, job.stop),
+                             token=self._pad_id, position=len(job.prompt_ids))
+      self._resize(slots.cache_length(max(len(r.job.prompt_ids) + r.job.max_tokens
+                                           for r in self._rows if r)))
+      for group, first, cache in prefilled:
+        rows = [i for i, _ in group]
+        self._cache = slots.insert(self._cache, np.array(
+            rows + [rows[0]] * (len(first) - len(rows)), np.int32), cache)
+        for i, token in zip(rows, first):
+          self._rows[i].token = token
+          self._record(i, token)
+    except Exception as e:  # pylint: disable=broad-except  (handed to the waiting requests)
+      for _, (_, stream) in placed:
+        stream._finish(None, e)
+      self._fail_all(e)
+      return
+    self.stats.joined_running += len(jobs) if running else 0
+
+  def _prefill(self, jobs: list[Job]) -> tuple[list[int], dict]:
+    """-> (first tokens, one per request of the padded batch; their cache)."""
+    rows = slots.power_of_two(len(jobs))
+    ids, mask, image_mask = slots.prompt_arrays([j.prompt_ids for j in jobs], rows,
+                                                self._patch_id, self._pad_id)
+    padded = jobs + [jobs[0]] * (rows - len(jobs))
+    pixels = np.stack([j.pixels for j in padded]) if jobs[0].pixels is not None else None
+    first, cache, self._key = slots.prefill(
+        self.served.model, self.served.params, ids, mask, image_mask, pixels, self._key,
+        np.array([j.temperature for j in padded], np.float32),
+        np.array([j.top_p for j in padded], np.float32))
+    return np.asarray(first).tolist(), cache
+
+  def _decode(self) -> None:
+    rows = self._rows[:self._cache["k"].shape[1]]
+    column = lambda value, idle, dtype: np.array([value(r) if r else idle for r in rows],
+                                                 dtype)
+    try:
+      tokens, self._cache, self._key = slots.step(
+          self.served.model, self.served.params, self._cache,
+          column(lambda r: r.token, self._pad_id, np.int32),
+          column(lambda r: r.position, 0, np.int32), self._key,
+          column(lambda r: r.job.temperature, 0.0, np.float32),
+          column(lambda r: r.job.top_p, 1.0, np.float32))
+      tokens = np.asarray(tokens).tolist()
+    except Exception as e:  # pylint: disable=broad-except  (handed to the decoding requests)
+      self._fail_all(e)
+      return
+    self.stats.steps += 1
+    self.stats.row_steps += sum(r is not None for r in rows)
+    for i, row in enumerate(rows):
+      if row is not None:
+        row.token, row.position = tokens[i], row.position + 1
+        self._record(i, tokens[i])
+    self._resize()
+
+  def _record(self, i: int, token: int) -> None:
+    """Row i drew `token`: streams what is settled; frees the row when the answer is final."""
+    row = self._rows[i]
+    row.answer.add(token)
+    piece = row.answer.new_text()
+    if piece:
+      row.stream._put(Chunk(piece, len(row.answer.tokens)))
+    if row.answer.finish_reason is not None:
+      row.stream._finish(Completion(row.answer.text, row.answer.finish_reason,
+                                    len(row.job.prompt_ids), len(row.answer.tokens)))
+      self._rows[i] = None
+
+  def _fail_all(self, error: BaseException) -> None:
+    """Fails every decoding request and drops the cache (a failed call may have consumed it)."""
+    for i, row in enumerate(self._rows):
+      if row is not None:
+        row.stream._finish(None, error)
+        self._rows[i] = None
+    self._cache = None
+

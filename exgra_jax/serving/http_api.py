@@ -1,22 +1,21 @@
-"""The HTTP layer: OpenAI-compatible routes over a `BatchingEngine` (standard library only).
+"""The HTTP layer: OpenAI-compatible routes over an `Engine` (standard library only).
 
 Routes: `POST /v1/chat/completions` (JSON, or server-sent events with `stream: true`),
 `GET /v1/models`, `GET /health` and the chat page at `/` (static/index.html, shipped
 with the package). Every refused request is a 4xx with an OpenAI-style JSON error
 (`{"error": {"message", "type", "code"}}`) and the server keeps serving; a failure in
-generation is a 500 for the requests of that batch only.
+generation is a 500 for the requests being decoded with it.
 
-Streaming: the answer is generated as a whole (one batched generation) and then sent as
-SSE chunks, one per word with its leading whitespace; the chunks concatenate to exactly
-the non-streamed answer. (Token-by-token streaming would cut the batched decode loop into
-host round trips; see docs/serve.md.)
+Streaming: each piece of the answer is sent as a server-sent event as soon as the engine
+settles it (usually one per generated token; serving/answer.py says which text is held
+back); the pieces concatenate to exactly the non-streamed answer.
 """
 from __future__ import annotations
 
 import http.server
 import importlib.resources
+import itertools
 import json
-import re
 import threading
 import time
 import uuid
@@ -40,23 +39,25 @@ def completion_body(completion: engine_lib.Completion, model: str, request_id: s
                     "total_tokens": completion.prompt_tokens + completion.completion_tokens}}
 
 
-def word_chunks(text: str) -> list[str]:
-  """The pieces an answer is streamed in: each word with the whitespace before it."""
-  return re.findall(r"\s*\S+|\s+$", text)
+def chunk_body(delta: dict[str, str], model: str, request_id: str, created: int,
+               finish_reason: str | None = None) -> dict[str, Any]:
+  """One `chat.completion.chunk` object of a streamed answer."""
+  return {"id": request_id, "object": "chat.completion.chunk", "created": created,
+          "model": model, "choices": [{"index": 0, "delta": delta,
+                                       "finish_reason": finish_reason}]}
 
 
-def stream_chunks(completion: engine_lib.Completion, model: str, request_id: str,
-                  created: int) -> Iterator[dict[str, Any]]:
-  """The `chat.completion.chunk` objects of an answer: the role, one chunk per word (with
-  its leading whitespace), then the finish reason."""
-  def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
-    return {"id": request_id, "object": "chat.completion.chunk", "created": created,
-            "model": model, "choices": [{"index": 0, "delta": delta,
-                                         "finish_reason": finish_reason}]}
-  yield chunk({"role": "assistant", "content": ""})
-  for word in word_chunks(completion.text):
-    yield chunk({"content": word})
-  yield chunk({}, completion.finish_reason)
+def stream_events(stream: engine_lib.Stream, model: str, request_id: str, created: int,
+                  timeout_s: float) -> Iterator[dict[str, Any]]:
+  """The chunks of an answer as the engine settles them: the role, one chunk per piece
+  of text, then the finish reason. Raises what generation raised (before the role chunk
+  when generation fails before its first piece)."""
+  pieces = stream.chunks(timeout_s)
+  first = next(pieces, None)  # so that a failed prefill is an HTTP error, not a stream
+  yield chunk_body({"role": "assistant", "content": ""}, model, request_id, created)
+  for piece in ([] if first is None else itertools.chain([first], pieces)):
+    yield chunk_body({"content": piece.text}, model, request_id, created)
+  yield chunk_body({}, model, request_id, created, stream.result().finish_reason)
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -65,7 +66,7 @@ class Server(http.server.ThreadingHTTPServer):
   request_queue_size = 128  # listen backlog; the default 5 drops bursts of clients (1 s retries)
 
   def __init__(self, address: tuple[str, int], served: engine_lib.ServedModel,
-               engine: engine_lib.BatchingEngine, *, limits: Limits,
+               engine: engine_lib.Engine, *, limits: Limits,
                image_root: str | None, timeout_s: float = 600.0):
     super().__init__(address, Handler)
     self.served, self.engine, self.limits = served, engine, limits
@@ -125,16 +126,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
     except RequestError as e:
       self._error(e.status, e.code, str(e))
       return
+    stream = self.server.engine.submit(job)
+    name, request_id, created = (self.server.served.name, f"chatcmpl-{uuid.uuid4().hex}",
+                                 int(time.time()))
     try:
-      completion = self.server.engine.submit(job).result(timeout=self.server.timeout_s)
+      if request.stream:
+        self._stream(stream_events(stream, name, request_id, created, self.server.timeout_s))
+      else:
+        completion = stream.result(timeout=self.server.timeout_s)
+        self._json(200, completion_body(completion, name, request_id, created))
     except Exception as e:  # pylint: disable=broad-except  (reported to this client only)
       self._error(500, "generation_failed", f"generation failed: {type(e).__name__}: {e}")
-      return
-    request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    if request.stream:
-      self._stream(stream_chunks(completion, self.server.served.name, request_id, created))
-    else:
-      self._json(200, completion_body(completion, self.server.served.name, request_id, created))
 
   def _body(self) -> bytes:
     length = self.headers.get("Content-Length")
@@ -145,17 +147,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
                          f"request body over {self.server.max_body} bytes")
     return self.rfile.read(int(length))
 
-  def _stream(self, chunks: Iterator[dict[str, Any]]) -> None:
+  def _stream(self, events: Iterator[dict[str, Any]]) -> None:
+    """Server-sent events; the status line waits for the first event, so that a request
+    whose generation fails at once gets a 500. A failure later ends the stream with an
+    OpenAI-style error event."""
+    first = next(events)
     self.send_response(200)
     self.send_header("Content-Type", "text/event-stream")
     self.send_header("Cache-Control", "no-cache")
     self.send_header("Connection", "close")
     self.end_headers()
-    try:
-      for chunk in chunks:
-        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        self.wfile.flush()
-      self.wfile.write(b"data: [DONE]\n\n")
-    except (BrokenPipeError, ConnectionResetError):
-      pass  # the client went away; nothing to tell it
     self.close_connection = True
+    try:
+      for event in itertools.chain([first], events):
+        self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+        self.wfile.flush()
+    except (BrokenPipeError, ConnectionResetError):
+      return  # the client went away; nothing to tell it
+    except Exception as e:  # pylint: disable=broad-except  (reported in the stream)
+      error = {"message": f"generation failed: {type(e).__name__}: {e}",
+               "type": "server_error", "code": "generation_failed"}
+      self.wfile.write(f"data: {json.dumps({'error': error})}\n\n".encode())
+    self.wfile.write(b"data: [DONE]\n\n")
