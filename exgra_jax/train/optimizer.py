@@ -41,6 +41,12 @@ def trainable_labels(params: Any, trainable: str) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def frozen_leaves(params: Any, trainable: str) -> Any:
+  """Tree of bools, True where `trainable_labels` says "frozen" (no gradient is taken)."""
+  return jax.tree_util.tree_map(lambda label: label == "frozen",
+                                trainable_labels(params, trainable))
+
+
 def mask_token_rows(new_token_ids: Sequence[int]) -> optax.GradientTransformation:
   """Zeroes the embedding rows / LM-head columns of every token not in `new_token_ids`.
 

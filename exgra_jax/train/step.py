@@ -14,6 +14,9 @@ Loss semantics (identical for any number of micro-batches M):
   in `text_mode` (config.align.text_mode), whose `release` padding spans a group.
 - total = LM + alpha * alignment. A non-finite loss or gradient norm leaves params and
   optimizer state unchanged and increments `skipped`.
+- Gradients are taken for the trainable leaves only (`frozen` marks the others): stage 1
+  would otherwise back-propagate into every LM weight and accumulate 7 B gradients only for
+  the optimizer to discard them. `grad_norm` is the norm of the trainable gradients.
 """
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +32,24 @@ from exgra_jax.train.state import TrainState
 IGNORE_INDEX = -100
 # (gnn_params, f_image, f_short, f_long [G, g, d], key) -> (mean loss over G groups, aux)
 AlignFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]]
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def partition(params: Any, frozen: Any) -> tuple[Any, Any]:
+  """(trainable, fixed): `params` split by the boolean tree `frozen`, None in the other's
+  place, so that `combine(trainable, fixed)` rebuilds it and gradients see only one side."""
+  trainable = jax.tree_util.tree_map(lambda f, p: None if f else p, frozen, params)
+  fixed = jax.tree_util.tree_map(lambda f, p: p if f else None, frozen, params)
+  return trainable, fixed
+
+
+def combine(first: Any, second: Any) -> Any:
+  """Leaf-wise the one of two partitioned trees that is not None."""
+  return jax.tree_util.tree_map(lambda a, b: b if a is None else a, first, second,
+                                is_leaf=_is_none)
 
 
 def model_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -103,14 +124,24 @@ def make_loss_fn(model: nn.Module, *, align_fn: AlignFn | None = None, alpha: fl
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     *, micro_batches: int = 1, align_fn: AlignFn | None = None,
-                    alpha: float = 0.0, group_size: int = 0, text_mode: str = "default"
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """A pure `step(state, batch) -> (state, metrics)`; jit it with the state's shardings."""
+                    alpha: float = 0.0, group_size: int = 0, text_mode: str = "default",
+                    frozen: Any = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """A pure `step(state, batch) -> (state, metrics)`; jit it with the state's shardings.
+
+  frozen: a tree of bools shaped like the params (True: the optimizer never moves the leaf,
+  see `optimizer.trainable_labels`); None: every leaf is trained.
+  """
   loss_fn = make_loss_fn(model, align_fn=align_fn, alpha=alpha, group_size=group_size,
                          text_mode=text_mode)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def trainable_loss(trainable, fixed, mb, token_count, group_count, key):
+    return loss_fn(combine(trainable, fixed), mb, token_count, group_count, key)
+  grad_fn = jax.value_and_grad(trainable_loss, has_aux=True)
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+    flags = frozen if frozen is not None else jax.tree_util.tree_map(lambda _: False,
+                                                                      state.params)
+    trainable, fixed = partition(state.params, flags)
     global_size = batch["input_ids"].shape[0]
     token_count = jnp.maximum(
         supervised_token_mask(batch["labels"], batch["sample_weight"]).sum(), 1
@@ -123,13 +154,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     def accumulate(carry, xs):
       grads, loss, parts = carry
       index, mb = xs
-      (l, p), g = grad_fn(state.params, mb, token_count, group_count,
+      (l, p), g = grad_fn(trainable, fixed, mb, token_count, group_count,
                           jax.random.fold_in(step_key, index))
       grads = jax.tree_util.tree_map(jnp.add, grads, g)
       parts = jax.tree_util.tree_map(jnp.add, parts, p)
       return (grads, loss + l, parts), None
 
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
     first = jax.tree_util.tree_map(lambda v: v[0], micro)
     parts_shape = jax.eval_shape(loss_fn, state.params, first, token_count, group_count,
                                  step_key)[1]
@@ -137,8 +168,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     (grads, loss, parts), _ = jax.lax.scan(
         accumulate, (zeros, jnp.zeros((), jnp.float32), zero_parts),
         (jnp.arange(micro_batches), micro))
-    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, trainable)
     grad_norm = optax.tree.norm(grads)
+    # The optimizer zeroes the updates of frozen leaves whatever their gradient.
+    grads = combine(grads, jax.tree_util.tree_map(jnp.zeros_like, fixed))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
