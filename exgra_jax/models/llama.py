@@ -8,7 +8,8 @@ Same math as transformers' `LlamaForCausalLM` (parity-tested at 1e-4 in fp32). D
   of each sample, and every slot <= position holds a real token (prompt or generated),
   so shapes stay fixed while decoding one token per step;
 - without a cache, the attention is `cfg.attention` (`causal_attention`: xla | splash |
-  cudnn, models/attention.py); with one (prefill, one-token decode) it is always `attend`;
+  cudnn, models/attention.py); with one (prefill, one-token decode) it is always `attend`,
+  on the cache's own [B, kv_heads, S, head_dim] layout (no transposed copy per step);
 - optional `nn.scan` over layers (one compiled layer, params stacked on a `layers` axis)
   and rematerialisation (none / full / dots) from the config;
 - logical axis names on every parameter and on the main activations (configs/base.py);
@@ -31,7 +32,7 @@ from exgra_jax.models.dense import DenseGeneral
 from exgra_jax.models.rope import apply_rope, rope_cos_sin
 
 _INIT = nn.initializers.normal(0.02)
-Cache = dict[str, jax.Array]  # {"k", "v"}: [layers, B, S, kv_heads, head_dim]
+Cache = dict[str, jax.Array]  # {"k", "v"}: [layers, B, kv_heads, S, head_dim]
 CAUSAL_BLOCK = 128  # query block of the causal attention (fastest of 64..256 on CPU at T=512)
 _REMAT_POLICIES = {
     "full": None,
@@ -141,10 +142,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, causal:
   the scores is what bounds attention on CPU). The backward is hand-written
   (`_grouped_attention_bwd`); the forward is the plain masked softmax.
   """
+  return attend_kv_major(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask,
+                         causal=causal)
+
+
+def attend_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                    causal: bool) -> jax.Array:
+  """`attend` with k / v [B, KV, S, hd], the KV cache's layout (no transposed copy of the
+  cache per decode step)."""
   batch, length, heads, hd = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[1]
   q = q.reshape(batch, length, kv_heads, heads // kv_heads, hd).transpose(0, 2, 3, 1, 4)
-  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   out = _grouped_attention(q, k, v, mask, _query_blocks(length, k.shape[2], causal))
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, hd)
 
@@ -168,6 +176,18 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   return jnp.where(sees_a_key[:, :, None, None], out, 0)
 
 
+def _write_cache(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+  """buffer [B, KV, S, hd] with new [B, T, KV, hd] at positions start[b] .. + T - 1.
+
+  One token (a decode step) is a scatter of B rows, which XLA updates in place; longer
+  writes (prefill) are a per-sample dynamic-update-slice."""
+  new = new.transpose(0, 2, 1, 3)
+  if new.shape[2] == 1:
+    return buffer.at[jnp.arange(buffer.shape[0]), :, start].set(new[:, :, 0])
+  write = jax.vmap(lambda buf, rows, i: jax.lax.dynamic_update_slice(buf, rows, (0, i, 0)))
+  return write(buffer, new, start)
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention; kv_heads < heads shares each K/V head with a group."""
   cfg: LlmConfig
@@ -189,15 +209,12 @@ class Attention(nn.Module):
                                    ("batch", "length", "heads", "head_dim"))
     k = nn.with_logical_constraint(apply_rope(k, cos, sin),
                                    ("batch", "length", "kv_heads", "head_dim"))
-    if cache is not None:
-      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (i, 0, 0)))
-      k = write(cache[0], k.astype(cache[0].dtype), write_index)
-      v = write(cache[1], v.astype(cache[1].dtype), write_index)
-      cache = (k, v)
     if cache is None:
       out = causal_attention(q, k, v, mask, attention_lib.resolve(c.attention, c.dtype))
     else:
-      out = attend(q, k, v, mask, causal=False)
+      cache = tuple(_write_cache(buffer, new.astype(buffer.dtype), write_index)
+                    for buffer, new in zip(cache, (k, v)))
+      out = attend_kv_major(q, *cache, mask, causal=False)
     if query_mask is not None:  # [B, T] bool: False rows output nothing (flash's unpad / pad)
       out = jnp.where(query_mask[:, :, None, None], out, 0)
     out = _dense(c.hidden_size, ("heads", "head_dim", "embed"), c, "o_proj", axis=(-2, -1))(
@@ -240,7 +257,7 @@ class DecoderLayer(nn.Module):
 
 def init_cache(cfg: LlmConfig, batch: int, length: int) -> Cache:
   """Zeroed KV cache for `length` positions (prompt + new tokens), compute dtype."""
-  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.resolved_head_dim)
   return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
 
 
@@ -297,7 +314,7 @@ class Llama(nn.Module):
     if cache is None:
       key_mask = attention_mask
     else:
-      key_mask = jnp.ones(cache["k"].shape[1:3], bool)
+      key_mask = jnp.ones((cache["k"].shape[1], cache["k"].shape[3]), bool)
     mask = attention_mask_for(positions, key_mask)
     query_mask = None if padding_attends else attention_mask.astype(bool)
     cos, sin = rope_cos_sin(c, positions)

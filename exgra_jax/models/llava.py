@@ -130,8 +130,8 @@ class LlavaModel(nn.Module):
     token of sample b goes to position lengths[b].
     """
     _check_tokens(input_ids, attention_mask, image_mask)
-    if cache["k"].shape[2] < input_ids.shape[1]:
-      raise ValueError(f"cache holds {cache['k'].shape[2]} positions, prompt has "
+    if cache["k"].shape[3] < input_ids.shape[1]:
+      raise ValueError(f"cache holds {cache['k'].shape[3]} positions, prompt has "
                        f"{input_ids.shape[1]}")
     embeds, _ = self._embed(input_ids, image_mask, pixel_values)
     hidden, cache = self.llm.hidden_states(embeds, attention_mask, cache=cache)

@@ -265,9 +265,10 @@ class Engine:
       self._cache = None
       return
     rows = slots.power_of_two(busy[-1] + 1)
-    have = (0, 0) if self._cache is None else self._cache["k"].shape[1:3]
+    have = (0, 0) if self._cache is None else (self._cache["k"].shape[1],
+                                                self._cache["k"].shape[3])
     length = max(length, have[1])
-    if (rows, length) != tuple(have):
+    if (rows, length) != have:
       self._cache = slots.resize(self.served.model, self.served.params, self._cache, rows,
                                  length)
 

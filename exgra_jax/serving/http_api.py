@@ -12,6 +12,7 @@ back); the pieces concatenate to exactly the non-streamed answer.
 """
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import importlib.resources
 import itertools
@@ -107,7 +108,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
       page = importlib.resources.files("exgra_jax.serving").joinpath("static", _PAGE)
       self._send(200, page.read_bytes(), "text/html; charset=utf-8")
     elif path == "/health":
-      self._json(200, {"status": "ok", "model": self.server.served.name})
+      self._json(200, {"status": "ok", "model": self.server.served.name,
+                       "engine": dataclasses.asdict(self.server.engine.stats)})
     elif path == "/v1/models":
       self._json(200, {"object": "list", "data": [
           {"id": self.server.served.name, "object": "model", "created": 0,

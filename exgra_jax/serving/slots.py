@@ -7,7 +7,7 @@ step advances all rows together; a finished row is simply overwritten by the nex
 request's prefill, which joins at the next step. Rows without a request decode a
 harmless pad token at position 0.
 
-Shapes, rounded so that little compiles: the cache is [layers, rows, length, kv_heads,
+Shapes, rounded so that little compiles: the cache is [layers, rows, kv_heads, length,
 head_dim] with `rows` a power of two that covers the highest busy row (a step costs in
 proportion to its rows: one request alone does not pay for sixteen) and `length` a
 multiple of 64 that holds every request in it (`resize` adjusts both between steps). A
@@ -55,8 +55,8 @@ def resize(model: LlavaModel, params, cache: Cache | None, rows: int, length: in
   """
   if cache is None:
     return like_params(params, init_cache(model.cfg.llm, rows, length))
-  have_rows, have_length = cache["k"].shape[1:3]
-  pad = ((0, 0), (0, max(rows - have_rows, 0)), (0, length - have_length), (0, 0), (0, 0))
+  have_rows, have_length = cache["k"].shape[1], cache["k"].shape[3]
+  pad = ((0, 0), (0, max(rows - have_rows, 0)), (0, 0), (0, length - have_length), (0, 0))
   return {name: jnp.pad(buffer[:, :rows], pad) for name, buffer in cache.items()}
 
 
@@ -65,7 +65,7 @@ def prefill(model: LlavaModel, params, input_ids: jax.Array, attention_mask: jax
             image_mask: jax.Array, pixel_values: jax.Array | None, key: jax.Array,
             temperature: jax.Array, top_p: jax.Array) -> tuple[jax.Array, Cache, jax.Array]:
   """Right-padded prompts [n, T] (images [n, S, S, 3] or None) -> (each prompt's first new
-  token [n], their cache [layers, n, T, ...] for `insert`, the next key)."""
+  token [n], their cache for `insert`, the next key)."""
   key, draw = jax.random.split(key)
   logits, cache, _ = model.apply({"params": params}, input_ids, attention_mask, image_mask,
                                  pixel_values,
@@ -76,14 +76,15 @@ def prefill(model: LlavaModel, params, input_ids: jax.Array, attention_mask: jax
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def insert(cache: Cache, rows: jax.Array, new: Cache) -> Cache:
-  """Prefilled caches [layers, n, T, ...] into rows `rows` [n] of `cache` [layers, R, L, ...],
+  """Prefilled caches [layers, n, kv_heads, T, head_dim] into rows `rows` [n] of `cache`
+  [layers, R, kv_heads, L, head_dim],
   positions < min(T, L) (beyond a prompt's length only its padding, which decoding
   overwrites; the cache holds every prompt's length + max_tokens).
 
   Positions >= T keep an earlier request's values, which are never attended: a row
   attends only to positions <= its own."""
-  length = min(new["k"].shape[2], cache["k"].shape[2])
-  return {name: cache[name].at[:, rows, :length].set(new[name][:, :, :length])
+  length = min(new["k"].shape[3], cache["k"].shape[3])
+  return {name: cache[name].at[:, rows, :, :length].set(new[name][:, :, :, :length])
           for name in cache}
 
 
