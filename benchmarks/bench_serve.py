@@ -6,16 +6,20 @@ Why: the server decodes concurrent requests together (continuous batching,
 serving/engine.py); this measures what that buys. Every client asks the same question
 about a different demo image with greedy decoding, so all requests have the same prompt
 length (one compiled program for predict) and the server's answers are the predict
-answers (their token counts are used for both). The server is its own process, as it is
-deployed (clients in the server's process would share its interpreter lock); bursts of
-1, 2, 4, ... max_batch requests compile its programs before timing, and each setting
-runs once untimed first. Reports tokens/s,
-requests/s, latency p50 / p95 and the mean rows per decode step per setting, and each
-setting's tokens/s over the sequential one (target: 16 clients >= 4x; docs/serve.md has
-the numbers).
+answers (their token counts are used for both). Settings:
+- sequential predict: every request in turn, run before and after the servers (as one
+  baseline, so that a change in the machine's load weighs on both sides);
+- engine alone: every request submitted at once to an engine in this process (no HTTP,
+  images already decoded): the batching alone;
+- N clients, steps S: a server process with --decode_steps=S (as deployed: clients in the
+  server's process would share its interpreter lock); bursts of 1, 2, 4, ... max_batch
+  requests compile its programs before timing, and each setting runs once untimed first.
+Reports tokens/s, requests/s, latency p50 / p95, the mean busy rows per decode step and
+tokens/s over the sequential baseline (target: 16 clients >= 4x; docs/serve.md has the
+numbers), then the time of one decode step of 1 and max_batch rows.
 
     python -m benchmarks.bench_serve [--model=DIR --image_dir=DIR --template=simple]
-        [--requests=32] [--max_tokens=32]
+        [--requests=32] [--max_tokens=32] [--decode_steps=1,8]
 
 Without --model: a tiny random model and the small demo world in a temporary directory.
 """
@@ -53,6 +57,7 @@ flags.DEFINE_integer("requests", 32, "Requests per setting.")
 flags.DEFINE_integer("max_tokens", 32, "Answer length (tokens).")
 flags.DEFINE_integer("max_batch", 16, "Server's --max_batch.")
 flags.DEFINE_list("clients", ["1", "4", "16"], "Concurrent clients per setting.")
+flags.DEFINE_list("decode_steps", ["1", "8"], "Server's --decode_steps (one server each).")
 
 QUESTION = "What is shown in this image?"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,12 +135,33 @@ def _step_ms(served: engine_lib.ServedModel, rows: int, length: int) -> float:
   return best
 
 
-def _start_server(model_dir: str, image_dir: str) -> tuple[subprocess.Popen, str]:
+def _engine_alone(served: engine_lib.ServedModel, jobs: list[engine_lib.Job],
+                  decode_steps: int) -> dict:
+  """All jobs submitted at once to an engine in this process (no HTTP): what batching
+  gives when nothing else competes for the interpreter."""
+  engine = engine_lib.Engine(served, FLAGS.max_batch, decode_steps=decode_steps)
+  try:
+    for _ in range(2):  # the first compiles
+      start = time.perf_counter()
+      streams = [(time.perf_counter(), engine.submit(job)) for job in jobs]
+      completions = [(stream.result(), time.perf_counter() - began)
+                     for began, stream in streams]
+      wall = time.perf_counter() - start
+  finally:
+    engine.close()
+  return {**_summary(wall, [latency for _, latency in completions],
+                     sum(c.completion_tokens for c, _ in completions)),
+          "mean_rows": engine.stats.row_steps / engine.stats.steps}
+
+
+def _start_server(model_dir: str, image_dir: str, decode_steps: int
+                  ) -> tuple[subprocess.Popen, str]:
   """`python -m exgra_jax.serve` on a free port -> (process, base URL)."""
   process = subprocess.Popen(
       [sys.executable, "-m", "exgra_jax.serve", f"--model={model_dir}", "--port=0",
        f"--template={FLAGS.template}", f"--image_root={image_dir}",
-       f"--max_batch={FLAGS.max_batch}", f"--max_tokens={FLAGS.max_tokens}"],
+       f"--max_batch={FLAGS.max_batch}", f"--max_tokens={FLAGS.max_tokens}",
+       f"--decode_steps={decode_steps}"],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   line = process.stdout.readline()
   found = re.search(r"http://127\.0\.0\.1:\d+", line)
@@ -155,44 +181,54 @@ def main(argv):
     images = [names[i % len(names)] for i in range(FLAGS.requests)]
     served = engine_lib.load_model(model_dir, template=FLAGS.template,
                                    default_max_tokens=FLAGS.max_tokens)
-    process, base = _start_server(model_dir, image_dir)
-    try:
-      burst = 1
-      while burst <= FLAGS.max_batch:  # compiles the prefill of each size
-        _burst(base, images[:burst], burst)
-        burst *= 2
-      tokens = [_request(base, image)[1] for image in images]
 
-      def predict(image: str) -> str:
-        return single_question.answer_question(
-            served.model, served.params, served.tokenizer, os.path.join(image_dir, image),
-            QUESTION, template=FLAGS.template, max_new_tokens=FLAGS.max_tokens)
-      predict(images[0])  # compilation
+    def predict_all() -> tuple[float, list[float]]:
       latencies = []
       start = time.perf_counter()
       for image in images:
         began = time.perf_counter()
-        predict(image)
+        single_question.answer_question(
+            served.model, served.params, served.tokenizer, os.path.join(image_dir, image),
+            QUESTION, template=FLAGS.template, max_new_tokens=FLAGS.max_tokens)
         latencies.append(time.perf_counter() - began)
-      results = {"sequential predict": _summary(time.perf_counter() - start, latencies,
-                                                sum(tokens))}
-      for clients in map(int, FLAGS.clients):
-        _concurrent(base, images, clients)  # untimed: warms this setting
-        results[f"{clients} concurrent clients"] = _concurrent(base, images, clients)
-    finally:
-      process.terminate()
-      process.wait(timeout=60)
-    with open(os.path.join(image_dir, images[0]), "rb") as f:
-      request = Conversation(f.read()).request(QUESTION, max_tokens=FLAGS.max_tokens)
-    job = engine_lib.prepare(request, served, Limits())
-    length = slots.cache_length(len(job.prompt_ids) + FLAGS.max_tokens)
+      return time.perf_counter() - start, latencies
+
+    predict_all()  # compilation
+    before = predict_all()
+    results, tokens = {}, None
+    jobs = []
+    for image in images:
+      with open(os.path.join(image_dir, image), "rb") as f:
+        request = Conversation(f.read()).request(QUESTION, max_tokens=FLAGS.max_tokens)
+      jobs.append(engine_lib.prepare(request, served, Limits()))
+    for decode_steps in map(int, FLAGS.decode_steps):
+      results[f"engine alone, steps {decode_steps}"] = _engine_alone(served, jobs, decode_steps)
+      process, base = _start_server(model_dir, image_dir, decode_steps)
+      try:
+        burst = 1
+        while burst <= FLAGS.max_batch:  # compiles the prefill of each size
+          _burst(base, images[:burst], burst)
+          burst *= 2
+        tokens = tokens or sum(_request(base, image)[1] for image in images)
+        for clients in map(int, FLAGS.clients):
+          _concurrent(base, images, clients)  # untimed: warms this setting
+          results[f"{clients} clients, steps {decode_steps}"] = _concurrent(base, images,
+                                                                            clients)
+      finally:
+        process.terminate()
+        process.wait(timeout=60)
+    after = predict_all()
+    # The baseline: both sequential runs (before and after the servers) as one.
+    results = {"sequential predict": _summary(before[0] + after[0], before[1] + after[1],
+                                              2 * tokens), **results}
+    length = slots.cache_length(len(jobs[0].prompt_ids) + FLAGS.max_tokens)
     steps = {rows: _step_ms(served, rows, length) for rows in (1, FLAGS.max_batch)}
   sequential = results["sequential predict"]["tokens_per_s"]
   print(f"{FLAGS.requests} requests of {FLAGS.max_tokens} tokens, {jax.devices()[0].platform}")
-  print(f"{'setting':24s} {'tokens/s':>9s} {'req/s':>7s} {'p50 s':>7s} {'p95 s':>7s} "
+  print(f"{'setting':26s} {'tokens/s':>9s} {'req/s':>7s} {'p50 s':>7s} {'p95 s':>7s} "
         f"{'rows':>6s} {'x sequential':>12s}")
   for name, r in results.items():
-    print(f"{name:24s} {r['tokens_per_s']:9.1f} {r['requests_per_s']:7.2f} {r['p50_s']:7.3f} "
+    print(f"{name:26s} {r['tokens_per_s']:9.1f} {r['requests_per_s']:7.2f} {r['p50_s']:7.3f} "
           f"{r['p95_s']:7.3f} {r.get('mean_rows', 1):6.1f} {r['tokens_per_s'] / sequential:12.2f}")
   print(f"decode step of {length} cache positions: " + ", ".join(
       f"{rows} rows {ms:.2f} ms" for rows, ms in steps.items()))

@@ -1,7 +1,7 @@
 r"""Serve a model over an OpenAI-compatible HTTP API, with a chat page at `/`.
 
     python -m exgra_jax.serve --model=workdir/checkpoints/finetune_best \
-        [--host=127.0.0.1] [--port=8000] [--image_root=DIR] [--max_batch=16]
+        [--host=127.0.0.1] [--port=8000] [--image_root=DIR] [--max_batch=16] [--decode_steps=1]
 
 `--model` is anything `weights.checkpoints.load` reads (train checkpoint, params-only
 checkpoint, Hugging Face directory). Binds to 127.0.0.1 unless `--host` says otherwise:
@@ -25,6 +25,9 @@ _IMAGE_ROOT = flags.DEFINE_string("image_root", None,
                                   "Directory whose files requests may name as image paths "
                                   "(default: none; images come as data: URLs).")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Most requests decoded together (cache rows).")
+_DECODE_STEPS = flags.DEFINE_integer(
+    "decode_steps", 1, "Decode steps per host round trip: 1 = requests stream, join and "
+    "leave at every token; N > 1 = every N tokens, with N times fewer synchronisations.")
 _TEMPLATE = flags.DEFINE_enum("template", "simple", list(prompts.CHAT_TEMPLATES),
                               "Conversation template (SPEC.md 5; `train` for models that know "
                               "only the training template, e.g. the demo's tiny model).")
@@ -45,14 +48,16 @@ def main(argv):
   problems = [p for p in (configuration.path_problem("--model", _MODEL.value, "any"),
                           _IMAGE_ROOT.value and configuration.path_problem(
                               "--image_root", _IMAGE_ROOT.value, "dir"),
-                          _MAX_BATCH.value < 1 and f"--max_batch={_MAX_BATCH.value} must be >= 1")
+                          _MAX_BATCH.value < 1 and f"--max_batch={_MAX_BATCH.value} must be >= 1",
+                          _DECODE_STEPS.value < 1
+                          and f"--decode_steps={_DECODE_STEPS.value} must be >= 1")
               if p]
   if problems:
     configuration.exit_usage("\n".join(problems))
   served = engine_lib.load_model(_MODEL.value, tokenizer_dir=_TOKENIZER.value,
                                  clip_dir=_CLIP_DIR.value, name=_NAME.value,
                                  template=_TEMPLATE.value, default_max_tokens=_MAX_TOKENS.value)
-  engine = engine_lib.Engine(served, _MAX_BATCH.value)
+  engine = engine_lib.Engine(served, _MAX_BATCH.value, decode_steps=_DECODE_STEPS.value)
   limits = Limits(max_image_bytes=int(_MAX_IMAGE_MB.value * 2**20),
                   max_image_pixels=_MAX_IMAGE_PIXELS.value)
   server = http_api.Server((_HOST.value, _PORT.value), served, engine, limits=limits,

@@ -170,13 +170,15 @@ def test_stream_sends_each_piece_during_generation(server, demo_world):
   assert sent_at[0] < completion.completion_tokens
 
 
-def test_a_request_joins_a_running_batch_at_the_next_step(server, demo_world):
-  """A short request submitted while a long one decodes joins at the next step, finishes
-  first, and both answers are predict's (prompts of different lengths in one batch)."""
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_a_request_joins_a_running_batch_at_the_next_step(server, demo_world, decode_steps):
+  """A short request submitted while a long one decodes joins at the next step (the next
+  call of `decode_steps` steps), finishes first, and both answers are predict's (prompts
+  of different lengths in one batch)."""
   _, served, _ = server
   ct, mr = (os.path.join(demo_world, "images", n) for n in ("CT_small.dcm", "MR_small.dcm"))
   long_question, short_question = "Describe this image in detail.", "Which organ?"
-  engine = engine_lib.Engine(served, 4, start=False)
+  engine = engine_lib.Engine(served, 4, decode_steps=decode_steps, start=False)
   long = engine.submit(_job(served, ct, long_question, 24))
   for _ in range(3):
     engine.run_once()
@@ -190,7 +192,8 @@ def test_a_request_joins_a_running_batch_at_the_next_step(server, demo_world):
     engine.run_once()
   assert short.result().text == _predict(served, mr, short_question, 4)
   assert long.result().text == _predict(served, ct, long_question, 24)
-  assert long.result().completion_tokens == 24 and engine.stats.steps == 23
+  assert long.result().completion_tokens == 24  # prefill's token + 23 steps
+  assert engine.stats.steps == -(-23 // decode_steps) * decode_steps
 
 
 def test_sixteen_concurrent_clients_are_batched_and_correct(server, demo_world):

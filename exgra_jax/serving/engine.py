@@ -183,15 +183,19 @@ class Engine:
   prefill per image / no-image group) and then advances every row by one token.
 
   A request leaves its row as soon as its answer is final (eos, a stop string, or
-  `max_tokens`), and the next waiting one takes the row at the next step. With
-  `start=False` no thread runs and `run_once` is called by hand (tests).
+  `max_tokens`), and the next waiting one takes the row at the next step.
+  `decode_steps` > 1 runs that many steps per call (one host round trip per
+  `decode_steps` tokens: fewer synchronisations, but requests join, leave and stream
+  every `decode_steps` tokens). With `start=False` no thread runs and `run_once` is
+  called by hand (tests).
   """
 
-  def __init__(self, served: ServedModel, max_batch: int, *, seed: int = 0,
-               start: bool = True):
-    if max_batch < 1:
-      raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    self.served, self.max_batch = served, max_batch
+  def __init__(self, served: ServedModel, max_batch: int, *, decode_steps: int = 1,
+               seed: int = 0, start: bool = True):
+    if max_batch < 1 or decode_steps < 1:
+      raise ValueError(f"max_batch and decode_steps must be >= 1, got {max_batch}, "
+                       f"{decode_steps}")
+    self.served, self.max_batch, self.decode_steps = served, max_batch, decode_steps
     tokenizer = served.tokenizer
     self._patch_id = tokenizer.convert_tokens_to_ids(
         text.patch_token(served.model.cfg.image_tokens))
@@ -225,7 +229,7 @@ class Engine:
         item[1]._finish(None, RuntimeError("the server is shutting down"))
 
   def run_once(self, block: bool = False) -> bool:
-    """Admits waiting requests into free rows, then runs one decode step of the busy rows.
+    """Admits waiting requests into free rows, then runs `decode_steps` steps of the busy rows.
     `block`: wait for a request when none is decoding. False once `close` was called."""
     free = [i for i, row in enumerate(self._rows) if row is None]
     taken = self._take(len(free), block and len(free) == self.max_batch)
@@ -287,7 +291,7 @@ class Engine:
                                                      job.max_tokens, job.stop),
                              token=self._pad_id, position=len(job.prompt_ids))
       self._resize(slots.cache_length(max(len(r.job.prompt_ids) + r.job.max_tokens
-                                           for r in self._rows if r)))
+                                           for r in self._rows if r) + self.decode_steps))
       for group, first, cache in prefilled:
         rows = [i for i, _ in group]
         self._cache = slots.insert(self._cache, np.array(
@@ -325,17 +329,19 @@ class Engine:
           column(lambda r: r.token, self._pad_id, np.int32),
           column(lambda r: r.position, 0, np.int32), self._key,
           column(lambda r: r.job.temperature, 0.0, np.float32),
-          column(lambda r: r.job.top_p, 1.0, np.float32))
+          column(lambda r: r.job.top_p, 1.0, np.float32), steps=self.decode_steps)
       tokens = np.asarray(tokens).tolist()
     except Exception as e:  # pylint: disable=broad-except  (handed to the decoding requests)
       self._fail_all(e)
       return
-    self.stats.steps += 1
-    self.stats.row_steps += sum(r is not None for r in rows)
+    self.stats.steps += self.decode_steps
+    self.stats.row_steps += self.decode_steps * sum(r is not None for r in rows)
     for i, row in enumerate(rows):
-      if row is not None:
-        row.token, row.position = tokens[i], row.position + 1
-        self._record(i, tokens[i])
+      for token in tokens[i] if row is not None else ():
+        if self._rows[i] is not row:
+          break  # its answer was final: the rest of this call's tokens are dropped
+        row.token, row.position = token, row.position + 1
+        self._record(i, token)
     self._resize()
 
   def _record(self, i: int, token: int) -> None:

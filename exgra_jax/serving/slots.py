@@ -88,16 +88,24 @@ def insert(cache: Cache, rows: jax.Array, new: Cache) -> Cache:
           for name in cache}
 
 
-@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("model", "steps"), donate_argnames=("cache",))
 def step(model: LlavaModel, params, cache: Cache, tokens: jax.Array, positions: jax.Array,
-         key: jax.Array, temperature: jax.Array, top_p: jax.Array
+         key: jax.Array, temperature: jax.Array, top_p: jax.Array, *, steps: int = 1
          ) -> tuple[jax.Array, Cache, jax.Array]:
-  """One decode step of every row: tokens [rows] at positions [rows] -> (next tokens,
-  the cache, the next key)."""
-  key, draw = jax.random.split(key)
-  logits, cache = model.apply({"params": params}, tokens, positions, cache,
-                              method=LlavaModel.decode_step)
-  return generate.draw_tokens(logits, draw, temperature, top_p), cache, key
+  """`steps` decode steps of every row, in one call: tokens [rows] at positions [rows] ->
+  (the drawn tokens [rows, steps], the cache, the next key). A row keeps decoding to the
+  end of the call (the host drops what follows its answer), so the cache must hold
+  positions + steps."""
+  def one(carry, _):
+    tokens, positions, cache, key = carry
+    key, draw = jax.random.split(key)
+    logits, cache = model.apply({"params": params}, tokens, positions, cache,
+                                method=LlavaModel.decode_step)
+    tokens = generate.draw_tokens(logits, draw, temperature, top_p)
+    return (tokens, positions + 1, cache, key), tokens
+
+  (_, _, cache, key), drawn = jax.lax.scan(one, (tokens, positions, cache, key), length=steps)
+  return drawn.T, cache, key
 
 
 def prompt_arrays(prompts: list[tuple[int, ...]], rows: int, patch_id: int, pad_id: int
