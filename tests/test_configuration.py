@@ -150,7 +150,7 @@ def _real_data_config(root, *overrides: str):
     (root / name).mkdir(parents=True, exist_ok=True)
   for name in _FILES:
     (root / name).touch()
-  return _cfg("demo.py", "data.demo_world=", f"data.root={root}", "data.tokenizer_dir=tok",
+  return _cfg("demo.py:small", "data.demo_world=", f"data.root={root}", "data.tokenizer_dir=tok",
               "stage1.records=s1.json", "stage2.records=s2.jsonl",
               "finetune.records=vqa/train.json", "finetune.val_records=vqa/val.json",
               "finetune.test_records=vqa/test.json", "finetune.candidates=vqa/candidate.json",
@@ -198,7 +198,7 @@ def test_missing_root_and_tokenizer_each_one_problem(tmp_path):
 def test_command_line_lists_every_problem_and_exits_2(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run(
-      [sys.executable, "-m", "exgra_jax.main", "--config=configs/demo.py",
+      [sys.executable, "-m", "exgra_jax.main", "--config=configs/demo.py:small",
        f"--workdir={tmp_path / 'run'}", "--config.data.demo_world=",
        f"--config.data.root={tmp_path / 'nowhere'}", "--config.stage1.lr=-1.0",
        "--config.train.log_every=0", f"--config.init.llm_dir={tmp_path / 'llama'}"],

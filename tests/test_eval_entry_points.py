@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(demo_world, tmp_path_factory):
   """A workdir whose `checkpoints/finetune_best` holds random tiny weights + tokenizer."""
   workdir = tmp_path_factory.mktemp("eval_run")
-  config = configuration.load(os.path.join(REPO, "configs", "demo.py"),
+  config = configuration.load(os.path.join(REPO, "configs", "demo.py:small"),
                               [f"data.root={demo_world}"])
   model = LlavaModel(LlavaConfig.from_config(config.model))
   params = nn.unbox(llava.init_boxed_params(model.cfg, jax.random.key(0)))
@@ -34,7 +34,7 @@ def run(demo_world, tmp_path_factory):
 
 
 def _main(demo_world, workdir, *args):
-  command = [sys.executable, "-m", "exgra_jax.main", "--config=configs/demo.py",
+  command = [sys.executable, "-m", "exgra_jax.main", "--config=configs/demo.py:small",
              f"--workdir={workdir}", f"--config.data.root={demo_world}",
              "--config.eval.max_new_tokens=4", *args]
   return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,

@@ -21,7 +21,7 @@ def _two_processes(demo_world: str, workdir: str) -> subprocess.CompletedProcess
     port = s.getsockname()[1]
   return subprocess.run(
       ["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", str(port), "--",
-       sys.executable, "-m", "exgra_jax.main", "--config=configs/demo.py",
+       sys.executable, "-m", "exgra_jax.main", "--config=configs/demo.py:small",
        f"--workdir={workdir}", f"--config.data.root={demo_world}", *FINETUNE],
       cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False)
 

@@ -40,7 +40,7 @@ def _steered_to_stop(llm: dict, tokenizer) -> dict:
 
 @pytest.fixture(scope="module")
 def export(demo_world, tmp_path_factory):
-  config = configuration.load(os.path.join(REPO, "configs", "demo.py"),
+  config = configuration.load(os.path.join(REPO, "configs", "demo.py:small"),
                               [f"data.root={demo_world}"])
   cfg = LlavaConfig.from_config(config.model)
   params = nn.unbox(llava.init_boxed_params(cfg, jax.random.key(3)))

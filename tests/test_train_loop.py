@@ -25,7 +25,7 @@ OVERRIDES = ("--config.stages=('stage1','stage2')", "--config.stage1.max_steps=2
 
 
 def _command(demo_world, workdir, overrides=OVERRIDES):
-  return [sys.executable, "-m", "exgra_jax.main", "--config=configs/demo.py",
+  return [sys.executable, "-m", "exgra_jax.main", "--config=configs/demo.py:small",
           f"--workdir={workdir}", f"--config.data.root={demo_world}", *overrides]
 
 

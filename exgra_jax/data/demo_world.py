@@ -38,7 +38,7 @@ from absl import logging
 from exgra_jax import temp_paths
 from exgra_jax.data import demo_tokenizer
 
-VERSION = 2  # 2: GPT-2 style word splitting in the demo tokenizer
+VERSION = 3  # 2: GPT-2 style word splitting in the demo tokenizer; 3: both modality checks
 SIZES = {"small": dict(images=120, vqa_images=60), "medium": dict(images=2400, vqa_images=600)}
 IMAGE_PX = 128
 MODALITIES = ("ct", "mri", "xray", "histology")
@@ -243,10 +243,13 @@ def vqa_questions(a: Attributes, rng) -> list[tuple[str, str, str]]:
   """(answer_type, question, answer) for one VQA image; answers are short and exact."""
   word = LESION_WORD[a.modality]
   other = MODALITIES[(MODALITIES.index(a.modality) + 1 + rng.integers(3)) % 4]
-  asked = a.modality if rng.random() < 0.5 else other
+  # Both modality checks of every image: the answer depends on the image alone (one question
+  # drawn at random let a model lean on which modality names are asked how often), and
+  # each image gives the comparison a "Yes" and a "No" example.
   items = [
       ("CLOSED", f"Is there a {word} in the {a.organ}?", "Yes" if a.lesion else "No"),
-      ("CLOSED", f"Is this a {MODALITY_NAME[asked]}?", "Yes" if asked == a.modality else "No"),
+      ("CLOSED", f"Is this a {MODALITY_NAME[a.modality]}?", "Yes"),
+      ("CLOSED", f"Is this a {MODALITY_NAME[other]}?", "No"),
       ("OPEN", "What imaging modality is this?", a.modality),
       ("OPEN", "Which organ is shown?", a.organ),
   ]
