@@ -1,7 +1,9 @@
 """The served model and continuous batching over its KV cache (serving/slots.py).
 
-Why continuous batching: a decode step of 16 rows costs far less than 16 steps of one row
-(one dispatch, the weights read once), so every request being answered shares each step.
+Why continuous batching: a decode step of 16 rows costs less than 16 steps of one row
+(one dispatch, the weights read once: on an accelerator about one step's worth, on 2 CPU
+cores with the tiny model 5-8 steps' worth; docs/serve.md), so every request being
+answered shares each step.
 A request does not wait for a batch: before every step the engine thread puts waiting
 requests into free cache rows (one batched prefill per image / no-image group), and a
 request leaves its row as soon as its answer is final, freeing it for the next one.
@@ -180,7 +182,8 @@ class EngineStats:
 class Engine:
   """Continuous batching: a KV cache of `max_batch` rows (serving/slots.py) and a thread
   that, before every decode step, puts waiting requests into free rows (one batched
-  prefill per image / no-image group) and then advances every row by one token.
+  prefill per image / no-image group) and then advances every busy row by one token
+  (`decode_steps` tokens).
 
   A request leaves its row as soon as its answer is final (eos, a stop string, or
   `max_tokens`), and the next waiting one takes the row at the next step.
