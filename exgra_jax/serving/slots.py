@@ -1,11 +1,11 @@
-"""The device side of continuous batching: a KV cache of `slots` rows, each its own request.
+"""The device side of continuous batching: a KV cache whose rows each hold their own request.
 
 Why slots: the model's cached attention already works per row (row b writes its new K/V
 at positions[b] and attends to cache positions <= positions[b]; models/llama.py), so
 every row of one cache can hold a different request at a different position. A decode
 step advances all rows together; a finished row is simply overwritten by the next
 request's prefill, which joins at the next step. Rows without a request decode a
-harmless pad token at position 0.
+harmless pad token from position 0.
 
 Shapes, rounded so that little compiles: the cache is [layers, rows, kv_heads, length,
 head_dim] with `rows` a power of two that covers the highest busy row (a step costs in
@@ -13,7 +13,8 @@ proportion to its rows: one request alone does not pay for sixteen) and `length`
 multiple of 64 that holds every request in it (`resize` adjusts both between steps). A
 prefill takes a power-of-two number of new requests (padded with copies of the first,
 written to its row again) and prompts right-padded to a power of two (>= 64). Programs:
-one prefill per (requests, prompt length, image or not), one step per (rows, length).
+one prefill per (requests, prompt length, image or not), one step per (rows, length,
+steps per call).
 """
 from __future__ import annotations
 
