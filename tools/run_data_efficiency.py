@@ -63,6 +63,9 @@ _STAGE2_EVAL = flags.DEFINE_bool(
     "stage2_eval", False, "also answer the VQA test split with each stage-2 checkpoint "
     "itself, before any fine-tune (--mode=eval; ~15 s a run on an idle machine)")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the commands, run nothing")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "write the outputs from the runs already finished, run nothing "
+    "(e.g. after runners for single seeds, --seeds=1 etc., ran side by side)")
 
 
 @dataclasses.dataclass
@@ -258,6 +261,9 @@ def main(argv):
   if _DRY_RUN.value:
     for job in jobs:
       print(("# done: " if job.done() else "") + shlex.join(job.argv))
+    return
+  if _REPORT_ONLY.value:
+    write_outputs(jobs, world_root)
     return
   start = time.time()
   for job in jobs:
