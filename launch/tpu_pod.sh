@@ -4,16 +4,20 @@
 # The repo and its .venv must exist at ~/exgra-jax on every worker; WORKDIR must be shared
 # storage (e.g. gs://bucket/run1) so that every host writes the same checkpoints.
 #
-# Settings per slice, from the TPU compiler's plans of the 7B pmc10 stage-2 step with the
-# alignment (tools/plan_memory.py --topology=...; table and figures in docs/train.md):
-#   v5p:4x4x4 (64 chips): --config.mesh.fsdp=64; up to 16 x 512 tokens per chip (12.6 GiB
-#       of 95). The release's global batch of 64 is 1 sample per chip, too few for a graph:
-#       add --config.align.grouping=fixed --config.align.group_size=16 (groups over 16 chips).
-#   v5p:2x2x1 (4 chips): --config.mesh.fsdp=4; 16 x 512 per chip (53 GiB of 95): the
-#       release's global batch of 64 with per-chip groups of 16 (the default grouping).
-#   v5e:4x4 (16 chips, 16 GB): --config.mesh.fsdp=16, 1 x 512 per chip (14.1 GiB):
-#       --config.stage2.global_batch=64 --config.stage2.micro_batches=4
-#       --config.align.grouping=fixed --config.align.group_size=16.
+# Settings per slice, from the TPU compiler's plans of the 7B pmc10 steps
+# (tools/plan_memory.py --topology=...; the table and every figure are in docs/train.md).
+# pmc10's global batches: stage 1 128, stage 2 64. G16 below means
+#   --config.align.grouping=fixed --config.align.group_size=16   (groups spanning chips).
+#   v5p-8   (v5p:2x2x1, 4 chips):  --config.mesh.fsdp=4. Stage 2: 16 x 512 per chip with
+#       per-chip groups (53.1 GiB of 95); 2048 tokens: --config.stage2.micro_batches=4 + G16
+#       (4 x 2048 per chip, 50.4 GiB). Stage 1: --config.stage1.micro_batches=2 (15.2 GiB).
+#   v5p-64  (v5p:4x4x2, 32 chips): --config.mesh.fsdp=32 + G16 (2 per chip; 14.7 GiB at 16).
+#   v5p-128 (v5p:4x4x4, 64 chips): --config.mesh.fsdp=64 + G16 (1 per chip; 12.6 GiB at 16).
+#   v6e-8   (v6e:2x4, 8 chips, 32 GB): --config.mesh.fsdp=8; stage 2 8 x 512 per chip with
+#       per-chip groups (27.6 GiB); 2048 tokens: --config.stage2.micro_batches=4 + G16
+#       (26.2 GiB); stage 1: --config.stage1.micro_batches=2.
+#   v5e-16  (v5e:4x4, 16 chips, 16 GB): --config.mesh.fsdp=16 + G16
+#       --config.stage2.micro_batches=4 (1 x 512 per chip: 14.1 GiB; 1 x 2048: 14.5 GiB).
 # Check a new slice or setting before booking it: plan_memory.py refuses settings that
 # cannot work and prints the compiler's peak per chip.
 set -euo pipefail
