@@ -242,8 +242,9 @@ def write_outputs(jobs: list[Job], world_root: str) -> None:
     json.dump(result, f, indent=1)
   header = (f"Demo world `{_WORLD.value}`, tiny model; stage 1 {_STAGE1_EPOCHS.value:g} epoch, "
             f"stage 2 {_STAGE2_EPOCHS.value:g} epochs of the subset, fine-tune "
-            f"{_FINETUNE_EPOCHS.value:g} epoch(s); mean ± sample std (ddof=1) over seeds "
-            f"{', '.join(_SEEDS.value)}; test split of the VQA set. Runs' summed wall time "
+            f"{_FINETUNE_EPOCHS.value:g} epoch(s); mean ± sample std (ddof=1) over the seeds "
+            f"finished, {', '.join(str(s) for s in sorted({r['seed'] for r in rows}))} (planned: "
+            f"{', '.join(_SEEDS.value)}); test split of the VQA set. Runs' summed wall time "
             f"{wall / 60:.1f} min.\n\n")
   with open(os.path.join(out, "table.md"), "w") as f:
     f.write(header + de.markdown_report(groups, diffs))
