@@ -19,7 +19,7 @@ _MODEL = flags.DEFINE_string("model", None, "Checkpoint or HF directory.")
 _IMAGE = flags.DEFINE_string("image", None, "Image file (JPEG, PNG, TIFF, DICOM).")
 _QUESTION = flags.DEFINE_string("question", None, "The question.")
 _TEMPLATE = flags.DEFINE_enum("template", "simple", list(prompts.TEMPLATES),
-                              "Prompt template (SPEC.md 5).")
+                              "Prompt template (docs/eval.md).")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Decoding limit.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None,

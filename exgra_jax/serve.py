@@ -29,7 +29,7 @@ _DECODE_STEPS = flags.DEFINE_integer(
     "decode_steps", 1, "Decode steps per host round trip: 1 = requests stream, join and "
     "leave at every token; N > 1 = every N tokens, with N times fewer synchronisations.")
 _TEMPLATE = flags.DEFINE_enum("template", "simple", list(prompts.CHAT_TEMPLATES),
-                              "Conversation template (SPEC.md 5; `train` for models that know "
+                              "Conversation template (docs/eval.md; `train` for models that know "
                               "only the training template, e.g. the demo's tiny model).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 512,
                                    "Answer length when a request names no max_tokens.")

@@ -1,4 +1,4 @@
-"""Visual-chatbot evaluation with an LLM judge, the LLaVA-Med rating protocol (SPEC.md 5).
+"""Visual-chatbot evaluation with an LLM judge, the LLaVA-Med rating protocol (docs/eval.md).
 
 For each question the judge sees the figure context, the question, the reference answer
 as "Assistant 1" and the model's answer as "Assistant 2", and must put the two 1-10 scores

@@ -1,4 +1,4 @@
-"""VQA metrics computed as the LLaVA-Med release computes them (SPEC.md section 5).
+"""VQA metrics computed as the LLaVA-Med release computes them (docs/eval.md).
 
 Inputs are the VQA set (`{train,val,test}_w_options_new.json`: items with `id`,
 `answer_type` OPEN|CLOSED and `conversations` [question, answer]; the release's files
