@@ -8,7 +8,7 @@ size, side) and every text (captions, instructions, extended captions, VQA answe
 multiple-choice items) is a function of those attributes only, so a model can learn the
 mapping and tests can check each answer against `attributes.json`.
 
-Layout written under `root` (formats of SPEC.md section 4):
+Layout written under `root` (the formats of docs/data.md):
   images/*.{png,jpg,dcm}           stage-1/2 images (RGB PNG, 8- and 16-bit grey PNG,
                                    JPEG, and pydicom's CT_small/MR_small DICOM files)
   stage1_captions.json             one caption request, one caption per record

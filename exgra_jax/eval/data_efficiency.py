@@ -39,7 +39,7 @@ ARM_OVERRIDES = {"lm": ("stage2.align=False",), "align": ("stage2.align=True",),
                  "align_weak": ("stage2.align=True", "align.solver_iterations=1")}
 # (treatment, control) pairs whose per-seed differences the report shows.
 COMPARISONS = (("align", "lm"), ("align_weak", "lm"), ("align", "align_weak"))
-# Test metrics of the fine-tune's summary (`summary["finetune"]["test"]`, SPEC.md 5).
+# Test metrics of the fine-tune's summary (`summary["finetune"]["test"]`, docs/eval.md).
 TEST_METRICS = ("selection_score", "open_recall", "closed_accuracy")
 # The same metrics of the stage-2 checkpoint answering the test split without fine-tune.
 ZERO_SHOT_METRICS = tuple(f"zs_{m}" for m in TEST_METRICS)
