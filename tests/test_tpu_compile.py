@@ -64,10 +64,13 @@ def test_a_missing_libtpu_is_one_line_with_the_install_command(tmp_path):
   """libtpu hidden from the tool's interpreter (a `sitecustomize` that blocks its import):
   one line naming the install command, exit status 2, no traceback."""
   (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['libtpu'] = None\n")
+  # Importing libtpu sets TPU_LIBRARY_PATH in the importing process (this pytest worker,
+  # if any test here imported jax), and jax loads that path without importing libtpu.
+  env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
   out = subprocess.run([sys.executable, TOOL, CONFIG, "--topology=v5e:2x2",
                         "--mesh=data=1,fsdp=4", "--samples_per_device=8", "--length=72"],
                        capture_output=True, text=True, timeout=300, check=False,
-                       env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"))
+                       env=dict(env, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"))
   assert out.returncode == 2, out.stderr[-2000:]
   assert "libtpu" in out.stderr and "pip install -e '.[tpu]'" in out.stderr
   assert "Traceback" not in out.stderr
