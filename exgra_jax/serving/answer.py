@@ -65,9 +65,12 @@ class AnswerText:
       self.finish_reason = "stop"
       return
     self.tokens.append(token)
-    raw = self._detokenize(self.tokens)
-    self.text, stopped = _cut(generate.clean_answer(raw, _RELEASE_STOP), self._user_stops)
-    if stopped or _RELEASE_STOP in generate.clean_answer(raw, ""):
+    # clean_answer(raw, "###") is this cleaned text cut at "###" and stripped: cleaning once
+    # gives both the answer and whether the release's stop has appeared.
+    cleaned = generate.clean_answer(self._detokenize(self.tokens), "")
+    released, released_stop = _cut(cleaned, (_RELEASE_STOP,))
+    self.text, stopped = _cut(released.strip(), self._user_stops)
+    if stopped or released_stop:
       self.finish_reason = "stop"
     elif len(self.tokens) >= self._max_tokens:
       self.finish_reason = "length"

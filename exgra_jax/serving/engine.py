@@ -282,7 +282,6 @@ class Engine:
   def _admit(self, placed: list[tuple[int, tuple[Job, Stream]]]) -> None:
     """Prefills the new requests (one call per image / no-image group) into their rows."""
     running = any(self._rows)
-    jobs = [job for _, (job, _) in placed]
     try:
       prefilled = []
       for with_image in (True, False):
@@ -307,7 +306,7 @@ class Engine:
         stream._finish(None, e)
       self._fail_all(e)
       return
-    self.stats.joined_running += len(jobs) if running else 0
+    self.stats.joined_running += len(placed) if running else 0
 
   def _prefill(self, jobs: list[Job]) -> tuple[list[int], dict]:
     """-> (first tokens, one per request of the padded batch; their cache)."""
