@@ -1,16 +1,17 @@
 r"""The data-efficiency experiment: stage 2 with LM only vs LM + multi-graph alignment (exact
-solver, and a deliberately weakened one), at several fractions of the stage-2 data, over seeds, each run ending with a VQA fine-tune and
-a test evaluation (docs/data_efficiency.md). Not part of CI.
+solver, and a deliberately weakened one), at several fractions of the stage-2 data, over
+seeds, each run ending with a VQA fine-tune and a test evaluation (docs/data_efficiency.md).
+Not part of CI.
 
     nice -n 10 .venv/bin/python -m tools.run_data_efficiency --out=results/data_efficiency
     .venv/bin/python -m tools.run_data_efficiency --dry_run        # print the commands
 
 Per seed: the contrastive pre-training of the tower and stage 1 (projector only; neither
-depends on the arm or the fraction) run once in `<workdir>/seed<S>/stage1`; each (fraction, arm) then runs stage 2 from that checkpoint
-(`stage2.init_from`) and the fine-tune from its own stage 2 (`finetune.init_from`) in
-`<workdir>/seed<S>/<arm>_f<fraction>`. Every run is a `python -m exgra_jax.main`
-sub-process (stdout / stderr to files there); its JSON summary is kept as
-`<stage>_summary.json`, and a run that has one is not run again, so the same command
+depends on the arm or the fraction) run once in `<workdir>/seed<S>/stage1`; each (fraction,
+arm) then runs stage 2 from that checkpoint (`stage2.init_from`) and the fine-tune from its
+own stage 2 (`finetune.init_from`) in `<workdir>/seed<S>/<arm>_f<fraction>`. Every run is
+a `python -m exgra_jax.main` sub-process (stdout / stderr to files there); its JSON summary
+is kept as `<stage>_summary.json`, and a run that has one is not run again, so the same command
 continues an interrupted experiment. All seeds train on the same demo world (world seed
 `--world_seed`, built once in `--world_root`): `config.seed` varies init, data order,
 dropout and graph noise, the test split stays the same.

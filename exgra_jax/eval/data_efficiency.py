@@ -1,8 +1,9 @@
 """Bookkeeping of the data-efficiency experiment (tools/run_data_efficiency.py).
 
 The experiment crosses stage-2 arms (LM only, LM + multi-graph alignment with the exact
-solver, and with a deliberately weakened one) with stage-2 data fractions and seeds; every (arm, fraction, seed) run ends with a VQA fine-tune and a
-test evaluation. This module turns the runs' JSON summaries into:
+solver, and with a deliberately weakened one) with stage-2 data fractions and seeds; every
+(arm, fraction, seed) run ends with a VQA fine-tune and a test evaluation. This module
+turns the runs' JSON summaries into:
 
 - one flat row per run (`run_row`): the test metrics of the fine-tune, the alignment
   Hamming distances and LM loss at the end of stage 2, and (when run) the test metrics of
