@@ -223,6 +223,23 @@ def exit_usage(message: str) -> None:
   sys.exit(2)
 
 
+LOCAL_ONLY = ("is read and written with local file operations (os, shutil, safetensors, "
+              "transformers); use a shared file system every host mounts (NFS / Filestore, "
+              "Lustre, or a bucket mounted with gcsfuse), not a URL")
+
+
+def url_problem(flag: str, path: str | None) -> str | None:
+  """`gs://...` and other URLs where the program needs a file-system path (LOCAL_ONLY).
+
+  Why: os.path.abspath turns `gs://bucket/run` into `./gs:/bucket/run`, so without this
+  check a pod's hosts would each write their checkpoints to a local folder of that name.
+  The records and image folders go through etils.epath and may be URLs.
+  """
+  if path and "://" in str(path):
+    return f"{flag}={path}: this path {LOCAL_ONLY}"
+  return None
+
+
 def path_problem(flag: str, path: str | None, kind: str = "file",
                  holding: str | None = None) -> str | None:
   """A command-line path that is unset or not what the program reads ("file", "dir" or
@@ -428,6 +445,8 @@ def path_problems(config: ml_collections.ConfigDict, mode: str) -> list[str]:
   root_missing = bool(root) and not epath.Path(root).is_dir()
   out = [f"data.root={root!r} is not a directory"] if root_missing else []
   needed: dict[str, tuple[epath.Path, str]] = {}   # setting -> (path, "file" | "dir" | "")
+  local_only = ("data.tokenizer_dir", "init.hf_dir", "init.llm_dir", "init.clip_dir",
+                "init.checkpoint", *(f"{n}.init_from" for n in STAGE_NAMES))  # weights, tokenizers
 
   def need(setting: str, kind: str = "", under_root: bool = True) -> None:
     value = _get(config, setting)
@@ -463,7 +482,11 @@ def path_problems(config: ml_collections.ConfigDict, mode: str) -> list[str]:
       mode == "export" or (mode == "train" and config.export.after_training)):
     out.append("data.tokenizer_dir is empty: the export needs the tokenizer the model was "
                "trained with")
+  urls = {s: url_problem(s, str(needed[s][0])) for s in local_only if s in needed}
+  out += [problem for problem in urls.values() if problem]
   for setting, (path, kind) in needed.items():
+    if urls.get(setting):
+      continue
     if not path.exists():
       out.append(f"{setting}: {path} does not exist")
     elif kind == "dir" and not path.is_dir():

@@ -1,7 +1,7 @@
 r"""exgra-jax entry point: train, evaluate, export or predict with one config.
 
     python -m exgra_jax.main --config=configs/demo.py --workdir=/tmp/exgra_demo
-    python -m exgra_jax.main --config=configs/pmc10.py --workdir=gs://... \
+    python -m exgra_jax.main --config=configs/pmc10.py --workdir=/shared/runs/pmc10 \
         --config.data.root=/data/llava_med --config.init.llm_dir=/weights/llama-7b \
         --config.init.clip_dir=/weights/clip-vit-large-patch14
 
@@ -77,6 +77,8 @@ def checkpoint_problem(config, workdir: epath.Path) -> str | None:
   if _MODE.value == "train":
     return None
   if _CHECKPOINT.value:
+    if url := configuration.url_problem("--checkpoint", _CHECKPOINT.value):
+      return url
     if not epath.Path(_CHECKPOINT.value).exists():
       return (f"--checkpoint={_CHECKPOINT.value} does not exist: pass a train checkpoint, a "
               "params checkpoint of tools/import_hf.py or a Hugging Face directory")
@@ -104,7 +106,8 @@ def main(argv):
   # A demo world's files exist once it is made: its paths are checked after that.
   validate_or_exit(config, check_paths=not config.data.demo_world)
   workdir = epath.Path(_WORKDIR.value)
-  problem = checkpoint_problem(config, workdir) or (
+  problem = configuration.url_problem("--workdir", _WORKDIR.value) or checkpoint_problem(
+      config, workdir) or (
       _MODE.value == "predict" and configuration.path_problem("--image", _IMAGE.value))
   if problem:
     configuration.exit_usage(problem)

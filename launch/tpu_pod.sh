@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs one exgra-jax process per TPU VM worker; jax discovers the pod (distributed.mode=auto).
 # Usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [extra --config.* flags]
-# The repo and its .venv must exist at ~/exgra-jax on every worker; WORKDIR must be shared
-# storage (e.g. gs://bucket/run1) so that every host writes the same checkpoints.
+# The repo and its .venv must exist at ~/exgra-jax on every worker; WORKDIR must be a path
+# every worker mounts (Filestore NFS, or a bucket mounted with gcsfuse at the same path), so
+# that every host writes the same checkpoints. gs:// URLs are refused (README, step 7).
 #
 # Settings per slice, from the TPU compiler's plans of the 7B pmc10 steps
 # (tools/plan_memory.py --topology=...; the table and every figure are in docs/train.md).

@@ -59,6 +59,14 @@ def test_a_workdir_without_checkpoints_says_train_first(tmp_path, mode, fix):
   assert not list(workdir.iterdir())  # no config.json either
 
 
+def test_a_url_workdir_is_refused_before_anything_is_written():
+  """os.path would turn gs://bucket/run into ./gs:/bucket/run on every host of a pod."""
+  out = run_cli("-m", "exgra_jax.main", f"--config={DEMO}", "--workdir=gs://bucket/run")
+  assert out.stderr == (f"error: --workdir=gs://bucket/run: this path "
+                        f"{configuration.LOCAL_ONLY}\n")
+  assert not os.path.exists(os.path.join(REPO, "gs:"))
+
+
 def test_eval_checkpoint_flag_is_checked(tmp_path):
   out = run_cli("-m", "exgra_jax.main", f"--config={DEMO}", f"--workdir={tmp_path}/w",
                 "--mode=eval", f"--checkpoint={tmp_path}/nothing")

@@ -183,6 +183,20 @@ def test_missing_paths_are_named_with_their_setting(tmp_path, mode, remove, mess
     configuration.validate(config, mode=mode, check_paths=True)
 
 
+def test_weights_and_tokenizer_urls_are_refused_without_touching_them(tmp_path):
+  """Weights and tokenizers are loaded with local file I/O: a gs:// path is named as such
+  (not looked up: that would need the network, and its loaders would mangle it)."""
+  config = _real_data_config(tmp_path, "init.llm_dir=gs://bucket/llama-7b",
+                             "stage2.init_from=gs://bucket/run/checkpoints/stage1")
+  with pytest.raises(configuration.ConfigError) as err:
+    configuration.validate(config, check_paths=True)
+  problems = [line.removeprefix("  - ") for line in str(err.value).splitlines()[1:]]
+  assert problems == [
+      f"init.llm_dir=gs://bucket/llama-7b: this path {configuration.LOCAL_ONLY}",
+      f"stage2.init_from=gs://bucket/run/checkpoints/stage1: this path "
+      f"{configuration.LOCAL_ONLY}"], problems
+
+
 def test_missing_root_and_tokenizer_each_one_problem(tmp_path):
   config = _real_data_config(tmp_path, f"data.root={tmp_path / 'nowhere'}",
                              "data.tokenizer_dir=", "init.llm_dir=", "init.clip_dir=",
