@@ -1,7 +1,8 @@
-"""Small fixtures for the data tests: a word-level HF tokenizer and a tiny image world.
+"""Small fixtures for the data tests: HF tokenizers and a tiny image world.
 
-The tokenizer is word level (whitespace + punctuation split), so that hand-worked label
-masks can be written token by token.
+`make_tokenizer` is word level (whitespace + punctuation split), so that hand-worked label
+masks can be written token by token; `sentencepiece_tokenizer` is LLaMA-shaped (BPE pieces
+that split words, Metaspace decoding).
 """
 import io
 import json
@@ -12,6 +13,8 @@ import PIL.Image
 import tokenizers
 import transformers
 from tokenizers import models, pre_tokenizers, processors
+
+from exgra_jax.data import text
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>",
            "<image>", "<im_start>", "<im_patch>", "<im_end>"]
@@ -36,6 +39,23 @@ def make_tokenizer(directory: pathlib.Path) -> pathlib.Path:
       pad_token="<pad>", additional_special_tokens=SPECIAL[4:])
   fast.save_pretrained(directory)
   return directory
+
+
+def sentencepiece_tokenizer(directory: pathlib.Path) -> transformers.PreTrainedTokenizerFast:
+  """A LLaMA-shaped tokenizer (sentencepiece BPE, Metaspace, BOS) with the image tokens
+  added the way `hf/importer` adds them."""
+  corpus = [text.SYSTEM, "### Human: what is this?", "### Assistant: a lung, left side",
+            "the scan shows an opacity in the right lower lobe"] * 20
+  sp = tokenizers.SentencePieceBPETokenizer()
+  sp.train_from_iterator(corpus, vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"])
+  sp.post_processor = tokenizers.processors.TemplateProcessing(
+      single="<s> $A", special_tokens=[("<s>", sp.token_to_id("<s>"))])
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>",
+                                              bos_token="<s>", eos_token="</s>")
+  fast.add_special_tokens({"pad_token": "<pad>"})
+  fast.add_tokens([text.IM_START, text.IM_PATCH, text.IM_END, "<image>"], special_tokens=True)
+  fast.save_pretrained(directory)
+  return text.load_tokenizer(directory)
 
 
 def png_bytes(array: np.ndarray, **kwargs) -> bytes:

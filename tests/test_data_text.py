@@ -116,23 +116,6 @@ def _expanded_reference(tok, turns, n, mode, image_tokens="im_start_end"):
   return ids, labels
 
 
-def _sentencepiece_tokenizer(directory):
-  """A LLaMA-shaped tokenizer (sentencepiece BPE, Metaspace, BOS) with the image tokens
-  added the way `hf/importer` adds them."""
-  corpus = [text.SYSTEM, "### Human: what is this?", "### Assistant: a lung, left side",
-            "the scan shows an opacity in the right lower lobe"] * 20
-  sp = tokenizers.SentencePieceBPETokenizer()
-  sp.train_from_iterator(corpus, vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"])
-  sp.post_processor = tokenizers.processors.TemplateProcessing(
-      single="<s> $A", special_tokens=[("<s>", sp.token_to_id("<s>"))])
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>",
-                                              bos_token="<s>", eos_token="</s>")
-  fast.add_special_tokens({"pad_token": "<pad>"})
-  fast.add_tokens([text.IM_START, text.IM_PATCH, text.IM_END, "<image>"], special_tokens=True)
-  fast.save_pretrained(directory)
-  return text.load_tokenizer(directory)
-
-
 CONVERSATIONS = [
     TURNS,
     (Turn("human", "<image>\nwhat is this?"), Turn("gpt", "a lung, left side")),
@@ -146,7 +129,7 @@ CONVERSATIONS = [
 @pytest.mark.parametrize("mode", ["per_turn", "release"])
 def test_single_patch_expansion_equals_the_expanded_text(tok, tmp_path, mode, image_tokens):
   """Both image-token styles: <im_start> N x <im_patch> <im_end>, and N x <image>."""
-  for t in (tok, _sentencepiece_tokenizer(tmp_path / "sp")):
+  for t in (tok, data_fixtures.sentencepiece_tokenizer(tmp_path / "sp")):
     for turns in CONVERSATIONS:
       ids, labels = _expanded_reference(t, turns, 7, mode, image_tokens)
       out = text.tokenize_conversation(t, turns, num_image_tokens=7, max_length=10_000,
