@@ -162,3 +162,19 @@ def test_tokenizer(demo_world):
   for sample in samples:
     assert tok.decode(tok(sample, add_special_tokens=False).input_ids) == sample
   assert tok("hi").input_ids[0] == 1
+
+
+def test_every_vqa_question_has_its_kind():
+  """vqa_question_kind tells apart every template vqa_questions draws (all 7 occur)."""
+  rng = np.random.default_rng(0)
+  seen = {}
+  for _ in range(200):
+    for answer_type, question, _ in dw.vqa_questions(dw.draw_attributes(rng), rng):
+      seen.setdefault(dw.vqa_question_kind(question), set()).add(answer_type)
+  assert set(seen) == set(dw.VQA_QUESTION_KINDS)
+  assert seen["lesion present?"] == seen["is this a <modality>?"] == {"CLOSED"}
+  assert all(seen[k] == {"OPEN"} for k in ("modality", "organ", "count", "size", "side"))
+  assert dw.vqa_question_kind("Is there a nodule in the lung?") == "lesion present?"
+  assert dw.vqa_question_kind("How many tumor nests are there?") == "count"
+  with pytest.raises(ValueError, match="not a demo-world VQA question"):
+    dw.vqa_question_kind("What is the diagnosis?")

@@ -91,6 +91,8 @@ def test_paired_differences_use_common_seeds():
   assert ten["values"] == pytest.approx([0.05, 0.05, 0.2])
   assert ten["mean"] == pytest.approx(0.1)
   assert ten["std"] == pytest.approx(math.sqrt((0.05 ** 2 * 2 + 0.1 ** 2) / 2))
+  # 95 % t interval: std / sqrt(3) = 0.05; t(0.975, 2 df) = 4.302653 (tables) -> ± 0.2151
+  assert ten["ci95"] == pytest.approx([0.1 - 4.302653 * 0.05, 0.1 + 4.302653 * 0.05])
   assert full["seeds"] == [] and full["mean"] is None  # no align run at 100 %
 
 
@@ -101,7 +103,8 @@ def test_markdown_report():
   assert "| 100 % | LM only | 2 | 0.700 ± 0.000 |" in text
   assert "0.333 ± 0.058" in text  # hamming of align 10 %: std of (0.4, 0.3, 0.3)
   pair = "(LM + multi-graph alignment) − (LM only)"
-  assert f"| 10 % | {pair} | test selection score | 0.100 ± 0.087 | +0.050, +0.050, +0.200 |" in text
+  assert (f"| 10 % | {pair} | test selection score | 0.100 ± 0.087 | [-0.115, +0.315] | "
+          "+0.050, +0.050, +0.200 |") in text
   assert f"| 100 % | {pair} | test selection score |" not in text  # no pair at 100 %
   assert "no fine-tune" not in text  # no stage-2-alone metrics in these rows
   rows.append(de.run_row("lm", 1.0, 2, *_summaries(0.7, 0.6, 0.8), {"selection_score": 0.25}))
@@ -116,3 +119,30 @@ def test_bar_chart_writes_a_png_of_the_requested_size(tmp_path):
     assert image.format == "PNG" and image.size == (640, 300)
     colors = {c for _, c in image.convert("RGB").getcolors(maxcolors=1 << 16)}
   assert de.COLORS["lm"] in colors and de.COLORS["align"] in colors
+
+
+def _vqa_item(item_id, answer_type, question, answer):
+  return {"id": item_id, "answer_type": answer_type,
+          "conversations": [{"from": "human", "value": f"{question}\n<image>"},
+                            {"from": "gpt", "value": answer}]}
+
+
+def test_scores_per_question_kind_by_hand():
+  references = [
+      _vqa_item("a", "CLOSED", "Is there a lesion in the liver?", "Yes"),
+      _vqa_item("b", "CLOSED", "Is there a nodule in the lung?", "No"),
+      _vqa_item("c", "OPEN", "Which organ is shown?", "liver"),
+      _vqa_item("d", "OPEN", "How many lesions are there?", "2"),
+      _vqa_item("e", "CLOSED", "Is this a CT scan?", "Yes")]
+  answers = [{"question_id": "a", "text": "Yes"}, {"question_id": "b", "text": "Yes"},
+             {"question_id": "c", "text": "The liver."}, {"question_id": "d", "text": "3"},
+             {"question_id": "e", "text": "yes"}]
+  # CLOSED: hit (the reference in the normalised answer), OPEN: word recall.
+  assert de.kind_scores(references, answers) == {
+      "lesion present?": 0.5, "is this a <modality>?": 1.0, "organ": 1.0, "count": 0.0}
+  rows = [dict(de.run_row("lm", 1.0, seed, *_summaries(0.5, 0.4, 0.6)),
+               kinds={"organ": 1.0 - seed / 4, "count": 0.25}) for seed in (1, 0)]
+  lines = de.kinds_table(rows)
+  assert lines[0] == "| stage-2 data | stage 2 | seeds | organ | count |"
+  assert lines[2] == "| 100 % | LM only | 0, 1 | 1.00 / 0.75 | 0.25 / 0.25 |"
+  assert lines[2] in de.markdown_report(de.aggregate(rows), rows=rows)

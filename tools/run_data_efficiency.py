@@ -33,6 +33,7 @@ import time
 from absl import app, flags, logging
 
 from exgra_jax.eval import data_efficiency as de
+from exgra_jax.eval import vqa_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -194,6 +195,18 @@ def run(job: Job) -> dict:
   return record
 
 
+def test_kind_scores(work: str) -> dict[str, float]:
+  """The fine-tuned model's test score per question kind, from the answers it wrote and the
+  test records its config names."""
+  with open(os.path.join(work, "finetune_config.json")) as f:
+    config = json.load(f)
+  references = vqa_metrics.read_json_or_jsonl(
+      os.path.join(config["data"]["root"], config["finetune"]["test_records"]))
+  answers = vqa_metrics.read_json_or_jsonl(
+      os.path.join(work, "eval", "finetune", "test", "answers.jsonl"))
+  return de.kind_scores(references, answers)
+
+
 def collect(jobs: list[Job]) -> tuple[list[dict], float]:
   """Rows of the finished (stage 2, fine-tune) pairs; summed wall time of finished jobs."""
   records = {}
@@ -211,6 +224,7 @@ def collect(jobs: list[Job]) -> tuple[list[dict], float]:
           row = de.run_row(arm, fraction, seed, records[(work, "stage2")]["summary"],
                            records[(work, "finetune")]["summary"],
                            zero_shot["summary"] if zero_shot else None)
+          row["kinds"] = test_kind_scores(work)
           row["wall_s"] = {stage: records[(work, stage)]["wall_s"]
                            for stage in ("stage2", "stage2_eval", "finetune")
                            if (work, stage) in records}
@@ -248,7 +262,7 @@ def write_outputs(jobs: list[Job], world_root: str) -> None:
             f"{', '.join(_SEEDS.value)}); test split of the VQA set. Runs' summed wall time "
             f"{wall / 60:.1f} min.\n\n")
   with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(header + de.markdown_report(groups, diffs))
+    f.write(header + de.markdown_report(groups, diffs, rows))
   de.bar_chart(groups, os.path.join(out, "chart.png"), size=(1200, 380),
                metrics=de.TEST_METRICS + ("zs_selection_score",),
                title=f"Data efficiency on the {_WORLD.value} demo world (tiny model, "

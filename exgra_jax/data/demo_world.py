@@ -260,6 +260,22 @@ def vqa_questions(a: Attributes, rng) -> list[tuple[str, str, str]]:
   return items
 
 
+# The kinds of question `vqa_questions` asks, in the order reports list them, each with the
+# start that tells it apart (kept next to the templates above; tested against them).
+VQA_QUESTION_KINDS = {"lesion present?": "Is there a ", "is this a <modality>?": "Is this a ",
+                      "modality": "What imaging modality", "organ": "Which organ",
+                      "count": "How many", "size": "What is the size", "side": "Which side"}
+
+
+def vqa_question_kind(question: str) -> str:
+  """The kind (a VQA_QUESTION_KINDS key) of a question `vqa_questions` wrote, e.g. for
+  scores per kind; ValueError for any other question."""
+  for kind, start in VQA_QUESTION_KINDS.items():
+    if question.startswith(start):
+      return kind
+  raise ValueError(f"not a demo-world VQA question: {question!r}")
+
+
 def vqa_item(item_id: str, image: str, answer_type: str, question: str, answer: str):
   suffix = CLOSED_SUFFIX if answer_type == "CLOSED" else ""
   return {"id": item_id, "image": image, "answer_type": answer_type,

@@ -13,6 +13,7 @@ turns the runs' JSON summaries into:
 - the per-seed difference of a metric between two arms (`paired_differences`, e.g.
   align - LM, align - align_weak): all arms of a seed start from the same stage-1
   checkpoint, so the paired difference removes the spread the arms share;
+- the test score per demo-world question kind (`kind_scores`, `kinds_table`);
 - a Markdown report (`markdown_report`) and a bar chart (`bar_chart`) drawn with pillow's
   ImageDraw (matplotlib is not a dependency): one panel per metric, one group of bars per
   fraction, bar = mean, whisker = +-1 std, dots = the seeds.
@@ -29,6 +30,10 @@ from typing import Any
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
+import scipy.stats
+
+from exgra_jax.data import demo_world
+from exgra_jax.eval import vqa_metrics
 
 # Arm name -> label, in the order tables and charts show them.
 ARMS = {"lm": "LM only", "align": "LM + multi-graph alignment",
@@ -102,6 +107,23 @@ def run_row(arm: str, fraction: float, seed: int, stage2: Mapping[str, Any],
   return row
 
 
+def kind_scores(references: Sequence[Mapping[str, Any]],
+                answers: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """Demo-world test items + a run's answers -> score per question kind, in
+  `demo_world.VQA_QUESTION_KINDS` order: the mean CLOSED hit or OPEN recall (docs/eval.md),
+  so the kinds' scores, weighted by their counts, give the closed accuracy and the open
+  recall. Shows which questions an arm learned (the yes/no ones switch on last)."""
+  texts = {str(a["question_id"]): str(a["text"]) for a in answers}
+  scores: dict[str, list[float]] = {kind: [] for kind in demo_world.VQA_QUESTION_KINDS}
+  for item in references:
+    answer_type, reference = vqa_metrics.reference_answer(item)
+    question = vqa_metrics.question_text(item)
+    item_scores = vqa_metrics.score_item(texts[str(item["id"])], reference)
+    scores[demo_world.vqa_question_kind(question)].append(
+        item_scores["hit" if answer_type == "CLOSED" else "recall"])
+  return {kind: sum(v) / len(v) for kind, v in scores.items() if v}
+
+
 def mean_std(values: Iterable[float | None]) -> dict[str, Any]:
   """{"mean", "std", "n", "values"} over the values that are not None (sample std, ddof=1;
   0.0 for one value; mean and std None for none)."""
@@ -133,6 +155,17 @@ def aggregate(rows: Sequence[Mapping[str, Any]],
   return out
 
 
+def confidence_95(stats: Mapping[str, Any]) -> list[float] | None:
+  """Student-t 95 % interval of the mean of `mean_std(...)`'s values (None below 2):
+  mean ± t(0.975, n - 1) · std / √n. With 3 seeds t = 4.30, so a paired effect is only
+  told apart from none when it is steady across the seeds, not just positive in each."""
+  n = stats["n"]
+  if n < 2:
+    return None
+  half = float(scipy.stats.t.ppf(0.975, n - 1)) * stats["std"] / math.sqrt(n)
+  return [stats["mean"] - half, stats["mean"] + half]
+
+
 def paired_differences(rows: Sequence[Mapping[str, Any]], metric: str,
                        treatment: str = "align", control: str = "lm") -> list[dict[str, Any]]:
   """Per fraction: mean +- std over seeds of metric(treatment) - metric(control), using the
@@ -145,8 +178,9 @@ def paired_differences(rows: Sequence[Mapping[str, Any]], metric: str,
     diffs = [by_key[(fraction, treatment, s)] - by_key[(fraction, control, s)] for s in seeds
              if by_key[(fraction, treatment, s)] is not None
              and by_key[(fraction, control, s)] is not None]
+    stats = mean_std(diffs)
     out.append({"fraction": fraction, "metric": metric, "treatment": treatment,
-                "control": control, "seeds": seeds, **mean_std(diffs)})
+                "control": control, "seeds": seeds, **stats, "ci95": confidence_95(stats)})
   return out
 
 
@@ -171,9 +205,11 @@ def _table(groups: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[
 
 
 def markdown_report(groups: Sequence[Mapping[str, Any]],
-                    differences: Sequence[Mapping[str, Any]] = ()) -> str:
+                    differences: Sequence[Mapping[str, Any]] = (),
+                    rows: Sequence[Mapping[str, Any]] = ()) -> str:
   """The results table (mean ± std over seeds), the stage-2-alone table when any group has
-  those metrics, and, when given, the paired differences."""
+  those metrics, when given the paired differences, and the rows' scores per question
+  kind (`kinds_table`) when they have them."""
   lines = ["After the VQA fine-tune (test split):", ""]
   lines += _table(groups, TEST_METRICS + ("hamming", "stage2_lm_loss"))
   if any(g["metrics"].get(m, {}).get("n") for g in groups for m in ZERO_SHOT_METRICS):
@@ -182,14 +218,39 @@ def markdown_report(groups: Sequence[Mapping[str, Any]],
   differences = [d for d in differences if d["n"]]
   if differences:
     lines += ["", "Paired differences between arms, same seed, mean ± std over seeds:", "",
-              "| stage-2 data | difference | metric | mean ± std | per seed |",
-              "|---|---|---|---|---|"]
+              "| stage-2 data | difference | metric | mean ± std | 95 % CI (t) | per seed |",
+              "|---|---|---|---|---|---|"]
     for d in differences:
       per_seed = ", ".join(f"{v:+.3f}" for v in d["values"])
       pair = " − ".join(f"({ARMS.get(d[k], d[k])})" for k in ("treatment", "control"))
+      ci = "[{:+.3f}, {:+.3f}]".format(*d["ci95"]) if d.get("ci95") else "–"
       lines.append(f"| {_percent(d['fraction'])} | {pair} | "
-                   f"{LABELS.get(d['metric'], d['metric'])} | {format_mean_std(d)} | {per_seed} |")
+                   f"{LABELS.get(d['metric'], d['metric'])} | {format_mean_std(d)} | {ci} | "
+                   f"{per_seed} |")
+  kinds = kinds_table(rows)
+  if kinds:
+    lines += ["", "Test score per question kind after the fine-tune (CLOSED: hit, OPEN: "
+              "recall), seed by seed:", ""] + kinds
   return "\n".join(lines) + "\n"
+
+
+def kinds_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  """Markdown lines: per (fraction, arm), each question kind's score, seed by seed
+  ("a / b / c" in seed order); rows without `kinds` are left out."""
+  rows = [r for r in rows if r.get("kinds")]
+  if not rows:
+    return []
+  kinds = [k for k in demo_world.VQA_QUESTION_KINDS if any(k in r["kinds"] for r in rows)]
+  lines = ["| stage-2 data | stage 2 | seeds | " + " | ".join(kinds) + " |",
+           "|---|---|---|" + "---|" * len(kinds)]
+  for g in aggregate(rows, metrics=()):
+    members = sorted((r for r in rows if float(r["fraction"]) == g["fraction"]
+                      and r["arm"] == g["arm"]), key=lambda r: r["seed"])
+    cells = [" / ".join(f"{r['kinds'][k]:.2f}" if k in r["kinds"] else "–" for r in members)
+             for k in kinds]
+    lines.append(f"| {_percent(g['fraction'])} | {ARMS.get(g['arm'], g['arm'])} | "
+                 f"{', '.join(str(s) for s in g['seeds'])} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def _font(size: int) -> PIL.ImageFont.ImageFont:
