@@ -242,10 +242,13 @@ def url_problem(flag: str, path: str | None) -> str | None:
 
 def path_problem(flag: str, path: str | None, kind: str = "file",
                  holding: str | None = None) -> str | None:
-  """A command-line path that is unset or not what the program reads ("file", "dir" or
-  "any"; `holding`: a file the directory must contain), e.g. predict's --image."""
+  """A command-line path that is unset, a URL (the tools read models and images with local
+  file I/O: `url_problem`) or not what the program reads ("file", "dir" or "any";
+  `holding`: a file the directory must contain), e.g. predict's --image."""
   if not path:
     return f"{flag} is required"
+  if url := url_problem(flag, path):
+    return url
   p = epath.Path(path)
   if not p.exists():
     return f"{flag}={path} does not exist"

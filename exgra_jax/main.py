@@ -68,26 +68,27 @@ def validate_or_exit(config, *, check_paths: bool) -> None:
 
 
 def checkpoint_problem(config, workdir: epath.Path) -> str | None:
-  """What eval / predict / export lack when the model they read is not there, with the fix
-  (the loader itself explains a folder that exists but holds no checkpoint)."""
+  """What eval / predict / export lack when the model they read is not there, or is a folder
+  that holds no checkpoint, with the fix."""
   if _CHECKPOINT.value and _MODE.value != "eval":
     return (f"--checkpoint is for --mode=eval; --mode={_MODE.value} reads the newest "
             "checkpoint of --workdir (python -m exgra_jax.predict --model=DIR answers with any "
             "model, tools/export_hf.py exports any checkpoint)")
   if _MODE.value == "train":
     return None
+  from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top
+  from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top
   if _CHECKPOINT.value:
     if url := configuration.url_problem("--checkpoint", _CHECKPOINT.value):
       return url
     if not epath.Path(_CHECKPOINT.value).exists():
       return (f"--checkpoint={_CHECKPOINT.value} does not exist: pass a train checkpoint, a "
               "params checkpoint of tools/import_hf.py or a Hugging Face directory")
-    return None
-  from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top
+    return checkpoints.not_a_checkpoint(_CHECKPOINT.value)
   path = (workdir / "checkpoints" / config.stages[-1] if _MODE.value == "export"
           else vqa.default_checkpoint(config, workdir))
   if path.exists():
-    return None
+    return checkpoints.not_a_checkpoint(str(path))
   return (f"--mode={_MODE.value}: no checkpoint of stage {config.stages[-1]!r} in {workdir} "
           f"({path} does not exist): train first with --mode=train and the same --config "
           "and --workdir" + (", or pass --checkpoint=DIR (a train or params checkpoint, or a "

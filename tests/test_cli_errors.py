@@ -67,6 +67,26 @@ def test_a_url_workdir_is_refused_before_anything_is_written():
   assert not os.path.exists(os.path.join(REPO, "gs:"))
 
 
+@pytest.mark.parametrize("tool", [("-m", "exgra_jax.predict", "--image=x.png", "--question=q"),
+                                  ("-m", "exgra_jax.serve"), ("-m", "exgra_jax.chat")])
+def test_a_url_model_is_refused_without_a_network_lookup(tool):
+  out = run_cli(*tool, "--model=gs://bucket/model")
+  assert f"--model=gs://bucket/model: this path {configuration.LOCAL_ONLY}" in out.stderr
+
+
+@pytest.mark.parametrize("tool,flag", [
+    (("-m", "exgra_jax.predict", "--image=x.png", "--question=q"), "--model"),
+    (("-m", "exgra_jax.serve"), "--model"), (("-m", "exgra_jax.chat"), "--model"),
+    (("tools/export_hf.py", "--out=/tmp/unused"), "--checkpoint"),
+    (("tools/inspect_checkpoint.py",), "--checkpoint"),
+    (("-m", "exgra_jax.main", f"--config={DEMO}", "--workdir=/tmp/unused", "--mode=eval"),
+     "--checkpoint")])
+def test_a_folder_that_holds_no_checkpoint_is_one_line(tmp_path, tool, flag):
+  out = run_cli(*tool, f"{flag}={tmp_path}")
+  assert f"{tmp_path} is not a checkpoint: expected a train step" in out.stderr
+  assert not list(tmp_path.iterdir())
+
+
 def test_eval_checkpoint_flag_is_checked(tmp_path):
   out = run_cli("-m", "exgra_jax.main", f"--config={DEMO}", f"--workdir={tmp_path}/w",
                 "--mode=eval", f"--checkpoint={tmp_path}/nothing")

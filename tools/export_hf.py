@@ -14,6 +14,8 @@ import json
 
 from absl import app, flags
 
+from exgra_jax import configuration
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint to export", required=True)
 _OUT = flags.DEFINE_string("out", None, "HF directory to write (replaced whole)", required=True)
 _LAYOUT = flags.DEFINE_enum("layout", "llava", ["llava", "release"], "HF layout")
@@ -27,6 +29,14 @@ def main(argv):
   del argv
   from exgra_jax.hf import exporter  # pylint: disable=g-import-not-at-top
   from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top
+  problems = [p for p in (
+      configuration.path_problem("--checkpoint", _CHECKPOINT.value, "any")
+      or checkpoints.not_a_checkpoint(_CHECKPOINT.value),
+      configuration.url_problem("--out", _OUT.value),
+      _TOKENIZER.value and configuration.path_problem("--tokenizer", _TOKENIZER.value, "dir"))
+      if p]
+  if problems:
+    configuration.exit_usage("\n".join(problems))
   loaded = checkpoints.load(_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value)
   if not loaded.tokenizer_dir:
     raise app.UsageError(f"{_CHECKPOINT.value}: no tokenizer found with it (no saved "

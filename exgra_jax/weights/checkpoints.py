@@ -85,6 +85,16 @@ def checkpoint_kind(path: str) -> str:
       "directory (config.json)")
 
 
+def not_a_checkpoint(path: str) -> str | None:
+  """`checkpoint_kind`'s message when the existing `path` is no kind `load` reads, else None:
+  for command lines to say in one line, before anything loads."""
+  try:
+    checkpoint_kind(os.path.abspath(path))
+  except FileNotFoundError as e:
+    return str(e)
+  return None
+
+
 def resolve_step(path: str, kind: str) -> str:
   """A stage directory -> its newest step; any other checkpoint -> `path`."""
   return os.path.join(path, str(_steps(path)[-1])) if kind == STAGE else path
