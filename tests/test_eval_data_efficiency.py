@@ -1,6 +1,9 @@
 """Data-efficiency bookkeeping: rows from summaries, mean/std by hand, paired differences,
 the Markdown table and the pillow bar chart (nothing is trained)."""
 import math
+import os
+import subprocess
+import sys
 
 import PIL.Image
 import pytest
@@ -146,3 +149,23 @@ def test_scores_per_question_kind_by_hand():
   assert lines[0] == "| stage-2 data | stage 2 | seeds | organ | count |"
   assert lines[2] == "| 100 % | LM only | 0, 1 | 1.00 / 0.75 | 0.25 / 0.25 |"
   assert lines[2] in de.markdown_report(de.aggregate(rows), rows=rows)
+
+
+def test_the_long_arms_run_as_many_stage2_steps_on_a_tenth_of_the_data(tmp_path):
+  """tools/run_data_efficiency.py --dry_run: lm_long / align_long at 10 % get epochs / 0.1
+  (the 100 % arms' steps), only at --long_fractions; the other arms keep the epochs."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "-m", "tools.run_data_efficiency", "--dry_run", "--seeds=0",
+       f"--workdir={tmp_path}", "--world_root=/nonexistent", "--stage2_epochs=0.5"],
+      cwd=repo, capture_output=True, text=True, check=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  stage2 = {line.split("--workdir=")[1].split()[0].rsplit("/", 1)[1]: line
+            for line in out.stdout.splitlines() if "'stage2'" in line}
+  assert sorted(stage2) == ["align_f0.1", "align_f1", "align_long_f0.1", "align_weak_f1",
+                            "lm_f0.1", "lm_f1", "lm_long_f0.1"]
+  for run, epochs in (("lm_f0.1", "0.5"), ("align_f1", "0.5"), ("lm_long_f0.1", "5"),
+                      ("align_long_f0.1", "5")):
+    assert f"--config.stage2.epochs={epochs} " in stage2[run] + " ", run
+  assert "--config.stage2.align=True" in stage2["align_long_f0.1"]
+  assert "--config.stage2.align=False" in stage2["lm_long_f0.1"]

@@ -45,10 +45,14 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/data_efficiency",
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "config.seed of the runs")
 _FRACTIONS = flags.DEFINE_list("fractions", ["0.1", "1.0"], "stage2.subset_fraction values")
 _ARMS = flags.DEFINE_list("arms", list(de.ARMS), "stage-2 arms: lm (align=False), align, "
-                         "align_weak (align, solver_iterations=1); de.ARM_OVERRIDES")
+                         "align_weak (align, solver_iterations=1), lm_long / align_long "
+                         "(lm / align for 100 %'s steps); de.ARM_OVERRIDES")
 _WEAK_FRACTIONS = flags.DEFINE_list(
     "align_weak_fractions", ["1.0"], "the fractions at which the align_weak arm runs (the "
     "solver question is asked where the alignment sees the most data)")
+_LONG_FRACTIONS = flags.DEFINE_list(
+    "long_fractions", ["0.1"], "the fractions at which the lm_long / align_long arms run "
+    "(stage 2 for as many steps as at 100 %: de.FULL_DATA_STEPS)")
 _WORLD = flags.DEFINE_enum("world", "medium", ["small", "medium"], "demo world size")
 _WORLD_ROOT = flags.DEFINE_string("world_root", None,
                                   "demo world folder (default .cache/demo_<world>)")
@@ -122,12 +126,16 @@ def plan(world_root: str) -> list[Job]:
           raise app.UsageError(f"unknown arm {arm!r}: expected one of {list(de.ARMS)}")
         if arm == "align_weak" and fraction not in {float(f) for f in _WEAK_FRACTIONS.value}:
           continue
+        if arm in de.FULL_DATA_STEPS and fraction not in {float(f) for f in
+                                                          _LONG_FRACTIONS.value}:
+          continue
+        epochs = _STAGE2_EPOCHS.value / (fraction if arm in de.FULL_DATA_STEPS else 1.0)
         work = arm_dir(seed, fraction, arm)
         jobs.append(Job("stage2", work, _common(work, seed, "stage2", world_root) + [
             f"--config.stage2.init_from={os.path.join(stage1_dir, 'checkpoints', 'stage1')}",
             *[_override(o) for o in de.ARM_OVERRIDES[arm]],
             f"--config.stage2.subset_fraction={fraction}",
-            f"--config.stage2.epochs={_STAGE2_EPOCHS.value}"] + extra))
+            f"--config.stage2.epochs={epochs:g}"] + extra))
         if _STAGE2_EVAL.value:  # stages=('stage2',): eval reads checkpoints/stage2
           jobs.append(Job("stage2_eval", work,
                           _common(work, seed, "stage2", world_root, mode="eval") + extra))
