@@ -1,7 +1,7 @@
 r"""The data-efficiency experiment: stage 2 with LM only vs LM + multi-graph alignment (exact
-solver, and a deliberately weakened one), at several fractions of the stage-2 data, over
-seeds, each run ending with a VQA fine-tune and a test evaluation (docs/data_efficiency.md).
-Not part of CI.
+solver, and a deliberately weakened one), at several fractions of the stage-2 data (with the
+same epochs, and with the same steps as at 100 %: the `*_long` arms), over seeds, each run
+ending with a VQA fine-tune and a test evaluation (docs/data_efficiency.md). Not part of CI.
 
     nice -n 10 .venv/bin/python -m tools.run_data_efficiency --out=results/data_efficiency
     .venv/bin/python -m tools.run_data_efficiency --dry_run        # print the commands
