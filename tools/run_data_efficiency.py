@@ -272,7 +272,7 @@ def write_outputs(jobs: list[Job], world_root: str) -> None:
             f"{wall / 60:.1f} min.\n\n")
   with open(os.path.join(out, "table.md"), "w") as f:
     f.write(header + de.markdown_report(groups, diffs, rows))
-  de.bar_chart(groups, os.path.join(out, "chart.png"), size=(1200, 380),
+  de.bar_chart(groups, os.path.join(out, "chart.png"), size=(1500, 400),
                metrics=de.TEST_METRICS + ("zs_selection_score",),
                title=f"Data efficiency on the {_WORLD.value} demo world (tiny model, "
                      f"seeds {', '.join(str(s) for s in sorted({r['seed'] for r in rows}))})")
