@@ -19,7 +19,6 @@ from exgra_jax import configuration
 from exgra_jax.eval import prompts
 from exgra_jax.serving import engine as engine_lib
 from exgra_jax.serving.requests import Conversation, Limits, RequestError
-from exgra_jax.weights import checkpoints
 
 _MODEL = flags.DEFINE_string("model", None, "Checkpoint or HF directory.")
 _IMAGE = flags.DEFINE_string("image", None, "Image file to start with (PNG, JPEG, DICOM, ...).")
@@ -53,8 +52,7 @@ def _lines():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  problems = [p for p in (configuration.path_problem("--model", _MODEL.value, "any")
-                          or checkpoints.not_a_checkpoint(_MODEL.value),
+  problems = [p for p in (configuration.model_problem("--model", _MODEL.value),
                           _IMAGE.value and configuration.path_problem("--image", _IMAGE.value))
               if p]
   if problems:

@@ -261,6 +261,13 @@ def path_problem(flag: str, path: str | None, kind: str = "file",
   return None
 
 
+def model_problem(flag: str, path: str | None) -> str | None:
+  """`path_problem` for a model to load (any kind `weights.checkpoints.load` reads), plus
+  an existing folder that holds no checkpoint: said in one line before anything loads."""
+  from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top (heavy: orbax)
+  return path_problem(flag, path, "any") or checkpoints.not_a_checkpoint(path)
+
+
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """Loads `FILE[:ARG]` and applies `a.b=value` overrides exactly as the command line does.
 

@@ -14,7 +14,6 @@ from absl import flags
 
 from exgra_jax import configuration, console
 from exgra_jax.eval import prompts, single_question
-from exgra_jax.weights import checkpoints
 
 _MODEL = flags.DEFINE_string("model", None, "Checkpoint or HF directory.")
 _IMAGE = flags.DEFINE_string("image", None, "Image file (JPEG, PNG, TIFF, DICOM).")
@@ -36,8 +35,7 @@ def main(argv):
   # Checked before the model loads (minutes for a 7B model), all in one message.
   problems = [p for p in (
       configuration.path_problem("--image", _IMAGE.value),
-      configuration.path_problem("--model", _MODEL.value, "any")
-      or checkpoints.not_a_checkpoint(_MODEL.value)) if p]
+      configuration.model_problem("--model", _MODEL.value)) if p]
   if problems:
     configuration.exit_usage("\n".join(problems) + "\n(--model: a train checkpoint, a params "
                              "checkpoint of tools/import_hf.py or a Hugging Face directory)")

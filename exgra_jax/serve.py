@@ -17,7 +17,6 @@ from exgra_jax.eval import prompts
 from exgra_jax.serving import engine as engine_lib
 from exgra_jax.serving import http_api
 from exgra_jax.serving.requests import Limits
-from exgra_jax.weights import checkpoints
 
 _MODEL = flags.DEFINE_string("model", None, "Checkpoint or HF directory.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0 = every interface).")
@@ -46,8 +45,7 @@ _NAME = flags.DEFINE_string("name", None, "Model name in the API (default: --mod
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  problems = [p for p in (configuration.path_problem("--model", _MODEL.value, "any")
-                          or checkpoints.not_a_checkpoint(_MODEL.value),
+  problems = [p for p in (configuration.model_problem("--model", _MODEL.value),
                           _IMAGE_ROOT.value and configuration.path_problem(
                               "--image_root", _IMAGE_ROOT.value, "dir"),
                           _MAX_BATCH.value < 1 and f"--max_batch={_MAX_BATCH.value} must be >= 1",

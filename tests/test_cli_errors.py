@@ -67,16 +67,18 @@ def test_a_url_workdir_is_refused_before_anything_is_written():
   assert not os.path.exists(os.path.join(REPO, "gs:"))
 
 
-@pytest.mark.parametrize("tool", [("-m", "exgra_jax.predict", "--image=x.png", "--question=q"),
-                                  ("-m", "exgra_jax.serve"), ("-m", "exgra_jax.chat")])
+# The command lines that load a model named by --model.
+_MODEL_TOOLS = [("-m", "exgra_jax.predict", "--image=x.png", "--question=q"),
+                ("-m", "exgra_jax.serve"), ("-m", "exgra_jax.chat")]
+
+
+@pytest.mark.parametrize("tool", _MODEL_TOOLS)
 def test_a_url_model_is_refused_without_a_network_lookup(tool):
   out = run_cli(*tool, "--model=gs://bucket/model")
   assert f"--model=gs://bucket/model: this path {configuration.LOCAL_ONLY}" in out.stderr
 
 
-@pytest.mark.parametrize("tool,flag", [
-    (("-m", "exgra_jax.predict", "--image=x.png", "--question=q"), "--model"),
-    (("-m", "exgra_jax.serve"), "--model"), (("-m", "exgra_jax.chat"), "--model"),
+@pytest.mark.parametrize("tool,flag", [*((tool, "--model") for tool in _MODEL_TOOLS),
     (("tools/export_hf.py", "--out=/tmp/unused"), "--checkpoint"),
     (("tools/inspect_checkpoint.py",), "--checkpoint"),
     (("-m", "exgra_jax.main", f"--config={DEMO}", "--workdir=/tmp/unused", "--mode=eval"),

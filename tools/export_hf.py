@@ -30,8 +30,7 @@ def main(argv):
   from exgra_jax.hf import exporter  # pylint: disable=g-import-not-at-top
   from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top
   problems = [p for p in (
-      configuration.path_problem("--checkpoint", _CHECKPOINT.value, "any")
-      or checkpoints.not_a_checkpoint(_CHECKPOINT.value),
+      configuration.model_problem("--checkpoint", _CHECKPOINT.value),
       configuration.url_problem("--out", _OUT.value),
       _TOKENIZER.value and configuration.path_problem("--tokenizer", _TOKENIZER.value, "dir"))
       if p]

@@ -9,7 +9,7 @@ Logic: exgra_jax/weights/inspection.py.
 from absl import app, flags
 
 from exgra_jax import configuration
-from exgra_jax.weights import checkpoints, inspection
+from exgra_jax.weights import inspection
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "train step, stage or params checkpoint",
                                   required=True)
@@ -17,8 +17,7 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "train step, stage or para
 
 def main(argv):
   del argv
-  problem = (configuration.path_problem("--checkpoint", _CHECKPOINT.value, "any")
-             or checkpoints.not_a_checkpoint(_CHECKPOINT.value))
+  problem = configuration.model_problem("--checkpoint", _CHECKPOINT.value)
   if problem:
     configuration.exit_usage(problem)
   info = inspection.read_checkpoint(_CHECKPOINT.value)

@@ -250,15 +250,16 @@ def kinds_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   if not rows:
     return []
   kinds = [k for k in demo_world.VQA_QUESTION_KINDS if any(k in r["kinds"] for r in rows)]
+  groups: dict[tuple[float, str], list[Mapping[str, Any]]] = {}
+  for row in sorted(rows, key=lambda r: (float(r["fraction"]), _arm_order(r["arm"]), r["seed"])):
+    groups.setdefault((float(row["fraction"]), row["arm"]), []).append(row)
   lines = ["| stage-2 data | stage 2 | seeds | " + " | ".join(kinds) + " |",
            "|---|---|---|" + "---|" * len(kinds)]
-  for g in aggregate(rows, metrics=()):
-    members = sorted((r for r in rows if float(r["fraction"]) == g["fraction"]
-                      and r["arm"] == g["arm"]), key=lambda r: r["seed"])
+  for (fraction, arm), members in groups.items():
     cells = [" / ".join(f"{r['kinds'][k]:.2f}" if k in r["kinds"] else "–" for r in members)
              for k in kinds]
-    lines.append(f"| {_percent(g['fraction'])} | {ARMS.get(g['arm'], g['arm'])} | "
-                 f"{', '.join(str(s) for s in g['seeds'])} | " + " | ".join(cells) + " |")
+    lines.append(f"| {_percent(fraction)} | {ARMS.get(arm, arm)} | "
+                 f"{', '.join(str(r['seed']) for r in members)} | " + " | ".join(cells) + " |")
   return lines
 
 
