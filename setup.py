@@ -30,6 +30,7 @@ INSTALL_REQUIRES = [
     "absl-py>=2.0",
     "etils[epath]>=1.7",
     "tqdm>=4.60",               # progress bars of the caption-extension tool
+    "qwix==0.1.8",              # LoRA / QLoRA adapters and weight-only quantization (models/adapters.py)
 ]
 
 setup(
@@ -49,6 +50,7 @@ setup(
         # selenium drives the system's chromium (apt: chromium, chromium-driver; the
         # README's test command installs them) for the chat page's browser test.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "pygmtools>=0.5",
-                 "jax[tpu]>=0.10,<0.11", "selenium>=4.20"],
+                 "jax[tpu]>=0.10,<0.11", "selenium>=4.20",
+                 "peft==0.21.2"],  # peft: the reference for the exported PEFT adapter
     },
 )
