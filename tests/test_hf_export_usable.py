@@ -1,7 +1,18 @@
 """An exported directory works with transformers as any LLaVA does (issue 13, item 2):
 `AutoProcessor` + `apply_chat_template` + `processor(images=..., text=...)` + `generate`
-give the answer `exgra_jax.predict` gives, on a tiny random model over the demo world."""
+give the answer `exgra_jax.predict` gives, on a tiny random model over the demo world.
+
+docs/hf.md's snippet is run as written (its paths and question replaced) on every image
+kind of the demo world: JPEG, 8-bit and 16-bit PNG, DICOM (issue 26, item 1). A random,
+unsteered model answers with image-dependent tokens, so a snippet that fed the processor
+other pixels than `data/images.py` decodes (e.g. `convert("RGB")` on a 16-bit scan) would
+give another answer.
+"""
+import json
 import os
+import re
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -12,7 +23,7 @@ import torch
 import transformers
 
 from exgra_jax import configuration
-from exgra_jax.data import text
+from exgra_jax.data import images, text
 from exgra_jax.eval import prompts, single_question
 from exgra_jax.hf import exporter
 from exgra_jax.models import llava
@@ -94,3 +105,99 @@ def test_generate_answers_as_predict_does(export):
   ours = single_question.answer_from_checkpoint(out, image_path, QUESTION, template="train",
                                                 max_new_tokens=MAX_NEW_TOKENS)
   assert answer.split("###")[0].strip() == ours
+
+
+# Every image kind the demo world writes, as PIL reports it (DICOM: pydicom's files).
+DEMO_KINDS = {("JPEG", "RGB"), ("PNG", "L"), ("PNG", "I;16"), "DICOM"}
+SNIPPET_TOKENS = 8  # new tokens, for predict and the snippet (the export's default is 1024)
+
+
+def _kind(path: str):
+  if path.endswith(".dcm"):
+    return "DICOM"
+  with PIL.Image.open(path) as image:
+    return image.format, image.mode
+
+
+@pytest.fixture(scope="module")
+def random_export(demo_world, tmp_path_factory):
+  """(export directory, {kind: first image of that kind}) of a random, unsteered model."""
+  config = configuration.load(os.path.join(REPO, "configs", "demo.py:small"),
+                              [f"data.root={demo_world}"])
+  params = nn.unbox(llava.init_boxed_params(LlavaConfig.from_config(config.model),
+                                            jax.random.key(5)))
+  out = str(tmp_path_factory.mktemp("export_random") / "llava")
+  exporter.export(params, config.model, out,
+                  tokenizer_dir=os.path.join(demo_world, "tokenizer"))
+  generation = os.path.join(out, "generation_config.json")
+  with open(generation) as f:
+    settings = json.load(f)
+  with open(generation, "w") as f:
+    json.dump({**settings, "max_new_tokens": SNIPPET_TOKENS}, f)
+  kinds = {}
+  for folder in ("vqa/images", "images"):
+    for name in sorted(os.listdir(os.path.join(demo_world, folder))):
+      path = os.path.join(demo_world, folder, name)
+      kinds.setdefault(_kind(path), path)
+  assert set(kinds) == DEMO_KINDS, sorted(map(str, kinds))
+  return out, kinds
+
+
+def _docs_snippet() -> str:
+  with open(os.path.join(REPO, "docs", "hf.md")) as f:
+    docs = f.read()
+  (snippet,) = re.findall(r"runs this snippet as written.*?```python\n(.*?)```", docs, re.S)
+  return snippet
+
+
+def _with(snippet: str, model_dir: str, image_path: str, question: str) -> str:
+  """The snippet with its three settings replaced (each must be found exactly once)."""
+  for pattern, value in ((r'^model_dir = ".*"$', f"model_dir = {model_dir!r}"),
+                         (r'^image = load_rgb\(".*"\)', f"image = load_rgb({image_path!r})"),
+                         (r'^question = ".*"$', f"question = {question!r}")):
+    snippet, count = re.subn(pattern, lambda _, v=value: v, snippet, flags=re.M)
+    assert count == 1, pattern
+  return snippet
+
+
+def test_load_rgb_gives_the_pixels_predict_feeds_the_model(random_export):
+  """The processor on `load_rgb`'s image computes predict's CLIP input for every kind; on
+  the 16-bit PNG `convert("RGB")` does not (the defect the snippet avoids)."""
+  out, kinds = random_export
+  processor = transformers.AutoProcessor.from_pretrained(out)
+  size = processor.image_processor.crop_size["height"]
+  for kind, path in kinds.items():
+    image = images.load_rgb(path)
+    assert image.mode == "RGB", kind
+    pixels = processor.image_processor(image, return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(pixels.transpose(1, 2, 0),
+                               single_question.load_pixels(path, size), atol=1e-5,
+                               err_msg=str(kind))
+  with PIL.Image.open(kinds["PNG", "I;16"]) as image:
+    clipped = processor.image_processor(image.convert("RGB"), return_tensors="np")
+  assert np.abs(clipped["pixel_values"][0].transpose(1, 2, 0) - single_question.load_pixels(
+      kinds["PNG", "I;16"], size)).max() > 1.0
+
+
+def test_docs_snippet_answers_as_predict_on_every_image_kind(random_export, capsys):
+  out, kinds = random_export
+  snippet = _docs_snippet()
+  model, params, tokenizer = single_question.load_for_generation(out)
+  answers = {}
+  for kind, path in kinds.items():
+    ours = single_question.answer_question(model, params, tokenizer, path, QUESTION,
+                                           template="train", max_new_tokens=SNIPPET_TOKENS)
+    exec(compile(_with(snippet, out, path, QUESTION), "docs/hf.md", "exec"), {})  # pylint: disable=exec-used
+    printed = capsys.readouterr().out
+    assert printed == ours + "\n", (kind, printed, ours)
+    answers[kind] = ours
+  assert len(set(answers.values())) > 1, answers  # the answers depend on the image
+
+
+def test_load_rgb_imports_no_jax():
+  """transformers users get the training pixels without JAX (docs/hf.md)."""
+  code = ("import sys; from exgra_jax.data.images import load_rgb; "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True, timeout=120)
+  assert out.stdout == "[]\n", out.stdout

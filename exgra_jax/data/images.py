@@ -19,8 +19,14 @@ Conversion rules:
 - DICOM: modality LUT (rescale slope/intercept), then the VOI LUT sequence or the window
   centre/width of the header (linear DICOM windowing to 0..255), else a min-max stretch;
   MONOCHROME1 is inverted; a multi-frame file gives its first frame.
+
+`load_rgb(path)` hands the same 8-bit RGB image to people who run an exported model with
+transformers (docs/hf.md): `Image.open(path).convert("RGB")` clips a 16-bit scan to white
+and cannot read DICOM, so the processor would see other pixels than the model was trained
+on. This module imports numpy, PIL and pydicom only (no JAX), so that use needs no JAX.
 """
 import io
+import os
 
 import numpy as np
 import PIL.Image
@@ -126,6 +132,16 @@ def decode_image(data: bytes) -> np.ndarray:
     raise ImageDecodeError(f"image too large: {e}") from e
   except (OSError, SyntaxError, ValueError) as e:
     raise ImageDecodeError(f"truncated or corrupt image: {e}") from e
+
+
+def load_rgb(path: str | os.PathLike) -> PIL.Image.Image:
+  """The image file at `path` (JPEG, PNG, 16-bit PNG / TIFF, DICOM, ...) as the 8-bit RGB
+  PIL image the model sees: `decode_image`'s pixels, ready for a transformers processor.
+
+  Raises ImageDecodeError for unreadable files, OSError when `path` cannot be opened.
+  """
+  with open(path, "rb") as f:
+    return PIL.Image.fromarray(decode_image(f.read()))
 
 
 def clip_preprocess(rgb: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
