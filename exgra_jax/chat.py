@@ -15,7 +15,7 @@ import sys
 from absl import app
 from absl import flags
 
-from exgra_jax import configuration
+from exgra_jax import configuration, console
 from exgra_jax.eval import prompts
 from exgra_jax.serving import engine as engine_lib
 from exgra_jax.serving.requests import Conversation, Limits, RequestError
@@ -51,7 +51,8 @@ def _lines():
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    configuration.exit_usage(configuration.stray_arguments(argv[1:]))
+  console.setup(flags.FLAGS.verbosity)
   problems = [p for p in (configuration.model_problem("--model", _MODEL.value),
                           _IMAGE.value and configuration.path_problem("--image", _IMAGE.value))
               if p]

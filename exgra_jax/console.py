@@ -8,6 +8,14 @@ logging, their own handlers / C++ logs), so `quiet_third_party` sets one filter 
 absl handler (every Python log record passes it) and the libraries' own switches.
 absl's `--verbosity=1` (or higher) keeps everything, as before.
 
+`setup` is the one console setup of every command line (main, predict, serve, chat and
+the tools): the filters above, and on a machine with no TPU and no GPU attached, jax's
+platform fixed to the CPU, so that jax does not try a TPU through libtpu (installed by the
+test extra): that attempt printed libtpu's "could not determine TPU accelerator type", an
+`E0000 ... INVALID_ARGUMENT` about TPU worker hostnames and "Unable to initialize backend
+'tpu'", and took libtpu's one-process lock. A platform the user chose (`JAX_PLATFORMS`,
+`--jax_platforms`) is kept.
+
 `summary_table` is the end-of-run overview for people (numbers to 4 decimals); the full
 result stays JSON (stdout, and `summary.json` in the workdir).
 """
@@ -20,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from absl import logging as absl_logging
+import jax
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # Warnings of the libraries that are harmless here, dropped unless --verbosity >= 1.
@@ -62,6 +71,32 @@ def quiet_third_party(verbosity: int) -> None:
   os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   if "transformers" in sys.modules:
     sys.modules["transformers"].logging.set_verbosity_error()
+
+
+def accelerator_attached() -> bool:
+  """Whether a TPU (PCI ids jax itself checks before it starts libtpu) or a GPU (an
+  NVIDIA device node, or ROCm's /dev/kfd) is attached to this machine."""
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top  (jax's own probe)
+  return (hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+          or hardware_utils.has_visible_nvidia_gpu() or os.path.exists("/dev/kfd"))
+
+
+def cpu_unless_accelerator() -> None:
+  """Fixes jax to the CPU when the user chose no platform and no accelerator is attached.
+
+  Must run before jax's first computation (the backends start then); every entry point
+  calls it through `setup`, first thing in its main().
+  """
+  if not os.environ.get("JAX_PLATFORMS") and not jax.config.jax_platforms and (
+      not accelerator_attached()):
+    jax.config.update("jax_platforms", "cpu")
+
+
+def setup(verbosity: int) -> None:
+  """The console setup of every command line: call it first thing in main() with
+  `flags.FLAGS.verbosity` (see the module docstring)."""
+  cpu_unless_accelerator()
+  quiet_third_party(verbosity)
 
 
 def _number(value: Any) -> str:

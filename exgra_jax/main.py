@@ -20,7 +20,7 @@ import jax
 from etils import epath
 
 from exgra_jax import configuration, console, temp_paths
-from exgra_jax.data import records
+from exgra_jax.data import bad_records, records
 
 _CONFIG = configuration.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).",
@@ -98,11 +98,12 @@ def checkpoint_problem(config, workdir: epath.Path) -> str | None:
 def main(argv):
   if len(argv) > 1:
     configuration.exit_usage(configuration.stray_arguments(argv[1:]))
-  console.quiet_third_party(flags.FLAGS.verbosity)
+  console.setup(flags.FLAGS.verbosity)
   config = _CONFIG.value
   if config is None:
     configuration.exit_usage("--config is required, e.g. --config=configs/demo.py")
-  from exgra_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  from exgra_jax.train import distributed, gpu_flags  # pylint: disable=g-import-not-at-top
+  gpu_flags.apply()  # the project's GPU flags, read when jax creates its backends (next line)
   distributed.initialize(config)
   # A demo world's files exist once it is made: its paths are checked after that.
   validate_or_exit(config, check_paths=not config.data.demo_world)
@@ -126,6 +127,9 @@ def main(argv):
       result = loop.train(config, workdir)
     except records.RecordFileError as e:  # a whole file unreadable: the message says the fix
       configuration.exit_usage(str(e))
+    except bad_records.TooManyBadRecords as e:  # the data, not the program
+      configuration.exit_usage(f"{e}\n(tools/check_data.py lists every bad record and image: "
+                               "fix or drop them, or raise --config.data.max_bad_fraction)")
   elif _MODE.value == "eval":
     from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top
     result = vqa.evaluate(config, workdir, checkpoint=_CHECKPOINT.value)

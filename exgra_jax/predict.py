@@ -31,7 +31,7 @@ _CLIP_DIR = flags.DEFINE_string("clip_dir", None, "CLIP directory (release-layou
 def main(argv):
   if len(argv) > 1:
     configuration.exit_usage(configuration.stray_arguments(argv[1:]))
-  console.quiet_third_party(flags.FLAGS.verbosity)
+  console.setup(flags.FLAGS.verbosity)
   # Checked before the model loads (minutes for a 7B model), all in one message.
   problems = [p for p in (
       configuration.path_problem("--image", _IMAGE.value),

@@ -9,10 +9,13 @@ the server has no authentication. Concurrent requests share every decode step (u
 `--max_batch`; a new request joins at the next step), and `stream: true` sends each piece
 of the answer as it is generated. docs/serve.md has the API, the limits and the errors.
 """
+import errno
+import http.server
+
 from absl import app
 from absl import flags
 
-from exgra_jax import configuration
+from exgra_jax import configuration, console
 from exgra_jax.eval import prompts
 from exgra_jax.serving import engine as engine_lib
 from exgra_jax.serving import http_api
@@ -42,10 +45,32 @@ _CLIP_DIR = flags.DEFINE_string("clip_dir", None, "CLIP directory (release-layou
 _NAME = flags.DEFINE_string("name", None, "Model name in the API (default: --model's basename).")
 
 
+def bind_problem(host: str, port: int) -> str | None:
+  """Why the server cannot listen on host:port (out of range, taken, not this machine's
+  address), with the fix; checked by binding as the server does, before the model loads."""
+  if not 0 <= port <= 65535:
+    return f"--port={port} is not a TCP port: use 1..65535, or --port=0 for any free port"
+  try:
+    http.server.HTTPServer((host, port), http.server.BaseHTTPRequestHandler).server_close()
+  except OSError as e:
+    return bind_error(host, port, e)
+  return None
+
+
+def bind_error(host: str, port: int, error: OSError) -> str:
+  taken = error.errno == errno.EADDRINUSE
+  return (f"--port={port}: {host}:{port} is already in use (another server?): stop it, or "
+          "pick another --port (--port=0: any free port)" if taken else
+          f"--host={host} --port={port}: cannot listen there ({error.strerror or error}): "
+          "use --host=127.0.0.1 or an address of this machine")
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    configuration.exit_usage(configuration.stray_arguments(argv[1:]))
+  console.setup(flags.FLAGS.verbosity)
   problems = [p for p in (configuration.model_problem("--model", _MODEL.value),
+                          bind_problem(_HOST.value, _PORT.value),
                           _IMAGE_ROOT.value and configuration.path_problem(
                               "--image_root", _IMAGE_ROOT.value, "dir"),
                           _MAX_BATCH.value < 1 and f"--max_batch={_MAX_BATCH.value} must be >= 1",
@@ -60,8 +85,12 @@ def main(argv):
   engine = engine_lib.Engine(served, _MAX_BATCH.value, decode_steps=_DECODE_STEPS.value)
   limits = Limits(max_image_bytes=int(_MAX_IMAGE_MB.value * 2**20),
                   max_image_pixels=_MAX_IMAGE_PIXELS.value)
-  server = http_api.Server((_HOST.value, _PORT.value), served, engine, limits=limits,
-                           image_root=_IMAGE_ROOT.value)
+  try:
+    server = http_api.Server((_HOST.value, _PORT.value), served, engine, limits=limits,
+                             image_root=_IMAGE_ROOT.value)
+  except OSError as e:  # taken while the model loaded
+    engine.close()
+    configuration.exit_usage(bind_error(_HOST.value, _PORT.value, e))
   host, port = server.server_address[:2]
   print(f"serving {served.name} on http://{host}:{port}/ (OpenAI API at /v1)", flush=True)
   try:

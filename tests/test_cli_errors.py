@@ -1,6 +1,9 @@
 """A newcomer's mistakes on the command line: one message naming the setting or path and the
 fix, exit status 2, no traceback, nothing written (issue 15, item 2)."""
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -105,7 +108,7 @@ def test_predict_checks_image_and_model_before_loading(tmp_path):
 def test_import_hf_on_an_empty_directory(tmp_path):
   out = run_cli("tools/import_hf.py", f"--hf_dir={tmp_path}", f"--out={tmp_path}/out")
   assert f"--hf_dir={tmp_path} holds no config.json" in out.stderr
-  assert "huggingface-cli download" in out.stderr
+  assert "`hf download REPO --local-dir DIR`" in out.stderr
   assert not (tmp_path / "out").exists()
 
 
@@ -148,3 +151,122 @@ def test_an_unreadable_record_file_met_in_training_is_one_error_line(tmp_path):
   assert "Traceback" not in out.stderr
   assert out.stderr.splitlines()[-1].startswith(
       f"error: {root}/stage1_captions.json: record file is not a valid JSON list")
+
+
+# What the libraries print unasked (issue 26, item 2): jax's TPU probe, Orbax's metadata
+# notice, transformers' notices, and absl-formatted log lines of modules that are not ours.
+CHATTER = re.compile(r"Unable to initialize backend|libtpu|TPU accelerator|INVALID_ARGUMENT|"
+                     r"Metadata file does not exist|^\[transformers\]|PyTorch was not found",
+                     re.M)
+ABSL_LINE = re.compile(r"^[IWE]\d{4} [\d:.]+ +\d+ (\w+\.py):\d+\]", re.M)
+OURS = {name for _, _, files in os.walk(os.path.join(REPO, "exgra_jax")) for name in files}
+
+
+def chatter(stderr: str) -> list[str]:
+  """The lines of `stderr` that other libraries logged."""
+  return ([m.group(0) for m in CHATTER.finditer(stderr)]
+          + [m.group(0) for m in ABSL_LINE.finditer(stderr) if m.group(1) not in OURS])
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+  """A tiny transformers LLaVA directory and a plain LLaMA one (tests/hf_fixtures.py)."""
+  import hf_fixtures  # pylint: disable=g-import-not-at-top  (torch: only these tests)
+  root = tmp_path_factory.mktemp("hf")
+  cfg = hf_fixtures.tiny_config()
+  hf_fixtures.llava_dir(str(root / "llava"), cfg)
+  hf_fixtures.plain_dirs(str(root / "llama"), str(root / "clip"), cfg)
+  return root
+
+
+def _partial(hf_dirs, tmp_path, keep) -> str:
+  """A copy of the LLaVA directory with only the files `keep` accepts (a partial download)."""
+  out = tmp_path / "partial"
+  shutil.copytree(hf_dirs / "llava", out)
+  for name in os.listdir(out):
+    if not keep(name):
+      os.remove(out / name)
+  return str(out)
+
+
+def test_import_hf_without_weights_says_download_them(hf_dirs, tmp_path):
+  folder = _partial(hf_dirs, tmp_path, lambda name: not name.endswith(".safetensors"))
+  out = run_cli("tools/import_hf.py", f"--hf_dir={folder}", f"--out={tmp_path}/out")
+  assert f"no safetensors or .bin weights in {folder}" in out.stderr
+  assert "the weights were not downloaded: fetch the whole repository (`hf download" in (
+      out.stderr)
+  assert not chatter(out.stderr), out.stderr
+  assert not (tmp_path / "out").exists()
+
+
+def test_import_hf_on_a_llava_config_alone_says_the_tokenizer_is_missing(hf_dirs, tmp_path):
+  folder = _partial(hf_dirs, tmp_path, lambda name: name == "config.json")
+  out = run_cli("tools/import_hf.py", f"--hf_dir={folder}", f"--out={tmp_path}/out")
+  assert f"error: {folder} holds no tokenizer (none of tokenizer.json" in out.stderr
+  assert "download the whole repository (`hf download REPO --local-dir DIR`)" in out.stderr
+
+
+def test_import_hf_on_a_llama_without_clip_dir_names_the_flag(hf_dirs, tmp_path):
+  out = run_cli("tools/import_hf.py", f"--hf_dir={hf_dirs / 'llama'}", f"--out={tmp_path}/out")
+  assert f"{hf_dirs / 'llama'} (plain layout) has no CLIP weights: pass clip_dir (--clip_dir" in (
+      out.stderr)
+
+
+def test_a_truncated_safetensors_file_says_download_it_again(hf_dirs, tmp_path):
+  folder = _partial(hf_dirs, tmp_path, lambda name: True)
+  weights = os.path.join(folder, "model.safetensors")
+  with open(weights, "r+b") as f:
+    f.truncate(os.path.getsize(weights) // 2)
+  for tool in (("tools/import_hf.py", f"--out={tmp_path}/out"),
+               ("tools/export_hf.py", f"--out={tmp_path}/out")):
+    flag = "--hf_dir" if "import" in tool[0] else "--checkpoint"
+    out = run_cli(*tool, f"{flag}={folder}")
+    assert f"{weights}: unreadable safetensors file" in out.stderr
+    assert "was not downloaded completely; download it again" in out.stderr
+  assert not (tmp_path / "out").exists()
+
+
+def test_serve_on_a_bad_port_is_one_line_before_the_model_loads(hf_dirs):
+  out = run_cli("-m", "exgra_jax.serve", f"--model={hf_dirs / 'llava'}", "--port=99999")
+  assert out.stderr == ("error: --port=99999 is not a TCP port: use 1..65535, or --port=0 for "
+                        "any free port\n")
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    out = run_cli("-m", "exgra_jax.serve", f"--model={hf_dirs / 'llava'}", f"--port={port}")
+  assert out.stderr == (f"error: --port={port}: 127.0.0.1:{port} is already in use (another "
+                        "server?): stop it, or pick another --port (--port=0: any free port)\n")
+
+
+def test_export_prints_no_library_chatter_and_keeps_jax_off_the_tpu(hf_dirs, tmp_path):
+  """Without JAX_PLATFORMS (as a user runs it), on a machine with no accelerator, the
+  console setup keeps jax on the CPU: libtpu (from the test extra) is never started."""
+  from exgra_jax import console  # pylint: disable=g-import-not-at-top
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  if console.accelerator_attached():
+    env["JAX_PLATFORMS"] = "cpu"  # a TPU / GPU host: the platform choice is not tested here
+  out = subprocess.run([sys.executable, "tools/export_hf.py", f"--checkpoint={hf_dirs / 'llava'}",
+                        f"--out={tmp_path}/export"], cwd=REPO, capture_output=True, text=True,
+                       env=env, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert not chatter(out.stderr) and "Traceback" not in out.stderr, out.stderr
+  assert os.path.exists(tmp_path / "export" / "config.json")
+
+
+def test_too_many_bad_records_in_training_is_one_error_line(demo_world, tmp_path):
+  root = tmp_path / "world"
+  shutil.copytree(demo_world, root)
+  for name in os.listdir(root / "images"):
+    (root / "images" / name).write_bytes(b"not an image")
+  out = subprocess.run([sys.executable, "-m", "exgra_jax.main", f"--config={DEMO}:small",
+                        f"--workdir={tmp_path}/w", "--config.data.demo_world=",
+                        f"--config.data.root={root}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  message = out.stderr.split("\nerror: ", 1)[1]
+  assert re.match(r"bad record fraction [\d.]+ exceeds data.max_bad_fraction=0.01:\n"
+                  r"\d+ of \d+ records skipped\n  corrupt_image: ", message), message
+  assert message.endswith("fix or drop them, or raise --config.data.max_bad_fraction)\n")

@@ -11,6 +11,7 @@ included; see exgra_jax/data/dataset_check.py.
 """
 from absl import app, flags
 
+from exgra_jax import console
 from exgra_jax.data import dataset_check, records
 
 _RECORDS = flags.DEFINE_string("records", None, "JSON / JSONL record file", required=True)
@@ -25,6 +26,7 @@ _TO_JSONL = flags.DEFINE_string("to_jsonl", "", "write the JSON list as this JSO
 
 def main(argv):
   del argv
+  console.setup(flags.FLAGS.verbosity)
   path = _RECORDS.value
   try:
     if _TO_JSONL.value:

@@ -14,7 +14,7 @@ import json
 
 from absl import app, flags
 
-from exgra_jax import configuration
+from exgra_jax import configuration, console
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint to export", required=True)
 _OUT = flags.DEFINE_string("out", None, "HF directory to write (replaced whole)", required=True)
@@ -27,7 +27,8 @@ _DTYPE = flags.DEFINE_string("dtype", None, "tensor dtype in the files (default:
 
 def main(argv):
   del argv
-  from exgra_jax.hf import exporter  # pylint: disable=g-import-not-at-top
+  console.setup(flags.FLAGS.verbosity)
+  from exgra_jax.hf import exporter, importer  # pylint: disable=g-import-not-at-top
   from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top
   problems = [p for p in (
       configuration.model_problem("--checkpoint", _CHECKPOINT.value),
@@ -36,10 +37,13 @@ def main(argv):
       if p]
   if problems:
     configuration.exit_usage("\n".join(problems))
-  loaded = checkpoints.load(_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value)
+  try:
+    loaded = checkpoints.load(_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value)
+  except importer.USER_ERRORS as e:  # an HF directory that does not import: the fix
+    configuration.exit_usage(str(e))
   if not loaded.tokenizer_dir:
-    raise app.UsageError(f"{_CHECKPOINT.value}: no tokenizer found with it (no saved "
-                         "tokenizer/, no run config.json): pass --tokenizer")
+    configuration.exit_usage(f"{_CHECKPOINT.value}: no tokenizer found with it (no saved "
+                             "tokenizer/, no run config.json): pass --tokenizer=DIR")
   result = exporter.export(loaded.params, loaded.model_config, _OUT.value,
                            tokenizer_dir=loaded.tokenizer_dir, layout=_LAYOUT.value,
                            shard_size_gb=_SHARD.value, dtype=_DTYPE.value)

@@ -9,6 +9,7 @@ import os
 
 from absl import app, flags
 
+from exgra_jax import console
 from exgra_jax.eval import caption_extension
 from exgra_jax.eval.chat_client import ChatClient
 from exgra_jax.eval.vqa_metrics import read_json_or_jsonl
@@ -26,6 +27,7 @@ _TIMEOUT = flags.DEFINE_float("timeout_s", 60.0, "per-request timeout")
 
 def main(argv):
   del argv
+  console.setup(flags.FLAGS.verbosity)
   client = ChatClient(url=_URL.value, model=_MODEL.value,
                       api_key=os.environ.get(_KEY_ENV.value, ""), timeout_s=_TIMEOUT.value)
   settings = caption_extension.ExtensionSettings(_CONCURRENCY.value, _RPM.value,

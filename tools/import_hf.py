@@ -14,7 +14,7 @@ import tempfile
 
 from absl import app, flags
 
-from exgra_jax import configuration
+from exgra_jax import configuration, console
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF directory (llava, release or plain LLaMA)",
                               required=True)
@@ -39,13 +39,14 @@ _ALLOW_MISSING = flags.DEFINE_bool("allow_missing", False,
 
 def main(argv):
   del argv
+  console.setup(flags.FLAGS.verbosity)
   problems = [p for p in (
       configuration.path_problem("--hf_dir", _HF_DIR.value, "dir", holding="config.json"),
       _CLIP_DIR.value and configuration.path_problem("--clip_dir", _CLIP_DIR.value, "dir",
                                                      holding="config.json")) if p]
   if problems:
     configuration.exit_usage("\n".join(problems) + "\n(a Hugging Face model directory, as "
-                             "`huggingface-cli download REPO --local-dir DIR` writes it)")
+                             "`hf download REPO --local-dir DIR` writes it)")
   from exgra_jax.hf import importer  # pylint: disable=g-import-not-at-top
   from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top
   overrides = {key: value for key, value in (
@@ -55,10 +56,13 @@ def main(argv):
       ("connector_layers", _LAYERS.value and [int(i) for i in _LAYERS.value]))
       if value is not None}
   with tempfile.TemporaryDirectory() as tokenizer_out:
-    imported = importer.import_model(
-        _HF_DIR.value, _CLIP_DIR.value, tokenizer_dir=_TOKENIZER.value,
-        add_tokens=_ADD_TOKENS.value, tokenizer_out=tokenizer_out, overrides=overrides,
-        allow_missing=_ALLOW_MISSING.value)
+    try:
+      imported = importer.import_model(
+          _HF_DIR.value, _CLIP_DIR.value, tokenizer_dir=_TOKENIZER.value,
+          add_tokens=_ADD_TOKENS.value, tokenizer_out=tokenizer_out, overrides=overrides,
+          allow_missing=_ALLOW_MISSING.value)
+    except importer.USER_ERRORS as e:  # a partial download, an unsupported model: the fix
+      configuration.exit_usage(str(e))
     checkpoints.save_params(_OUT.value, imported.params, imported.model_config,
                             tokenizer_dir=imported.tokenizer_dir)
   print(json.dumps({"out": _OUT.value, "layout": imported.layout, "report": imported.report,

@@ -9,6 +9,7 @@ import json
 
 from absl import app, flags
 
+from exgra_jax import console
 from exgra_jax.data import demo_world
 
 _ROOT = flags.DEFINE_string("root", None, "output folder", required=True)
@@ -18,6 +19,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "generator seed (>= 0)")
 
 def main(argv):
   del argv
+  console.setup(flags.FLAGS.verbosity)
   manifest = demo_world.make_demo_world(_ROOT.value, size=_SIZE.value, seed=_SEED.value)
   print(json.dumps(manifest["counts"], indent=1))
 

@@ -8,6 +8,7 @@ exgra_jax/data/array_record_writer.py.
 """
 from absl import app, flags
 
+from exgra_jax import console
 from exgra_jax.data import array_record_writer, records
 
 _RECORDS = flags.DEFINE_string("records", None, "JSON / JSONL record file", required=True)
@@ -19,6 +20,7 @@ _WORKERS = flags.DEFINE_integer("workers", 4, "shards written at once")
 
 def main(argv):
   del argv
+  console.setup(flags.FLAGS.verbosity)
   recs, log = records.load_records(_RECORDS.value)
   paths = array_record_writer.write_shards(recs, _IMAGES.value, _OUT.value,
                                            num_shards=_NUM_SHARDS.value,

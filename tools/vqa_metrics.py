@@ -7,6 +7,7 @@ import json
 
 from absl import app, flags
 
+from exgra_jax import console
 from exgra_jax.eval import vqa_metrics
 
 _GT = flags.DEFINE_string("gt", None, "VQA set JSON (release format)", required=True)
@@ -16,6 +17,7 @@ _CANDIDATE = flags.DEFINE_string("candidate", None, "candidate.json for open acc
 
 def main(argv):
   del argv
+  console.setup(flags.FLAGS.verbosity)
   print(json.dumps(vqa_metrics.evaluate_files(_GT.value, _PRED.value, _CANDIDATE.value),
                    indent=2))
 

@@ -38,7 +38,7 @@ from flax import traverse_util
 
 from exgra_jax.data import text as text_lib
 from exgra_jax.hf import hf_configs, layouts, placement
-from exgra_jax.hf.weights_io import TensorReader
+from exgra_jax.hf.weights_io import DOWNLOAD, TensorReader, UnsupportedWeightsError
 
 PAD_TOKEN = "<pad>"
 # The patch token of a transformers LLaVA checkpoint -> its image-token style.
@@ -55,6 +55,18 @@ class MissingTensorsError(ValueError):
 
 class ShapeMismatchError(ValueError):
   """A tensor's shape does not fit the model the configs describe."""
+
+
+class IncompleteCheckpointError(ValueError):
+  """The directory lacks a part the import needs (tokenizer, CLIP tower): a partial download."""
+
+
+# Files one of which a tokenizer directory holds (fast, sentencepiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# The errors of a checkpoint directory a person can fix (the message says how): command
+# lines print them as one `error:` line instead of a traceback.
+USER_ERRORS = (MissingTensorsError, ShapeMismatchError, IncompleteCheckpointError,
+               hf_configs.UnsupportedCheckpointError, UnsupportedWeightsError)
 
 
 @dataclasses.dataclass
@@ -84,9 +96,11 @@ def _clip_directory(layout: str, config: Mapping[str, Any], hf_dir: str,
                           if layout == "release" else None)
   if not clip_dir:
     named = config.get("mm_vision_tower")
-    raise ValueError(f"{hf_dir} ({layout} layout) has no CLIP weights: pass clip_dir (a local "
-                     "CLIPVisionModel or CLIPModel directory)"
-                     + (f"; mm_vision_tower={named!r} is not a local directory" if named else ""))
+    raise IncompleteCheckpointError(
+        f"{hf_dir} ({layout} layout) has no CLIP weights: pass clip_dir (--clip_dir: a local "
+        "CLIPVisionModel or CLIPModel directory, e.g. openai/clip-vit-large-patch14 "
+        f"downloaded with {DOWNLOAD})"
+        + (f"; mm_vision_tower={named!r} is not a local directory" if named else ""))
   return os.path.abspath(clip_dir)
 
 
@@ -97,7 +111,7 @@ def _image_tokens(layout: str, config: Mapping[str, Any], tokenizer_dir: str,
     return requested or text_lib.DEFAULT_IMAGE_TOKENS
   found = text_lib.DEFAULT_IMAGE_TOKENS
   if layout == "llava":
-    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    tok = _load_tokenizer(tokenizer_dir)
     token = tok.convert_ids_to_tokens(int(config["image_token_index"]))
     if token not in STYLE_OF_PATCH_TOKEN:
       raise hf_configs.UnsupportedCheckpointError(
@@ -110,11 +124,22 @@ def _image_tokens(layout: str, config: Mapping[str, Any], tokenizer_dir: str,
   return found
 
 
+def _load_tokenizer(tokenizer_dir: str) -> transformers.PreTrainedTokenizerBase:
+  """The local tokenizer; a directory without tokenizer files is an incomplete download
+  (transformers would fail with an unrelated message about sentencepiece)."""
+  if not any(os.path.exists(os.path.join(tokenizer_dir, f)) for f in TOKENIZER_FILES):
+    raise IncompleteCheckpointError(
+        f"{tokenizer_dir} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): download "
+        f"the whole repository ({DOWNLOAD}), or name the tokenizer's directory "
+        "(tokenizer_dir, --tokenizer_dir)")
+  return transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+
 def _add_tokens(tokenizer_dir: str, tokenizer_out: str | None, image_tokens: str
                 ) -> tuple[int, list[str]]:
   """Adds the missing pad and style tokens, saves to `tokenizer_out`; -> (tokenizer length,
   added)."""
-  tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+  tok = _load_tokenizer(tokenizer_dir)
   vocab = tok.get_vocab()
   added = []
   if tok.pad_token is None:

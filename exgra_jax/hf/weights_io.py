@@ -35,6 +35,10 @@ from exgra_jax import temp_paths
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+# Weights formats that are refused (loading them can run code), named in the error.
+REFUSED_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".msgpack", ".h5", ".npz")
+# How a Hugging Face repository is fetched whole (README step 2), for the messages.
+DOWNLOAD = "`hf download REPO --local-dir DIR`"
 
 
 class UnsupportedWeightsError(ValueError):
@@ -108,10 +112,12 @@ class TensorReader:
       if files:
         return kind, {name: path for path in files for name in self._opened(path).keys()}
     present = sorted(os.listdir(self.directory)) if os.path.isdir(self.directory) else []
+    refused = [f for f in present if f.endswith(REFUSED_SUFFIXES)]
     raise UnsupportedWeightsError(
-        f"no safetensors or .bin weights in {self.directory} (it holds {present[:12]}); "
-        "other formats are refused because loading them can run code: convert them to "
-        "safetensors with a tool you trust")
+        f"no safetensors or .bin weights in {self.directory} (it holds {present[:12]}); " + (
+            f"{refused[:4]}: other formats are refused because loading them can run code: "
+            "convert them to safetensors with a tool you trust" if refused else
+            f"the weights were not downloaded: fetch the whole repository ({DOWNLOAD})"))
 
   def _opened(self, path: str) -> Any:
     if path not in self._open:
@@ -121,7 +127,9 @@ class TensorReader:
         try:
           self._open[path] = safetensors.safe_open(path, framework="np")
         except Exception as e:  # safetensors raises its own error types
-          raise UnsupportedWeightsError(f"{path}: unreadable safetensors file: {e}") from None
+          raise UnsupportedWeightsError(
+              f"{path}: unreadable safetensors file ({e}): the file is damaged or was not "
+              "downloaded completely; download it again") from None
       else:
         self._open[path] = _torch_load(path)
     return self._open[path]
