@@ -71,6 +71,20 @@ def test_exact_match_and_bleu():
   assert vqa_metrics.bleu("left heart", "left lung", (0.5, 0.5)) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_bleu2_and_bleu3_are_the_releases_single_order_scores():
+  """run_eval.py's weights (0,1,0,0) / (0,0,1,0): bigram (trigram) precision x brevity
+  penalty. "the left lung" vs "left lung": bigrams "the left", "left lung", one matched;
+  hypothesis longer than the reference, penalty 1 -> 1/2 (cumulative BLEU-2 would be
+  sqrt(2/3 * 1/2) = 0.577). No trigram match: nltk's floor, not 0."""
+  weights = vqa_metrics.BLEU_WEIGHTS
+  assert vqa_metrics.bleu("the left lung", "left lung", weights["bleu2"]) == pytest.approx(0.5)
+  assert vqa_metrics.bleu("left upper lung", "left upper lung", weights["bleu3"]) == (
+      pytest.approx(1.0))
+  assert vqa_metrics.bleu("brain", "brain", weights["bleu2"]) == pytest.approx(
+      sys.float_info.min, rel=1e-9)
+  assert vqa_metrics.bleu("heart", "brain", weights["bleu2"]) == 0.0
+
+
 def test_candidates_map_prediction_to_best_f1():
   cands = vqa_metrics.parse_candidates({"0": ["Left lung", "right lung", "heart"]})
   assert cands == ["left lung", "right lung", "heart"]

@@ -15,8 +15,11 @@ Per item (after `normalize_answer` on both sides):
   prediction; all three are 0 when either side is empty or tp = 0.
 - `exact_match`: the release's `calculate_exactmatch`: distinct reference words found in
   the prediction / number of prediction words.
-- `bleu1..3`: nltk `sentence_bleu` on whitespace tokens with cumulative weights (1),
-  (1/2, 1/2), (1/3, 1/3, 1/3) and no smoothing (the release's choice).
+- `bleu1..3`: the release's `run_eval.py` exactly: nltk `sentence_bleu` on whitespace
+  tokens, no smoothing, weights (1,0,0,0), (0,1,0,0), (0,0,1,0): the brevity penalty times
+  the 1-, 2- or 3-gram precision alone (not the cumulative BLEU-n). An order without a
+  match scores nltk's floor, sys.float_info.min (2.2e-308) times the brevity penalty, not
+  0, as in the release (no unigram match at all: 0).
 - `candidate_hit` (when a candidate list is given): the prediction is mapped to the
   candidate answer with the highest F1 above (first one on ties) and scored 1 when that
   candidate equals the reference.
@@ -37,18 +40,21 @@ from nltk.translate import bleu_score
 
 from exgra_jax.eval.normalize import normalize_answer
 
-METRICS_VERSION = "exgra-vqa-1"
+METRICS_VERSION = "exgra-vqa-2"  # 2: bleu2/3 are the release's single-order scores
 ANSWER_TYPES = ("OPEN", "CLOSED")
-BLEU_WEIGHTS = {"bleu1": (1.0,), "bleu2": (0.5, 0.5), "bleu3": (1 / 3, 1 / 3, 1 / 3)}
+# The release's sentence_bleu weights (llava/eval/run_eval.py: bleu_score_1..3).
+BLEU_WEIGHTS = {"bleu1": (1, 0, 0, 0), "bleu2": (0, 1, 0, 0), "bleu3": (0, 0, 1, 0)}
 METRIC_DEFINITIONS = {
     "hit": "normalised reference is a substring of the normalised prediction",
     "recall": "release word counting: tp (prediction counts of shared words) / (tp + fn)",
     "precision": "release word counting: tp / (tp + fp)",
     "f1": "2 p r / (p + r), 0 when tp = 0",
     "exact_match": "distinct reference words in prediction / prediction word count",
-    "bleu1": "nltk sentence_bleu, weights (1,), no smoothing",
-    "bleu2": "nltk sentence_bleu, weights (1/2, 1/2), no smoothing",
-    "bleu3": "nltk sentence_bleu, weights (1/3, 1/3, 1/3), no smoothing",
+    "bleu1": "nltk sentence_bleu, weights (1,0,0,0), no smoothing (the release's)",
+    "bleu2": "nltk sentence_bleu, weights (0,1,0,0), no smoothing (the release's); "
+             "no bigram match: 2.2e-308 x brevity penalty",
+    "bleu3": "nltk sentence_bleu, weights (0,0,1,0), no smoothing (the release's); "
+             "no trigram match: 2.2e-308 x brevity penalty",
     "candidate_hit": "prediction mapped to the candidate of highest f1 equals the reference",
     "selection_score": "(OPEN recall + CLOSED hit) / 2 (the available one if only one)",
 }
@@ -81,7 +87,7 @@ def exact_match(prediction: str, reference: str) -> float:
 
 
 def bleu(prediction: str, reference: str, weights: Sequence[float]) -> float:
-  """nltk sentence_bleu on whitespace tokens, no smoothing (0 when an order has no match)."""
+  """nltk sentence_bleu on whitespace tokens, no smoothing (module docstring)."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # nltk warns on every zero n-gram count.
     return float(bleu_score.sentence_bleu([reference.split()], prediction.split(),
