@@ -38,7 +38,9 @@ setup(
     version="0.1.0",
     description="ExGra-Med: extended-context multi-graph alignment for medical VLMs, in JAX/Flax",
     packages=find_packages(include=["exgra_jax", "exgra_jax.*"]),
-    package_data={"exgra_jax.serving": ["static/*.html"]},  # the chat page of serve.py
+    # the chat page of serve.py; XLA's GPU target descriptions (tools/plan_memory.py --gpu)
+    package_data={"exgra_jax.serving": ["static/*.html"],
+                  "exgra_jax.train.gpu_targets": ["*.txtpb"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
@@ -46,11 +48,15 @@ setup(
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         # torch is the reference implementation in parity tests only; 2.13.0 is the
         # CPU build available offline on the project machines. jax[tpu] brings libtpu, the
-        # TPU compiler that tests/test_tpu_compile.py runs on the CPU host (no TPU needed).
+        # TPU compiler that tests/test_tpu_compile.py runs on the CPU host (no TPU needed);
+        # jax[cuda12-local] the CUDA plugin without CUDA's libraries (182 MB of wheels) and
+        # nvidia-cudnn-cu12 cuDNN (with cuBLAS, 1.39 GB), the CUDA compiler and the cuDNN
+        # attention that tests/test_gpu_compile.py compiles for on the CPU host (no GPU).
         # selenium drives the system's chromium (apt: chromium, chromium-driver; the
         # README's test command installs them) for the chat page's browser test.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "pygmtools>=0.5",
-                 "jax[tpu]>=0.10,<0.11", "selenium>=4.20",
+                 "jax[tpu]>=0.10,<0.11", "jax[cuda12-local]>=0.10,<0.11",
+                 "nvidia-cudnn-cu12>=9.8,<10", "selenium>=4.20",
                  "peft==0.21.2"],  # peft: the reference for the exported PEFT adapter
     },
 )

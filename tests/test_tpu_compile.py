@@ -2,22 +2,15 @@
 model's step, alignment and host callbacks included, compiled for a v5e:2x2 slice by libtpu
 on this CPU host. The one test file that runs libtpu (its process lock)."""
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(ROOT, "tools", "plan_memory.py")
-CONFIG = "--config=" + os.path.join(ROOT, "configs", "demo.py")
+from plan_memory_cli import run_plan
 
 
-def _plan(*flags: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, TOOL, CONFIG, "--stage=stage2", *flags],
-                        capture_output=True, text=True, timeout=900, check=False,
-                        env=dict(os.environ, PYTHONPATH=ROOT))
+def _plan(*flags: str):
+  return run_plan("--stage=stage2", *flags)
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +56,8 @@ def test_a_group_size_the_mesh_cannot_hold_is_refused_up_front():
 def test_a_missing_libtpu_is_one_line_with_the_install_command(tmp_path):
   """libtpu hidden from the tool's interpreter (a `sitecustomize` that blocks its import):
   one line naming the install command, exit status 2, no traceback."""
-  (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['libtpu'] = None\n")
-  # Importing libtpu sets TPU_LIBRARY_PATH in the importing process (this pytest worker,
-  # if any test here imported jax), and jax loads that path without importing libtpu.
-  env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
-  out = subprocess.run([sys.executable, TOOL, CONFIG, "--topology=v5e:2x2",
-                        "--mesh=data=1,fsdp=4", "--samples_per_device=8", "--length=72"],
-                       capture_output=True, text=True, timeout=300, check=False,
-                       env=dict(env, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"))
+  out = run_plan("--topology=v5e:2x2", "--mesh=data=1,fsdp=4", "--samples_per_device=8",
+                 "--length=72", hidden_module="libtpu", tmp_path=tmp_path)
   assert out.returncode == 2, out.stderr[-2000:]
   assert "libtpu" in out.stderr and "pip install -e '.[tpu]'" in out.stderr
   assert "Traceback" not in out.stderr

@@ -6,10 +6,15 @@ On fake CPU devices (XLA:CPU's buffer assignment, a guide):
 With the TPU compiler for a slice (needs libtpu, `pip install -e '.[tpu]'`; no TPU):
     python tools/plan_memory.py --config=configs/pmc10.py --stage=stage2 \
         --topology=v5p:4x4x4 --mesh=data=1,fsdp=64 --samples_per_device=16 --length=512 --json
+With the CUDA compiler for NVIDIA GPUs (needs `pip install -e '.[cuda]'`; no GPU), one mesh
+axis over all GPUs unless --mesh says otherwise, the project's GPU flags:
+    python tools/plan_memory.py --config=configs/pmc10.py --stage=stage2 --gpu=h100:8 \
+        --samples_per_device=16 --length=512 --json
 `--json` ends the output with one JSON line (topology, chips, mesh, samples_per_device,
-length, peak_gib, hbm_gib, fits, collectives, callback, compile_s); `--hlo_out` writes the
-compiled HLO. Settings that cannot work (a group size or batch the mesh does not divide, a
-missing libtpu) are one line and exit status 2. Logic: exgra_jax/train/memory_plan.py.
+length, peak_gib, hbm_gib (what the step may use), device_memory_gib, fits, collectives,
+callback, cudnn_attention, xla_flags, compile_s); `--hlo_out` writes the compiled HLO.
+Settings that cannot work (a group size or batch the mesh does not divide, a missing libtpu
+or CUDA plugin) are one line and exit status 2. Logic: exgra_jax/train/memory_plan.py.
 """
 import json
 import os
@@ -18,12 +23,16 @@ import sys
 from absl import app, flags
 
 from exgra_jax import configuration
+from exgra_jax.train import gpu_flags, gpu_targets
 
 _CONFIG = configuration.define_config_flag()
 _STAGE = flags.DEFINE_string("stage", "stage2", "stage whose step is planned")
-_DEVICES = flags.DEFINE_integer("devices", 8, "fake CPU devices (without --topology)")
+_DEVICES = flags.DEFINE_integer("devices", 8, "fake CPU devices (no --topology or --gpu)")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "TPU slice to compile for, e.g. v5p:4x4x4, "
                                 "v5e:4x4, v6e:2x4, v4:2x2x1 (libtpu; no TPU needed)")
+_GPU = flags.DEFINE_string("gpu", "", "NVIDIA GPUs to compile for, KIND:COUNT with KIND one "
+                           "of a100-40, a100-80, h100, h200 (CUDA plugin; no GPU needed)")
+_NODES = flags.DEFINE_integer("nodes", 1, "hosts the --gpu GPUs are spread over")
 _MESH = flags.DEFINE_string("mesh", "", "axis=size,... overrides of config.mesh, e.g. fsdp=8,data=1")
 _SAMPLES = flags.DEFINE_integer("samples_per_device", 16, "samples per device per micro-batch")
 _LENGTH = flags.DEFINE_integer("length", 512, "sequence length (image tokens included)")
@@ -41,6 +50,7 @@ def _fail(message: str) -> None:
 def main(argv):
   del argv
   from exgra_jax.train import memory_plan  # jax starts here, after the environment is set
+  xla_flags = " ".join(gpu_flags.command_line()) if _GPU.value else ""
   config = _CONFIG.value
   for item in filter(None, _MESH.value.split(",")):
     axis, _, size = item.partition("=")
@@ -48,13 +58,24 @@ def main(argv):
       _fail(f"--mesh item {item!r}: expected AXIS=SIZE with AXIS in {sorted(config.mesh)}")
     config.mesh[axis] = int(size)
   config[_STAGE.value].micro_batches = 1
+  if _GPU.value and _TOPOLOGY.value:
+    _fail("--gpu and --topology name two targets: pass one")
+  target, devices = _TOPOLOGY.value, None
   try:
-    devices = memory_plan.topology_devices(_TOPOLOGY.value) if _TOPOLOGY.value else None
+    if _GPU.value:
+      kind, count, topology = gpu_targets.parse_gpu(_GPU.value, _NODES.value)
+      target = f"{kind}:{topology}"
+      if not _MESH.value:  # FSDP over every GPU, as the TPU table's slices
+        config.mesh.update(data=1, fsdp=count)
+      devices = gpu_targets.topology_devices(kind, topology)
+    elif _TOPOLOGY.value:
+      devices = memory_plan.topology_devices(_TOPOLOGY.value)
     plan = memory_plan.plan_step_memory(config, _STAGE.value, _SAMPLES.value, _LENGTH.value,
                                         devices=devices, hlo_out=_HLO_OUT.value)
-  except (memory_plan.LibtpuMissing, ValueError) as e:
+  except (memory_plan.LibtpuMissing, gpu_targets.CudaMissing, ValueError) as e:
     _fail(str(e))
-  hbm = plan.hbm_bytes
+  hbm = plan.usable_bytes
+  memory = plan.device_memory_bytes
   print(f"model {config.model.name}  parameters {plan.parameters:,}  mesh {plan.mesh}  "
         f"{plan.samples_per_device} samples x {plan.sequence_length} tokens per device  "
         f"({plan.devices} x {plan.device_kind}, compiled in {plan.compile_seconds:.0f} s)")
@@ -63,26 +84,32 @@ def main(argv):
                       ("peak", plan.peak_bytes)):
     print(f"  {name:12s} {value / 2 ** 20:12.1f} MiB per device")
   if hbm:
-    print(f"  HBM {hbm / GIB:.0f} GiB per chip: {'fits' if plan.peak_bytes <= hbm else 'does NOT fit'}")
+    share = "" if hbm == memory else f" (of {memory / GIB:.1f} GiB, jax's share)"
+    print(f"  memory {hbm / GIB:.1f} GiB per device{share}: "
+          f"{'fits' if plan.peak_bytes <= hbm else 'does NOT fit'}")
   print(f"  collectives {plan.collectives}  host callbacks {plan.callback}")
+  if _GPU.value:
+    print(f"  cuDNN attention calls {plan.cudnn_attention}  XLA flags {xla_flags}")
   print(f"  (stage {_STAGE.value}, alignment branch "
         f"{'included' if config[_STAGE.value].align else 'absent'})")
   if _JSON.value:
     print(json.dumps({
-        "topology": _TOPOLOGY.value or f"cpu:{plan.devices}", "chips": plan.devices,
+        "topology": target or f"cpu:{plan.devices}", "chips": plan.devices,
         "device_kind": plan.device_kind, "mesh": plan.mesh, "stage": _STAGE.value,
         "samples_per_device": plan.samples_per_device, "length": plan.sequence_length,
         "peak_gib": plan.peak_bytes / GIB, "temp_gib": plan.temp_bytes / GIB,
         "hbm_gib": None if hbm is None else hbm / GIB,
+        "device_memory_gib": None if memory is None else memory / GIB,
         "fits": None if hbm is None else plan.peak_bytes <= hbm,
         "collectives": plan.collectives, "callback": plan.callback,
+        "cudnn_attention": plan.cudnn_attention, "xla_flags": xla_flags or None,
         "compile_s": round(plan.compile_seconds, 1)}))
 
 
 if __name__ == "__main__":
-  if any(a.startswith("--topology=") and a != "--topology=" for a in sys.argv):
-    # Compile for abstract TPU chips: jax itself stays on the CPU, and libtpu's one-process
-    # lock is not needed since no TPU is opened.
+  if any(a.startswith(("--topology=", "--gpu=")) and not a.endswith("=") for a in sys.argv):
+    # Compile for abstract TPU chips or GPUs: jax itself stays on the CPU, and libtpu's
+    # one-process lock is not needed since no TPU is opened.
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   else:

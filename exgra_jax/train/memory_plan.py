@@ -11,11 +11,16 @@ for a mesh over either
   buffer assignment, a guide to an accelerator's but not identical; or
 - the abstract chips of a TPU slice (`topology_devices("v5p:4x4x4")`, libtpu needed, no TPU):
   the real TPU compiler, whose peak per chip is what the slice would need, and which
-  refuses programs that do not fit its HBM.
+  refuses programs that do not fit its HBM; or
+- compile-only NVIDIA GPUs (`gpu_targets.topology_devices`, jax's CUDA plugin needed, no
+  GPU): the real CUDA compiler with the project's GPU flags (`gpu_flags`), whose buffer
+  assignment is what each GPU would need; it does not refuse what does not fit, the plan
+  compares.
 The compiled program is also read for what the partitioner made of it: collectives per kind
 and where the host callbacks run (`callback_placement`).
 """
 import collections
+import contextlib
 import dataclasses
 import re
 import time
@@ -26,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from exgra_jax.models.config import num_image_tokens
-from exgra_jax.train import checkpointing, loop, sharded_state, sharding
+from exgra_jax.train import checkpointing, gpu_flags, gpu_targets, loop, sharded_state, sharding
 from exgra_jax.train import mesh as mesh_lib
 
 
@@ -49,6 +54,7 @@ class MemoryPlan:
   collectives: count per kind in the compiled (partitioned) program.
   callback: "per_device" (every host transfer runs on its own device), "device0" (some
   pinned to one device) or "none" (no host callback in the step).
+  cudnn_attention: fused cuDNN attention calls in the program (GPU; 0 elsewhere).
   """
   devices: int
   mesh: dict[str, int]
@@ -63,6 +69,7 @@ class MemoryPlan:
   compiler_peak_bytes: int | None
   collectives: dict[str, int]
   callback: str
+  cudnn_attention: int
   compile_seconds: float
 
   @property
@@ -74,10 +81,21 @@ class MemoryPlan:
     return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
 
   @property
-  def hbm_bytes(self) -> int | None:
-    """HBM per chip of a known TPU kind, else None."""
-    gib = HBM_GIB.get(self.device_kind)
-    return None if gib is None else int(gib * 2 ** 30)
+  def device_memory_bytes(self) -> int | None:
+    """Memory per chip of a known TPU kind (HBM_GIB) or per card of a known GPU kind
+    (XLA's target files), else None."""
+    if self.device_kind in HBM_GIB:
+      return int(HBM_GIB[self.device_kind] * 2 ** 30)
+    return gpu_targets.device_memory_bytes().get(self.device_kind)
+
+  @property
+  def usable_bytes(self) -> int | None:
+    """What the step may use: a TPU's HBM; on a GPU the share jax preallocates
+    (gpu_flags.MEMORY_FRACTION), the rest being CUDA's and its libraries'."""
+    memory = self.device_memory_bytes
+    if memory is None or self.device_kind in HBM_GIB:
+      return memory
+    return int(memory * gpu_flags.MEMORY_FRACTION)
 
 
 def topology_devices(name: str) -> list:
@@ -106,8 +124,8 @@ def collective_counts(hlo: str) -> dict[str, int]:
 def callback_placement(hlo: str) -> str:
   """Where the compiled program's host callbacks run (see MemoryPlan.callback).
 
-  TPU lowers a callback to host send / recv ops (`is_host_transfer=true`), CPU to a
-  python-callback custom call; either pinned to one device carries `maximal device=`.
+  TPU lowers a callback to host send / recv ops (`is_host_transfer=true`), CPU and GPU to
+  a python-callback custom call; either pinned to one device carries `maximal device=`.
   """
   transfers = [line for line in hlo.splitlines()
                if "is_host_transfer=true" in line
@@ -141,8 +159,10 @@ def compile_step(config: ml_collections.ConfigDict, stage_name: str, samples_per
                  length: int, devices: list | None = None):
   """(compiled step, its stage, mesh) of `stage_name`'s real step (`train.loop.build_stage`:
   the alignment branch with its GNN and host callbacks included when the stage aligns) for
-  `config.mesh` over `devices` (default: all devices). Settings that cannot work (a group
-  size or batch the mesh does not divide) raise ValueError before anything is compiled."""
+  `config.mesh` over `devices` (default: all devices). GPU devices compile with the
+  project's GPU flags, compile-only ones through `gpu_targets.compile_only_callbacks`.
+  Settings that cannot work (a group size or batch the mesh does not divide) raise
+  ValueError before anything is compiled."""
   n = num_image_tokens(config.model)
   if length <= n:
     raise ValueError(f"sequence length {length} must exceed the {n} image tokens")
@@ -158,7 +178,11 @@ def compile_step(config: ml_collections.ConfigDict, stage_name: str, samples_per
   train_step = sharded_state.jit_train_step(stage.step_fn, stage.shardings, mesh,
                                             config.logical_axis_rules, batch)
   state_arg = checkpointing.abstract_with_shardings(stage.abstract_state, stage.shardings)
-  return train_step.lower(state_arg, batch).compile(), stage, mesh
+  gpu = mesh.devices.flat[0].platform == "gpu"
+  with gpu_targets.compile_only_callbacks() if gpu else contextlib.nullcontext():
+    compiled = train_step.lower(state_arg, batch).compile(
+        gpu_flags.XLA_GPU_FLAGS if gpu else None)
+  return compiled, stage, mesh
 
 
 def plan_step_memory(config: ml_collections.ConfigDict, stage_name: str,
@@ -185,4 +209,4 @@ def plan_step_memory(config: ml_collections.ConfigDict, stage_name: str,
       device_kind=mesh.devices.flat[0].device_kind,
       compiler_peak_bytes=getattr(analysis, "peak_memory_in_bytes", None) or None,
       collectives=collective_counts(hlo), callback=callback_placement(hlo),
-      compile_seconds=seconds)
+      cudnn_attention=gpu_targets.cudnn_attention_count(hlo), compile_seconds=seconds)
