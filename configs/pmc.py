@@ -4,8 +4,10 @@ Stage 1 aligns the projector on `llava_med_alignment_500k.json`; stage 2 instruc
 everything but the vision tower on `llava_med_instruct_60k_inline_mention` with extended
 captions (`conversations_long`) and the multi-graph alignment loss. Both read the same
 nested subset fraction. Point `data.root` at the LLaVA-Med data folder (holding the two
-record files and `images/`), `init.llm_dir` at a LLaMA-7B HF directory and `init.clip_dir`
-at CLIP ViT-L/14 (224 px).
+record files and `images/`). The start of stage 1, as the README's step 6 does it: import
+LLaMA-7B + CLIP ViT-L/14 (224 px) once with `tools/import_hf.py --add_tokens
+--projector=mlp2x_gelu --scan_layers --out=DIR`, then `init.checkpoint=DIR` and
+`data.tokenizer_dir=DIR/tokenizer` (the tokenizer with the image tokens added).
 """
 import ml_collections
 

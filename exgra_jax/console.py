@@ -112,8 +112,10 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def summary_table(result: Mapping[str, Any]) -> str:
-  """A few lines for people: per trained stage its steps, final losses and time; the test
-  (or evaluation) metrics. `result` is what `--mode=train` or `--mode=eval` returns."""
+  """A few lines for people: per trained stage its steps, final losses, steps per second
+  after the first (compiling) step and seconds from its first step to its end (validation
+  and test included; loading weights and the vision pre-training not); the test (or
+  evaluation) metrics. `result` is what `--mode=train` or `--mode=eval` returns."""
   stages = {name: r for name, r in result.items()
             if isinstance(r, Mapping) and "steps" in r and "status" in r}
   lines = []
@@ -122,13 +124,16 @@ def summary_table(result: Mapping[str, Any]) -> str:
     for name, r in stages.items():
       final = r.get("final_metrics") or {}
       rows.append([name, r["status"], r["steps"], final.get("loss"), final.get("lm_loss"),
-                   final.get("align_loss"),
+                   final.get("align_loss"), r.get("steps_per_s"),
                    None if r.get("seconds") is None else round(r["seconds"])])
-    lines += _table(["stage", "status", "steps", "loss", "lm_loss", "align_loss", "seconds"],
-                    rows)
+    lines += _table(["stage", "status", "steps", "loss", "lm_loss", "align_loss", "steps/s",
+                     "seconds"], rows)
   tests = {f"{name} test": r["test"] for name, r in stages.items() if "test" in r}
   if not stages and "selection_score" in result:  # --mode=eval returns the metrics
     tests = {"evaluation": result}
+    if "output_dir" in result:
+      lines += [f"evaluated {result['checkpoint']}: answers.jsonl, protocol.json and "
+                f"protocol.md in {result['output_dir']}"]
   for name, scores in tests.items():
     lines += ["", f"{name}: " + "  ".join(
         f"{k} {_number(scores.get(k))}" for k in HEADLINE)]

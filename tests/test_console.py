@@ -17,7 +17,7 @@ TEST_METRICS = {
     "open_recall": 0.123456789, "closed_accuracy": 0.5, "selection_score": 0.3117283945,
     "metrics_version": "exgra-vqa-1"}
 RESULT = {
-    "stage1": {"status": "trained", "steps": 8, "seconds": 12.3,
+    "stage1": {"status": "trained", "steps": 8, "seconds": 12.3, "steps_per_s": 5.123,
                "final_metrics": {"loss": 6.674934387207031, "lm_loss": 6.674934387207031}},
     "stage2": {"status": "trained", "steps": 15, "seconds": 40.0,
                "final_metrics": {"loss": 5.48, "lm_loss": 4.52, "align_loss": 0.9583333}},
@@ -72,8 +72,8 @@ def test_summary_table_rounds_for_people_json_keeps_precision():
   table = console.summary_table(RESULT)
   lines = table.splitlines()
   assert lines[0].split() == ["stage", "status", "steps", "loss", "lm_loss", "align_loss",
-                              "seconds"]
-  assert lines[1].split() == ["stage1", "trained", "8", "6.6749", "6.6749", "-", "12"]
+                              "steps/s", "seconds"]
+  assert lines[1].split() == ["stage1", "trained", "8", "6.6749", "6.6749", "-", "5.1230", "12"]
   assert lines[3].split()[:3] == ["finetune", "complete", "43"]
   assert ("finetune test: selection_score 0.3117  open_recall 0.1235  closed_accuracy 0.5000"
           in lines)
@@ -88,6 +88,11 @@ def test_summary_table_of_an_evaluation():
   table = console.summary_table(TEST_METRICS)
   assert table.splitlines()[0] == (
       "evaluation: selection_score 0.3117  open_recall 0.1235  closed_accuracy 0.5000")
+  located = console.summary_table({**TEST_METRICS, "checkpoint": "/w/checkpoints/finetune_best",
+                                   "output_dir": "/w/eval/test_w_options_new"})
+  assert located.splitlines()[0] == (
+      "evaluated /w/checkpoints/finetune_best: answers.jsonl, protocol.json and protocol.md "
+      "in /w/eval/test_w_options_new")
 
 
 def test_validation_and_test_scores_become_scalars(tmp_path):

@@ -121,7 +121,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
              checkpoint: str | None = None) -> dict[str, Any]:
   """`--mode=eval`: the test split (`eval.records`, else `finetune.test_records`) answered by
   `checkpoint` (default: the fine-tune's best, else the newest checkpoint of the last
-  stage); answers, metrics and the protocol report go to `workdir/eval/<split name>`."""
+  stage); answers, metrics and the protocol report go to `workdir/eval/<split name>`.
+  Returns the metrics with the `checkpoint` evaluated and that `output_dir`."""
   records = config.eval.records or config.finetune.test_records
   if not records:
     raise ValueError("nothing to evaluate: set config.eval.records or "
@@ -129,12 +130,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   checkpoint = checkpoint or str(default_checkpoint(config, workdir))
   loaded = checkpoints.load(checkpoint, tokenizer_dir=pipeline.tokenizer_dir(config))
   model = LlavaModel(LlavaConfig.from_config(loaded.model_config))
-  name = epath.Path(records).stem
-  return evaluate_split(config, model, loaded.params, records=records,
-                        image_root=config.finetune.image_root,
-                        candidates=config.finetune.candidates,
-                        output_dir=str(workdir / "eval" / name), checkpoint=checkpoint,
-                        load_report=loaded.report)
+  output_dir = str(workdir / "eval" / epath.Path(records).stem)
+  metrics = evaluate_split(config, model, loaded.params, records=records,
+                           image_root=config.finetune.image_root,
+                           candidates=config.finetune.candidates, output_dir=output_dir,
+                           checkpoint=checkpoint, load_report=loaded.report)
+  return {**metrics, "checkpoint": checkpoint, "output_dir": output_dir}
 
 
 def default_checkpoint(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:

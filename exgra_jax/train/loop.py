@@ -200,6 +200,9 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
             "params_checksum": parameter_checksum(state.params),
             **validation.finish(state.params)}
 
+  # The stage's time starts here: loading its weights (and the vision pre-training, which
+  # runs in starting_state and logs its own time) is not part of it.
+  started, first_step_done = time.perf_counter(), None
   logdir = str(workdir / "tensorboard" / stage.name)
   writer = metrics.create_writer(logdir)
   hooks = metrics.progress_hooks(stage.total_steps, writer, logdir,
@@ -216,6 +219,9 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
                                                   config.logical_axis_rules, tuple(batch))
       state, step_metrics = train_step(state, batch)
       done = at + 1
+      if first_step_done is None:  # compiled and run: the rate below starts after it
+        jax.block_until_ready(state.step)
+        first_step_done = time.perf_counter()
       throughput.update(_host_tokens(host_batch))
       pending.append(step_metrics)
       for hook in hooks:
@@ -245,11 +251,21 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
     ckpt.wait()
     ckpt.close()
     writer.flush()
+  jax.block_until_ready(state.params)
+  # Steps per second over the stage after its first step (compilation), validation and
+  # checkpoints included as in the progress lines; the last interval's own rate (in the
+  # progress line) is not the stage's and is left out of final_metrics.
+  after_first = stage.total_steps - start - 1
+  rate = after_first / (time.perf_counter() - first_step_done) if after_first else None
   summary = {"status": "trained", "steps": stage.total_steps,
              "skipped_steps": int(jax.device_get(state.skipped)),
-             "final_metrics": last, "bad_records": pipe.log.counts(), "params": state.params,
+             "steps_per_s": rate and round(rate, 3),
+             "final_metrics": {k: v for k, v in last.items()
+                               if k not in ("steps_per_s", "tokens_per_s")},
+             "bad_records": pipe.log.counts(), "params": state.params,
              "params_checksum": parameter_checksum(state.params)}
   summary.update(validation.finish(state.params))
+  summary["seconds"] = round(time.perf_counter() - started, 1)
   if "test" in summary:  # the fine-tune's TensorBoard run shows the test scores too
     writer.write_scalars(stage.total_steps, metrics.flat_scalars("test", summary["test"]))
     writer.flush()
@@ -346,9 +362,7 @@ def _train_stage(config, name: str, workdir: epath.Path, mesh, token_ids, previo
                 "text_max_length": config.data.text_max_length}
     logging.info("stage %s: alignment texts in align.text_mode=%s, cut at "
                  "data.text_max_length=%d", name, *protocol.values())
-  started = time.perf_counter()
-  summary = run_stage(config, stage, pipe, workdir, mesh, previous, preemption)
-  return {**summary, **protocol, "seconds": round(time.perf_counter() - started, 1)}
+  return {**run_stage(config, stage, pipe, workdir, mesh, previous, preemption), **protocol}
 
 
 def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:
