@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.linen import dtypes
 
 
 def _as_tuple(value: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -56,8 +57,10 @@ class DenseGeneral(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init,
                                                                self.kernel_axes),
                         tuple(x.shape[a] for a in axis) + features, self.param_dtype)
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((axis, tuple(range(len(axis)))), ((), ())))
+    # flax's promote_dtype (as nn.DenseGeneral casts), not .astype: qwix intercepts it to
+    # let a quantized kernel (models/adapters.py) through to its quantized dot_general.
+    x, kernel = dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           self.bias_init, self.kernel_axes[-len(features):]), features, self.param_dtype)

@@ -149,8 +149,9 @@ class LlavaModel(nn.Module):
     return self.llm.logits(hidden)[:, 0], cache
 
 
-def init_boxed_params(cfg: LlavaConfig, key: jax.Array):
-  """Fresh, logically annotated (boxed) params of `LlavaModel(cfg)`.
+def init_boxed_params(cfg: LlavaConfig, key: jax.Array, model: nn.Module | None = None):
+  """Fresh, logically annotated (boxed) params of `LlavaModel(cfg)`, or of `model`, a
+  LlavaModel(cfg) that qwix wrapped (models/adapters.py: adapters, quantized kernels).
 
   Initialised on the smallest valid input (one sample: a token, the N image tokens, a
   token); parameter shapes do not depend on it. Wrap in `jax.eval_shape` for shapes only.
@@ -159,5 +160,6 @@ def init_boxed_params(cfg: LlavaConfig, key: jax.Array):
   size = cfg.vision.image_size
   ids = jnp.zeros((1, n + 2), jnp.int32)
   image_mask = jnp.zeros((1, n + 2), bool).at[:, 1:1 + n].set(True)
-  return LlavaModel(cfg).init(key, ids, jnp.ones_like(ids), image_mask,
-                              jnp.zeros((1, size, size, 3)))["params"]
+  model = LlavaModel(cfg) if model is None else model
+  return model.init(key, ids, jnp.ones_like(ids), image_mask,
+                    jnp.zeros((1, size, size, 3)))["params"]
