@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from exgra_jax.train import gpu_flags
+from exgra_jax.train import gpu_flags, gpu_targets
 from plan_memory_cli import run_plan
 
 STEP = ("--stage=stage2", "--gpu=h100:4", "--samples_per_device=8", "--length=72",
@@ -67,3 +67,23 @@ def test_a_missing_cuda_plugin_is_one_line_with_the_install_command(tmp_path):
   assert out.returncode == 2, out.stderr[-2000:]
   assert "CUDA" in out.stderr and "pip install -e '.[cuda]'" in out.stderr
   assert "Traceback" not in out.stderr
+
+
+def test_the_gpu_flags_keep_a_users_choice_and_add_the_rest():
+  environ = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true --xla_dump_to=/tmp/d"}
+  gpu_flags.apply(environ)
+  assert environ["XLA_FLAGS"].split() == [
+      "--xla_gpu_enable_triton_gemm=true", "--xla_dump_to=/tmp/d",
+      "--xla_gpu_enable_latency_hiding_scheduler=true"]
+  assert environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.90"
+  gpu_flags.apply(environ)  # idempotent: main and the launcher both apply them
+  assert environ["XLA_FLAGS"].count("latency_hiding") == 1
+
+
+def test_gpu_specs_name_the_accepted_forms():
+  assert gpu_targets.parse_gpu("h100:8") == ("h100", 8, "1x1x8")
+  assert gpu_targets.parse_gpu("a100-40:16", nodes=2) == ("a100-40", 16, "1x2x8")
+  for spec, nodes in (("h100", 1), ("v100:8", 1), ("h100:0", 1), ("h100:12", 1),
+                      ("h100:16", 3)):
+    with pytest.raises(ValueError, match="--gpu="):
+      gpu_targets.parse_gpu(spec, nodes)
