@@ -1,13 +1,16 @@
 r"""Serve a model over an OpenAI-compatible HTTP API, with a chat page at `/`.
 
     python -m exgra_jax.serve --model=workdir/checkpoints/finetune_best \
-        [--host=127.0.0.1] [--port=8000] [--image_root=DIR] [--max_batch=16] [--decode_steps=1]
+        [--host=127.0.0.1] [--port=8000] [--image_root=DIR] [--max_batch=16] [--decode_steps=1] \
+        [--max_context=N]
 
 `--model` is anything `weights.checkpoints.load` reads (train checkpoint, params-only
 checkpoint, Hugging Face directory). Binds to 127.0.0.1 unless `--host` says otherwise:
 the server has no authentication. Concurrent requests share every decode step (up to
 `--max_batch`; a new request joins at the next step), and `stream: true` sends each piece
-of the answer as it is generated. docs/serve.md has the API, the limits and the errors.
+of the answer as it is generated. Before it listens, the server compiles every program a
+request can need (a few dozen; it says how many and how long that took): no request waits
+for a compilation. docs/serve.md has the API, the limits and the errors.
 """
 import errno
 import http.server
@@ -34,6 +37,9 @@ _DECODE_STEPS = flags.DEFINE_integer(
 _TEMPLATE = flags.DEFINE_enum("template", "simple", list(prompts.CHAT_TEMPLATES),
                               "Conversation template (docs/eval.md; `train` for models that know "
                               "only the training template, e.g. the demo's tiny model).")
+_MAX_CONTEXT = flags.DEFINE_integer(
+    "max_context", None, "Prompt + answer tokens per request (default: the model's context): "
+    "the KV cache's length, which every decode step reads, and the longest prompt bucket.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 512,
                                    "Answer length when a request names no max_tokens.")
 _MAX_IMAGE_MB = flags.DEFINE_float("max_image_mb", 20.0, "Largest image file (MiB).")
@@ -75,14 +81,20 @@ def main(argv):
                               "--image_root", _IMAGE_ROOT.value, "dir"),
                           _MAX_BATCH.value < 1 and f"--max_batch={_MAX_BATCH.value} must be >= 1",
                           _DECODE_STEPS.value < 1
-                          and f"--decode_steps={_DECODE_STEPS.value} must be >= 1")
+                          and f"--decode_steps={_DECODE_STEPS.value} must be >= 1",
+                          _MAX_CONTEXT.value is not None and _MAX_CONTEXT.value < 2
+                          and f"--max_context={_MAX_CONTEXT.value} must be >= 2")
               if p]
   if problems:
     configuration.exit_usage("\n".join(problems))
   served = engine_lib.load_model(_MODEL.value, tokenizer_dir=_TOKENIZER.value,
                                  clip_dir=_CLIP_DIR.value, name=_NAME.value,
-                                 template=_TEMPLATE.value, default_max_tokens=_MAX_TOKENS.value)
+                                 template=_TEMPLATE.value, default_max_tokens=_MAX_TOKENS.value,
+                                 max_context=_MAX_CONTEXT.value)
   engine = engine_lib.Engine(served, _MAX_BATCH.value, decode_steps=_DECODE_STEPS.value)
+  report = engine.warm_up()
+  print(f"compiled {report.programs} programs in {report.seconds:.1f} s "
+        f"(context {served.context_length})", flush=True)
   limits = Limits(max_image_bytes=int(_MAX_IMAGE_MB.value * 2**20),
                   max_image_pixels=_MAX_IMAGE_PIXELS.value)
   try:

@@ -209,6 +209,39 @@ def test_sixteen_concurrent_clients_are_batched_and_correct(server, demo_world):
   assert engine.stats.row_steps - row_steps > engine.stats.steps - steps  # > 1 row per step
 
 
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # jax's compile event
+
+
+def test_no_compilation_under_traffic_after_warm_up(model_dir, demo_world):
+  """After `warm_up`, a burst of more requests than rows (images and text, prompts of
+  different lengths) compiles nothing, counted by jax's compile events (which the
+  warm-up itself fires) and by the engine; the answers are predict's."""
+  served = engine_lib.load_model(model_dir, template="train", default_max_tokens=MAX_TOKENS,
+                                 max_context=128)
+  engine = engine_lib.Engine(served, 2)
+  compiles = []
+  listener = lambda event, duration, **_: compiles.append(event) if event == BACKEND_COMPILE \
+      else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    report = engine.warm_up()
+    assert report.programs == len(engine.programs.all_shapes()) == len(compiles) > 0
+    compiles.clear()
+    names = [n for n in _images(demo_world) if n.endswith((".png", ".jpg"))][:3]
+    questions = ["What is shown?", "Which organ is shown in this image, and on which side?",
+                 "Is there a lesion?"]
+    jobs = [_job(served, os.path.join(demo_world, "images", name), question, MAX_TOKENS)
+            for name, question in zip(names, questions)]
+    jobs.append(engine_lib.prepare(Conversation().request("hello"), served, Limits()))
+    completions = [stream.result(timeout=120) for stream in map(engine.submit, jobs)]
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+    engine.close()
+  assert compiles == [] and engine.stats.compiled_later == 0
+  assert completions[1].text == _predict(served, os.path.join(demo_world, "images", names[1]),
+                                         questions[1], MAX_TOKENS)
+
+
 def test_sampling_settings_and_stop(server):
   base, _, _ = server
   sampled = _ask("Describe it.", "CT_small.dcm", temperature=0.9, top_p=0.5)
@@ -394,11 +427,12 @@ def test_serve_command_line(model_dir, demo_world):
   bad = subprocess.run(command + ["--max_batch=0"], cwd=REPO, capture_output=True, text=True,
                        timeout=120, check=False)
   assert bad.returncode == 2 and "--max_batch=0 must be >= 1" in bad.stderr
-  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True)
+  process = subprocess.Popen(command + ["--max_batch=1", "--max_context=256"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   try:
-    line = process.stdout.readline()
-    base = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
+    compiled = process.stdout.readline()
+    assert re.match(r"compiled \d+ programs in [\d.]+ s \(context 256\)", compiled), compiled
+    base = re.search(r"http://127\.0\.0\.1:\d+", process.stdout.readline()).group(0)
     assert _answer(base, _ask("Which organ?", "CT_small.dcm")) is not None
   finally:
     process.terminate()

@@ -1,18 +1,20 @@
 """The served model and continuous batching over its KV cache (serving/slots.py).
 
 Why continuous batching: a decode step of 16 rows costs less than 16 steps of one row
-(one dispatch, the weights read once: on an accelerator about one step's worth, on 2 CPU
-cores with the tiny model 5-8 steps' worth; docs/serve.md), so every request being
-answered shares each step.
-A request does not wait for a batch: before every step the engine thread puts waiting
-requests into free cache rows (one batched prefill per image / no-image group), and a
-request leaves its row as soon as its answer is final, freeing it for the next one.
-Each row has its own position, temperature and top-p (temperature 0 = greedy,
-token-identical to `predict`, whatever else shares the step).
+(one dispatch, the weights read once), so every request being answered shares each step.
+Requests that arrive within a decode step of each other are prefilled together; a request
+that arrives while others decode joins at the next step, and a request leaves its row as
+soon as its answer is final, freeing it for the next one. Each row has its own position,
+temperature and top-p (temperature 0 = greedy, token-identical to `predict`, whatever
+else shares the step).
 
-Why per-step tokens reach the host: every drawn token goes through the request's
-`AnswerText` (serving/answer.py), which streams the settled text at once (`Stream.chunks`)
-and ends the request at eos, a stop string or `max_tokens`.
+Why the host work is off the device's critical path: JAX dispatch is asynchronous and the
+device state (cache, last tokens, key) stays on the device, so the engine thread
+dispatches step t + 1 before it reads step t's tokens; the device runs t + 1 while the
+host reads t. Detokenizing, stop strings and streaming (serving/answer.py, `Stream.chunks`)
+run on a second thread, which tells the engine when an answer is final; eos and
+`max_tokens` free a row at once. Every program a request can need is compiled at
+start-up (`Engine.warm_up`): no request waits for a compilation.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import dataclasses
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -44,11 +47,15 @@ class ServedModel:
   name: str
   template: str = "simple"
   default_max_tokens: int = 512
+  max_context: int | None = None
   _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, compare=False)
 
   @property
   def context_length(self) -> int:
-    return self.model.cfg.llm.max_position_embeddings
+    """Prompt + answer tokens a request may hold: the model's context, or less when the
+    server says so (--max_context: the cache's length, which a decode step reads)."""
+    built = self.model.cfg.llm.max_position_embeddings
+    return built if self.max_context is None else min(self.max_context, built)
 
   def encode(self, prompt: str) -> list[int]:
     with self._lock:  # a fast tokenizer may not be entered from two threads at once
@@ -61,7 +68,8 @@ class ServedModel:
 
 def load_model(model_dir: str, *, tokenizer_dir: str | None = None,
                clip_dir: str | None = None, name: str | None = None,
-               template: str = "simple", default_max_tokens: int = 512) -> ServedModel:
+               template: str = "simple", default_max_tokens: int = 512,
+               max_context: int | None = None) -> ServedModel:
   """Anything `weights.checkpoints.load` reads; refuses incomplete weights."""
   if template not in prompts.CHAT_TEMPLATES:
     raise ValueError(f"template must be one of {prompts.CHAT_TEMPLATES}, got {template!r}")
@@ -69,7 +77,8 @@ def load_model(model_dir: str, *, tokenizer_dir: str | None = None,
       model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir)
   return ServedModel(model=model, params=params, tokenizer=tokenizer,
                      name=name or os.path.basename(os.path.normpath(model_dir)),
-                     template=template, default_max_tokens=default_max_tokens)
+                     template=template, default_max_tokens=default_max_tokens,
+                     max_context=max_context)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,37 +169,106 @@ class Stream:
     self._chunks.put(None)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Row:
-  """A request in a cache row: `token` goes to `position` at the next step."""
+  """A request in cache row `index`: its next token goes to `position`. `generated`: its
+  tokens handed to the detokenizer; `closed`: no more are (the row is free, or will be)."""
   job: Job
   stream: Stream
   answer: AnswerText
-  token: int
+  index: int
   position: int
+  generated: int = 0
+  closed: bool = False
 
 
 @dataclasses.dataclass
 class EngineStats:
-  """Counters for tests and benchmarks: decode steps, rows decoded over all steps, requests
-  that joined while other rows were decoding."""
+  """Counters for /health and benchmarks: decode steps, rows decoded over all steps,
+  requests that joined while other rows were decoding, prefill calls and the requests
+  they held, seconds the engine thread spent in Python per round (everything but waiting
+  for the device: what the device's critical path pays) and the detokenizer thread's,
+  programs compiled at start-up (and in how many seconds) and after it."""
   steps: int = 0
   row_steps: int = 0
   joined_running: int = 0
+  prefills: int = 0
+  prefill_requests: int = 0
+  host_s: float = 0.0
+  detokenize_s: float = 0.0
+  compiled_at_start: int = 0
+  compile_s: float = 0.0
+  compiled_later: int = 0
+
+  def report(self) -> dict:
+    """The counters, with the mean busy rows and host milliseconds per decode step."""
+    steps = max(self.steps, 1)
+    return {**dataclasses.asdict(self), "busy_rows_per_step": self.row_steps / steps,
+            "host_ms_per_step": 1e3 * self.host_s / steps,
+            "detokenize_ms_per_step": 1e3 * self.detokenize_s / steps}
+
+
+class _Detokenizer:
+  """Tokens -> answers, chunks and finished streams, on a thread of its own (`threaded`)
+  or in the caller's (tests driving the engine by hand). It reports each final answer's
+  row to `finished`, for the engine to free."""
+
+  def __init__(self, finished: queue.Queue, stats: EngineStats, threaded: bool):
+    self._finished, self._stats = finished, stats
+    self._queue: queue.Queue | None = None
+    self._thread = None
+    if threaded:
+      self._queue = queue.Queue()
+      self._thread = threading.Thread(target=self._loop, name="detokenize", daemon=True)
+      self._thread.start()
+
+  def put(self, drawn: list[tuple[_Row, int]]) -> None:
+    if self._queue is None:
+      self._take(drawn)
+    else:
+      self._queue.put(drawn)
+
+  def close(self) -> None:
+    if self._queue is not None:
+      self._queue.put(None)
+      self._thread.join()
+
+  def _loop(self) -> None:
+    while (drawn := self._queue.get()) is not None:
+      self._take(drawn)
+
+  def _take(self, drawn: list[tuple[_Row, int]]) -> None:
+    start = time.perf_counter()
+    for row, token in drawn:
+      answer = row.answer
+      if answer.finish_reason is not None or row.stream.done:
+        continue  # final already (a stop string), or failed: the rest is dropped
+      answer.add(token)
+      piece = answer.new_text()
+      if piece:
+        row.stream._put(Chunk(piece, len(answer.tokens)))
+      if answer.finish_reason is not None:
+        row.stream._finish(Completion(answer.text, answer.finish_reason,
+                                      len(row.job.prompt_ids), len(answer.tokens)))
+        self._finished.put(row)
+    self._stats.detokenize_s += time.perf_counter() - start
 
 
 class Engine:
-  """Continuous batching: a KV cache of `max_batch` rows (serving/slots.py) and a thread
-  that, before every decode step, puts waiting requests into free rows (one batched
-  prefill per image / no-image group) and then advances every busy row by one token
-  (`decode_steps` tokens).
+  """Continuous batching: a KV cache of `max_batch` rows x the served context
+  (serving/slots.py), an engine thread and a detokenizer thread.
 
-  A request leaves its row as soon as its answer is final (eos, a stop string, or
-  `max_tokens`), and the next waiting one takes the row at the next step.
+  Each round of the engine thread frees the rows whose answers are final, prefills the
+  waiting requests into free rows (one call per image / no-image group), dispatches one
+  call of `decode_steps` steps of the busy rows and then reads the previous round's
+  tokens, which go to the detokenizer. When nothing is decoding it waits for a request,
+  and then for up to one decode step more for others to prefill with it.
+
   `decode_steps` > 1 runs that many steps per call (one host round trip per
-  `decode_steps` tokens: fewer synchronisations, but requests join, leave and stream
-  every `decode_steps` tokens). With `start=False` no thread runs and `run_once` is
-  called by hand (tests).
+  `decode_steps` tokens: requests join, leave and stream every `decode_steps` tokens).
+  `warm_up` compiles every program at once (the server calls it before serving); without
+  it a program compiles on first use. With `start=False` no thread runs: `run_once`,
+  called by hand (tests), runs one round and reads its tokens at once.
   """
 
   def __init__(self, served: ServedModel, max_batch: int, *, decode_steps: int = 1,
@@ -203,15 +281,37 @@ class Engine:
     self._patch_id = tokenizer.convert_tokens_to_ids(
         text.patch_token(served.model.cfg.image_tokens))
     self._eos_id, self._pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    self._key = slots.like_params(served.params, jax.random.key(seed))
+    self._seed = seed
+    self._state = self._new_state()
+    self.programs = slots.Programs(served.model, served.params, self._state,
+                                   max_batch=max_batch, context=served.context_length,
+                                   decode_steps=decode_steps)
     self._queue: queue.Queue = queue.Queue()
     self._rows: list[_Row | None] = [None] * max_batch
-    self._cache: dict | None = None
+    self._in_flight: list[tuple[jax.Array, list[_Row | None]]] = []
+    self._finished: queue.Queue = queue.Queue()
+    self._step_s = 0.0  # the last decode round's wall time: how long to wait for company
     self.stats = EngineStats()
+    self._detokenizer = _Detokenizer(self._finished, self.stats, threaded=start)
     self._thread = None
     if start:
       self._thread = threading.Thread(target=self._loop, name="batching", daemon=True)
       self._thread.start()
+
+  def warm_up(self) -> slots.CompileReport:
+    """Compiles every program a request can need (slots.Programs.all_shapes) and runs
+    each once (a program's first run pays one-off costs: 0.1 s for a tiny model's step on
+    a CPU). Call it before the first request: it changes the cache's contents."""
+    report = self.programs.compile_all()
+    start = time.perf_counter()
+    for key in self.programs.all_shapes():
+      self._state, out = self.programs.get(key)(self.served.params, self._state,
+                                                *self.programs.example_args(key))
+    np.asarray(out)
+    report = dataclasses.replace(report, seconds=report.seconds + time.perf_counter() - start)
+    self.stats.compiled_at_start += report.programs
+    self.stats.compile_s += report.seconds
+    return report
 
   def submit(self, job: Job) -> Stream:
     stream = Stream()
@@ -219,10 +319,11 @@ class Engine:
     return stream
 
   def close(self) -> None:
-    """Stops the thread; requests still waiting or decoding fail with RuntimeError."""
+    """Stops the threads; requests still waiting or decoding fail with RuntimeError."""
     self._queue.put(None)
     if self._thread is not None:
       self._thread.join()
+    self._detokenizer.close()
     while True:
       try:
         item = self._queue.get_nowait()
@@ -232,29 +333,57 @@ class Engine:
         item[1]._finish(None, RuntimeError("the server is shutting down"))
 
   def run_once(self, block: bool = False) -> bool:
-    """Admits waiting requests into free rows, then runs `decode_steps` steps of the busy rows.
-    `block`: wait for a request when none is decoding. False once `close` was called."""
+    """One round, its tokens read and detokenized before it returns. `block`: wait for a
+    request when none is decoding. False once `close` was called."""
+    running = self._round(block)
+    self._read_in_flight()
+    return running
+
+  def _loop(self) -> None:
+    while self._round(block=True):
+      pass
+    self._read_in_flight()
+
+  def _round(self, block: bool) -> bool:
+    """Frees final rows, admits waiting requests, dispatches a decode call, then reads
+    the previous round's tokens (so that the device computes while the host reads)."""
+    self._free_finished()
+    idle = not any(self._rows)
+    if idle:
+      self._read_in_flight()  # nothing left behind while waiting for a request
+      self._free_finished()
     free = [i for i, row in enumerate(self._rows) if row is None]
-    taken = self._take(len(free), block and len(free) == self.max_batch)
+    taken = self._take(len(free), block and idle)
     if taken is None:
       self._fail_all(RuntimeError("the server is shutting down"))
       return False
+    start, steps = time.perf_counter(), self.stats.steps
+    earlier, self._in_flight = self._in_flight, []
     if taken:
-      self._admit(list(zip(free, taken)))
+      self._admit(list(zip(free, taken)), running=not idle)
     if any(self._rows):
-      self._decode()
+      self._dispatch_step()
+    host = time.perf_counter() - start
+    for outputs, rows in earlier:
+      host += self._read(outputs, rows)
+    self.stats.host_s += host
+    if self.stats.steps > steps:
+      self._step_s = time.perf_counter() - start
     return True
 
-  def _loop(self) -> None:
-    while self.run_once(block=True):
-      pass
-
   def _take(self, room: int, block: bool) -> list | None:
-    """Up to `room` waiting (job, stream) pairs; None when closed."""
-    taken = []
+    """Up to `room` waiting (job, stream) pairs; None when closed. Blocking (nothing is
+    decoding), it waits for one and then up to one decode step for others."""
+    taken, deadline = [], None
     while len(taken) < room:
       try:
-        item = self._queue.get(block=block and not taken)
+        if block and not taken:
+          item = self._queue.get()
+          deadline = time.perf_counter() + self._step_s
+        elif deadline is not None:
+          item = self._queue.get(timeout=max(deadline - time.perf_counter(), 0.0))
+        else:
+          item = self._queue.get_nowait()
       except queue.Empty:
         break
       if item is None:
@@ -264,43 +393,26 @@ class Engine:
       taken.append(item)
     return taken
 
-  def _resize(self, length: int = 0) -> None:
-    """Fits the cache to the busy rows (a power of two covering the highest) and to at
-    least `length` positions; drops it when no row is busy."""
-    busy = [i for i, row in enumerate(self._rows) if row is not None]
-    if not busy:
-      self._cache = None
-      return
-    rows = slots.power_of_two(busy[-1] + 1)
-    have = (0, 0) if self._cache is None else (self._cache["k"].shape[1],
-                                                self._cache["k"].shape[3])
-    length = max(length, have[1])
-    if (rows, length) != have:
-      self._cache = slots.resize(self.served.model, self.served.params, self._cache, rows,
-                                 length)
+  def _new_state(self) -> slots.State:
+    return slots.new_state(self.served.model, self.served.params, self.max_batch,
+                           self.served.context_length, jax.random.key(self._seed))
 
-  def _admit(self, placed: list[tuple[int, tuple[Job, Stream]]]) -> None:
-    """Prefills the new requests (one call per image / no-image group) into their rows."""
-    running = any(self._rows)
+  def _admit(self, placed: list[tuple[int, tuple[Job, Stream]]], running: bool) -> None:
+    """Dispatches the new requests' prefills (one call per image / no-image group) into
+    their rows; their first tokens are read with the round's other tokens."""
     try:
-      prefilled = []
       for with_image in (True, False):
         group = [(i, js) for i, js in placed if (js[0].pixels is not None) == with_image]
-        if group:
-          prefilled.append((group, *self._prefill([job for _, (job, _) in group])))
-      for i, (job, stream) in placed:
-        self._rows[i] = _Row(job, stream, AnswerText(self.served.decode, self._eos_id,
-                                                     job.max_tokens, job.stop),
-                             token=self._pad_id, position=len(job.prompt_ids))
-      self._resize(slots.cache_length(max(len(r.job.prompt_ids) + r.job.max_tokens
-                                           for r in self._rows if r) + self.decode_steps))
-      for group, first, cache in prefilled:
-        rows = [i for i, _ in group]
-        self._cache = slots.insert(self._cache, np.array(
-            rows + [rows[0]] * (len(first) - len(rows)), np.int32), cache)
-        for i, token in zip(rows, first):
-          self._rows[i].token = token
-          self._record(i, token)
+        if not group:
+          continue
+        rows = []
+        for i, (job, stream) in group:
+          rows.append(_Row(job, stream, AnswerText(self.served.decode, self._eos_id,
+                                                   job.max_tokens, job.stop),
+                           index=i, position=len(job.prompt_ids)))
+          self._rows[i] = rows[-1]
+        self._in_flight.append((self._prefill([row.job for row in rows],
+                                              [row.index for row in rows]), rows))
     except Exception as e:  # pylint: disable=broad-except  (handed to the waiting requests)
       for _, (_, stream) in placed:
         stream._finish(None, e)
@@ -308,61 +420,99 @@ class Engine:
       return
     self.stats.joined_running += len(placed) if running else 0
 
-  def _prefill(self, jobs: list[Job]) -> tuple[list[int], dict]:
-    """-> (first tokens, one per request of the padded batch; their cache)."""
-    rows = slots.power_of_two(len(jobs))
-    ids, mask, image_mask = slots.prompt_arrays([j.prompt_ids for j in jobs], rows,
+  def _prefill(self, jobs: list[Job], rows: list[int]) -> jax.Array:
+    """-> the first tokens [n] (n: the padded number of requests; the device array)."""
+    n = slots.bucket(len(jobs), self.programs.prefill_rows)
+    length = slots.bucket(max(len(j.prompt_ids) for j in jobs), self.programs.lengths)
+    ids, mask, image_mask = slots.prompt_arrays([j.prompt_ids for j in jobs], n, length,
                                                 self._patch_id, self._pad_id)
-    padded = jobs + [jobs[0]] * (rows - len(jobs))
-    pixels = np.stack([j.pixels for j in padded]) if jobs[0].pixels is not None else None
-    first, cache, self._key = slots.prefill(
-        self.served.model, self.served.params, ids, mask, image_mask, pixels, self._key,
-        np.array([j.temperature for j in padded], np.float32),
+    padded = jobs + [jobs[0]] * (n - len(jobs))
+    image = jobs[0].pixels is not None
+    pixels = np.stack([j.pixels for j in padded]).astype(np.float32) if image else None
+    program = self._program(("prefill", n, length, image))
+    self._state, first = program(
+        self.served.params, self._state,
+        np.array(rows + [self.max_batch] * (n - len(rows)), np.int32), ids, mask, image_mask,
+        pixels, np.array([j.temperature for j in padded], np.float32),
         np.array([j.top_p for j in padded], np.float32))
-    return np.asarray(first).tolist(), cache
+    self.stats.prefills += 1
+    self.stats.prefill_requests += len(jobs)
+    return first
 
-  def _decode(self) -> None:
-    rows = self._rows[:self._cache["k"].shape[1]]
+  def _program(self, key: tuple) -> jax.stages.Compiled:
+    compiled = self.programs.compiled
+    program = self.programs.get(key)
+    self.stats.compiled_later += self.programs.compiled - compiled
+    return program
+
+  def _dispatch_step(self) -> None:
+    busy = [i for i, row in enumerate(self._rows) if row is not None]
+    width = slots.bucket(busy[-1] + 1, self.programs.rows)
+    rows = self._rows[:width]
     column = lambda value, idle, dtype: np.array([value(r) if r else idle for r in rows],
                                                  dtype)
     try:
-      tokens, self._cache, self._key = slots.step(
-          self.served.model, self.served.params, self._cache,
-          column(lambda r: r.token, self._pad_id, np.int32),
-          column(lambda r: r.position, 0, np.int32), self._key,
+      self._state, drawn = self._program(("step", width))(
+          self.served.params, self._state, column(lambda r: r.position, 0, np.int32),
           column(lambda r: r.job.temperature, 0.0, np.float32),
-          column(lambda r: r.job.top_p, 1.0, np.float32), steps=self.decode_steps)
-      tokens = np.asarray(tokens).tolist()
+          column(lambda r: r.job.top_p, 1.0, np.float32))
     except Exception as e:  # pylint: disable=broad-except  (handed to the decoding requests)
       self._fail_all(e)
       return
+    for row in rows:
+      if row is not None:
+        row.position += self.decode_steps
     self.stats.steps += self.decode_steps
-    self.stats.row_steps += self.decode_steps * sum(r is not None for r in rows)
-    for i, row in enumerate(rows):
-      for token in tokens[i] if row is not None else ():
-        if self._rows[i] is not row:
-          break  # its answer was final: the rest of this call's tokens are dropped
-        row.token, row.position = token, row.position + 1
-        self._record(i, token)
-    self._resize()
+    self.stats.row_steps += self.decode_steps * len(busy)
+    self._in_flight.append((drawn, rows))
 
-  def _record(self, i: int, token: int) -> None:
-    """Row i drew `token`: streams what is settled; frees the row when the answer is final."""
-    row = self._rows[i]
-    row.answer.add(token)
-    piece = row.answer.new_text()
-    if piece:
-      row.stream._put(Chunk(piece, len(row.answer.tokens)))
-    if row.answer.finish_reason is not None:
-      row.stream._finish(Completion(row.answer.text, row.answer.finish_reason,
-                                    len(row.job.prompt_ids), len(row.answer.tokens)))
-      self._rows[i] = None
+  def _read_in_flight(self) -> None:
+    in_flight, self._in_flight = self._in_flight, []
+    for outputs, rows in in_flight:
+      self.stats.host_s += self._read(outputs, rows)
+
+  def _read(self, outputs: jax.Array, rows: list[_Row | None]) -> float:
+    """Waits for a call's tokens ([rows, steps], or [rows] from a prefill) and hands each
+    row's to the detokenizer; frees a row at eos or `max_tokens`. -> seconds spent other
+    than waiting."""
+    try:
+      tokens = np.asarray(outputs).reshape(len(outputs), -1).tolist()
+    except Exception as e:  # pylint: disable=broad-except  (handed to the decoding requests)
+      self._fail_all(e)
+      return 0.0
+    start = time.perf_counter()
+    drawn = []
+    for row, row_tokens in zip(rows, tokens):
+      for token in row_tokens if row is not None else ():
+        if row.closed:
+          break  # its answer was final: the rest of this call's tokens are dropped
+        drawn.append((row, token))
+        row.generated += 1
+        if token == self._eos_id or row.generated >= row.job.max_tokens:
+          self._close(row)
+    self._detokenizer.put(drawn)
+    return time.perf_counter() - start
+
+  def _close(self, row: _Row) -> None:
+    row.closed = True
+    if self._rows[row.index] is row:
+      self._rows[row.index] = None
+
+  def _free_finished(self) -> None:
+    """Frees the rows whose answers the detokenizer found final (a stop string)."""
+    while True:
+      try:
+        self._close(self._finished.get_nowait())
+      except queue.Empty:
+        return
 
   def _fail_all(self, error: BaseException) -> None:
-    """Fails every decoding request and drops the cache (a failed call may have consumed it)."""
-    for i, row in enumerate(self._rows):
-      if row is not None:
+    """Fails every decoding request and starts a new state (a failed call may have
+    consumed it)."""
+    for row in [*self._rows, *(r for _, rows in self._in_flight for r in rows)]:
+      if row is not None and not row.stream.done:
         row.stream._finish(None, error)
-        self._rows[i] = None
-    self._cache = None
-
+        row.closed = True
+    self._rows = [None] * self.max_batch
+    self._in_flight = []
+    self._state = self._new_state()

@@ -12,7 +12,6 @@ back); the pieces concatenate to exactly the non-streamed answer.
 """
 from __future__ import annotations
 
-import dataclasses
 import http.server
 import importlib.resources
 import itertools
@@ -49,16 +48,21 @@ def chunk_body(delta: dict[str, str], model: str, request_id: str, created: int,
 
 
 def stream_events(stream: engine_lib.Stream, model: str, request_id: str, created: int,
-                  timeout_s: float) -> Iterator[dict[str, Any]]:
+                  timeout_s: float, include_usage: bool = False) -> Iterator[dict[str, Any]]:
   """The chunks of an answer as the engine settles them: the role, one chunk per piece
-  of text, then the finish reason. Raises what generation raised (before the role chunk
-  when generation fails before its first piece)."""
+  of text, then the finish reason (and, with `include_usage`, OpenAI's last chunk: no
+  choices, the usage). Raises what generation raised (before the role chunk when
+  generation fails before its first piece)."""
   pieces = stream.chunks(timeout_s)
   first = next(pieces, None)  # so that a failed prefill is an HTTP error, not a stream
   yield chunk_body({"role": "assistant", "content": ""}, model, request_id, created)
   for piece in ([] if first is None else itertools.chain([first], pieces)):
     yield chunk_body({"content": piece.text}, model, request_id, created)
-  yield chunk_body({}, model, request_id, created, stream.result().finish_reason)
+  completion = stream.result()
+  yield chunk_body({}, model, request_id, created, completion.finish_reason)
+  if include_usage:
+    yield {**chunk_body({}, model, request_id, created), "choices": [],
+           "usage": completion_body(completion, model, request_id, created)["usage"]}
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -109,7 +113,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
       self._send(200, page.read_bytes(), "text/html; charset=utf-8")
     elif path == "/health":
       self._json(200, {"status": "ok", "model": self.server.served.name,
-                       "engine": dataclasses.asdict(self.server.engine.stats)})
+                       "engine": self.server.engine.stats.report()})
     elif path == "/v1/models":
       self._json(200, {"object": "list", "data": [
           {"id": self.server.served.name, "object": "model", "created": 0,
@@ -133,7 +137,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                  int(time.time()))
     try:
       if request.stream:
-        self._stream(stream_events(stream, name, request_id, created, self.server.timeout_s))
+        self._stream(stream_events(stream, name, request_id, created, self.server.timeout_s,
+                                   request.include_usage))
       else:
         completion = stream.result(timeout=self.server.timeout_s)
         self._json(200, completion_body(completion, name, request_id, created))

@@ -56,6 +56,7 @@ class ChatRequest:
   image: bytes | None = None
   system: str | None = None
   stream: bool = False
+  include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
   temperature: float = 0.0
   top_p: float = 1.0
   max_tokens: int | None = None
@@ -237,6 +238,11 @@ def parse_chat_request(payload: dict[str, Any], *, image_root: str | None,
   stream = payload.get("stream", False)
   if not isinstance(stream, bool):
     raise _bad(f"stream must be true or false, got {stream!r}")
+  options = payload.get("stream_options") or {}
+  include_usage = options.get("include_usage", False) if isinstance(options, dict) else None
+  if not isinstance(include_usage, bool):
+    raise _bad(f"stream_options must be an object with include_usage true or false, got "
+               f"{payload.get('stream_options')!r}")
   turns, system, urls = _conversation(payload.get("messages"))
   if len(urls) > 1:
     raise _bad(f"{len(urls)} images in the conversation; the model takes one (start a new "
@@ -244,7 +250,7 @@ def parse_chat_request(payload: dict[str, Any], *, image_root: str | None,
   return ChatRequest(
       turns=turns, system=system,
       image=read_image_url(urls[0], image_root, limits) if urls else None,
-      stream=stream, temperature=_number(payload, "temperature", 0.0, 0.0, 2.0),
+      stream=stream, include_usage=include_usage, temperature=_number(payload, "temperature", 0.0, 0.0, 2.0),
       top_p=_number(payload, "top_p", 1.0, 0.0, 1.0), max_tokens=_max_tokens(payload),
       stop=_stop(payload))
 
