@@ -5,9 +5,18 @@ Node features are L2-normalised; edge features are e_ij = h_i - h_j, L2-normalis
   Q = -0.5 (e_X . e_Y + G_e - 0.5)          [E, E]
 with G ~ Gumbel(0, gumbel_scale). G_n is drawn once per step and shared by the six calls,
 G_e per call; both come from JAX keys.
+
+The noise is added to the affinity with one rounding (`add_noise`): training draws it in
+float32; a replay of the release (train/step_equivalence.py) hands in the release's
+float64 numpy draws as a `(high, low)` float32 pair (`split_float64`), and the sum comes
+out as the release's float32(float64 affinity + noise).
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+# Noise: a float32 array, or a float64 draw split into a float32 (high, low) pair.
+Noise = jax.Array | tuple[jax.Array, jax.Array]
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -54,12 +63,45 @@ def perturbation_noise(key: jax.Array, shape: tuple[int, ...], kind: str,
   raise ValueError(f"align.imle_noise={kind!r} is not one of {NOISE_KINDS}")
 
 
+def split_float64(noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """A float64 draw -> float32 (high, low): high = f32(noise), low = f32(noise - high).
+
+  high + low holds the draw to ~48 bits, enough for `add_noise` to round affinity + noise
+  as the release's float64 addition does (it adds numpy float64 noise to float32 costs).
+  """
+  noise = np.asarray(noise, np.float64)
+  high = noise.astype(np.float32)
+  return high, (noise - high).astype(np.float32)
+
+
+def add_noise(affinity: jax.Array, noise: Noise) -> jax.Array:
+  """affinity + noise rounded once to float32 (shapes equal).
+
+  A float32 noise is one float32 addition. A (high, low) pair (`split_float64`) is added
+  as a double-float sum: TwoSum gives the exact rounding error of affinity + high, the
+  low parts are summed and the total is rounded once, which is float32(affinity + noise)
+  computed in float64. Adding float32(noise) instead would round twice and move about one
+  cost in ten by an ulp. Its derivative in `affinity` is exactly 1 (the error terms cancel).
+  """
+  if not isinstance(noise, tuple):
+    return affinity + noise
+  high, low = noise
+  total = affinity + high
+  virtual = total - affinity
+  error = (affinity - (total - virtual)) + (high - virtual)
+  return total + (error + low)
+
+
 def matching_costs(nodes_x: jax.Array, nodes_y: jax.Array, edges: jax.Array,
-                   node_noise: jax.Array, edge_noise: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(U [g, g], Q [E, E]) for GNN outputs [g, d] of X and Y over the shared edges [E, 2]."""
+                   node_noise: Noise, edge_noise: Noise) -> tuple[jax.Array, jax.Array]:
+  """(U [g, g], Q [E, E]) for GNN outputs [g, d] of X and Y over the shared edges [E, 2].
+
+  The release's order of operations: noise added to the affinity (one rounding), then
+  0.5 subtracted, then the sign (and the 0.5 of the quadratic term).
+  """
   x, y = l2_normalize(nodes_x), l2_normalize(nodes_y)
   ex = l2_normalize(edge_features(nodes_x, edges))
   ey = l2_normalize(edge_features(nodes_y, edges))
-  unary = -(x @ y.T + node_noise - 0.5)
-  quadratic = -0.5 * (ex @ ey.T + edge_noise - 0.5)
+  unary = -(add_noise(x @ y.T, node_noise) - 0.5)
+  quadratic = -0.5 * (add_noise(ex @ ey.T, edge_noise) - 0.5)
   return unary, quadratic

@@ -41,16 +41,27 @@ class GraphMatchingGNN(nn.Module):
   """`num_layers` GraphConv layers, ReLU after each, dropout after the last.
 
   Input: a GraphsTuple with nodes [g, d_in]; output: node features [g, width].
+  Dropout as torch's `F.dropout`: kept entries times 1 / (1 - rate). Its keep mask
+  [g, width] is drawn from the `dropout` rng, or given (`keep`: the replay of a release
+  step hands in the release's masks, train/step_equivalence.py).
   """
   width: int
   num_layers: int = 2
   dropout_rate: float = 0.1
 
   @nn.compact
-  def __call__(self, graph: jraph.GraphsTuple, *, deterministic: bool) -> jax.Array:
+  def __call__(self, graph: jraph.GraphsTuple, *, deterministic: bool,
+               keep: jax.Array | None = None) -> jax.Array:
     if self.num_layers < 1:
       raise ValueError(f"GraphMatchingGNN needs at least one layer, got {self.num_layers}")
     nodes = graph.nodes
     for layer in range(self.num_layers):
       nodes = nn.relu(GraphConv(self.width, name=f"conv{layer + 1}")(graph._replace(nodes=nodes)))
-    return nn.Dropout(self.dropout_rate)(nodes, deterministic=deterministic)
+    if deterministic:
+      return nodes
+    if keep is None:
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate,
+                                  nodes.shape)
+    elif keep.shape != nodes.shape:
+      raise ValueError(f"dropout keep mask {keep.shape} != GNN output {nodes.shape}")
+    return jnp.where(keep, nodes * (1.0 / (1.0 - self.dropout_rate)), 0.0)

@@ -8,7 +8,13 @@ edge (a, b) of graph 2 iff i -> a and j -> b) is computed from M in JAX.
 Backward (black-box differentiation / IMLE with the noise already inside the costs): the
 problems are solved again with the costs moved along the incoming cotangents,
 U' = U + lambda * dL/dM and Q' = Q + lambda * dL/dM_E (same noise: it is part of U and Q),
-and the cost gradients are -(M - M') / lambda and -(M_E - M_E') / lambda.
+and the cost gradients are -(M - M') / lambda and -(M_E - M_E') / lambda. The quadratic
+gradient is not zero even when only M feeds the loss (dL/dM_E = 0, Q' = Q): M' moves the
+induced M_E', so the edge costs, and through them the GNN, get gradient too.
+
+Replay (`replay=(M, M')`): the given 0/1 matchings stand in for the forward solve and the
+backward re-solve, everything else unchanged: a release step's LPMP matchings (partial
+or not optimal) are replayed through the same gradient (train/step_equivalence.py).
 
 Works under `jit`, `grad` and `vmap` (the callback flattens any leading batch axes into the
 problem axis) and inside `shard_map`, one callback per device (train/alignment_sharding.py:
@@ -113,9 +119,13 @@ def induced_edge_matching(matching: jax.Array, edges1: jax.Array, edges2: jax.Ar
   return one(matching, edges1, edges2)
 
 
+# The replayed (forward, backward) matchings [..., n1, n2] or None (solve).
+Replay = tuple[jax.Array, jax.Array] | None
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def differentiable_matching(settings: SolverSettings, unary: jax.Array, quadratic: jax.Array,
-                            edges1: jax.Array, edges2: jax.Array
+                            edges1: jax.Array, edges2: jax.Array, replay: Replay = None
                             ) -> tuple[jax.Array, jax.Array]:
   """(M [..., n1, n2], M_E [..., E1, E2]) minimising <U, M> + <Q, M_E>; see module doc.
 
@@ -123,27 +133,35 @@ def differentiable_matching(settings: SolverSettings, unary: jax.Array, quadrati
     settings: solver budget and the IMLE lambda.
     unary: U [..., n1, n2]; quadratic: Q [..., E1, E2];
     edges1: [..., E1, 2] and edges2: [..., E2, 2] int edge lists (no gradient).
+    replay: None (solve on the host), or (M, M') [..., n1, n2] 0/1 matchings to use as the
+      forward solution and as the backward re-solve (no gradient).
   """
-  matching = solve_on_host(settings, unary, quadratic, edges1, edges2)
-  return matching, induced_edge_matching(matching, edges1, edges2)
+  return _forward(settings, unary, quadratic, edges1, edges2, replay)[0]
 
 
-def _forward(settings, unary, quadratic, edges1, edges2):
-  matching = solve_on_host(settings, unary, quadratic, edges1, edges2)
+def _forward(settings, unary, quadratic, edges1, edges2, replay):
+  if replay is None:
+    matching = solve_on_host(settings, unary, quadratic, edges1, edges2)
+  else:
+    matching = jnp.asarray(replay[0], jnp.float32)
   edge_matching = induced_edge_matching(matching, edges1, edges2)
-  return (matching, edge_matching), (unary, quadratic, edges1, edges2, matching, edge_matching)
+  return (matching, edge_matching), (unary, quadratic, edges1, edges2, matching, edge_matching,
+                                     replay)
 
 
 def _backward(settings, residuals, cotangents):
-  unary, quadratic, edges1, edges2, matching, edge_matching = residuals
+  unary, quadratic, edges1, edges2, matching, edge_matching, replay = residuals
   d_matching, d_edge_matching = cotangents
   lam = settings.imle_lambda
-  perturbed = solve_on_host(settings, unary + lam * d_matching,
-                            quadratic + lam * d_edge_matching, edges1, edges2)
+  if replay is None:
+    perturbed = solve_on_host(settings, unary + lam * d_matching,
+                              quadratic + lam * d_edge_matching, edges1, edges2)
+  else:
+    perturbed = jnp.asarray(replay[1], jnp.float32)
   perturbed_edges = induced_edge_matching(perturbed, edges1, edges2)
   d_unary = -(matching - perturbed) / lam
   d_quadratic = -(edge_matching - perturbed_edges) / lam
-  return d_unary.astype(unary.dtype), d_quadratic.astype(quadratic.dtype), None, None
+  return d_unary.astype(unary.dtype), d_quadratic.astype(quadratic.dtype), None, None, None
 
 
 differentiable_matching.defvjp(_forward, _backward)

@@ -113,27 +113,31 @@ def dropout_keys(key: jax.Array, groups: int) -> jax.Array:
 
 
 def pair_costs(gnn_params: Any, settings: AlignSettings, xs: jax.Array, ys: jax.Array,
-               node_noise: jax.Array, edge_noise: jax.Array, dropout: jax.Array | None
+               node_noise: costs.Noise, edge_noise: costs.Noise, dropout: jax.Array | None
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Costs of the six problems of G groups under S noise draws.
 
   Args:
     xs, ys: [6, G, g, d] pair features (`pair_features`).
-    node_noise: [S, G, g, g] (shared by the six problems); edge_noise: [S, 6, G, E, E].
-    dropout: None = GNN deterministic, else the [2, 6, G] keys of its dropout masks
-      (`dropout_keys`).
+    node_noise: [S, G, g, g] (shared by the six problems); edge_noise: [S, 6, G, E, E];
+      each a float32 array or a (high, low) pair of them (`costs.add_noise`).
+    dropout: None = GNN deterministic; the [2, 6, G] keys of its dropout masks
+      (`dropout_keys`); or the bool keep masks themselves, [2, 6, G, g, width] (X side,
+      Y side of each problem).
   Returns:
     unary [S, 6, G, g, g], quadratic [S, 6, G, E, E], edges [6, G, E, 2].
   """
   module = settings.gnn_module(xs.shape[-1])
   edges = jax.vmap(jax.vmap(lambda x: graphs.knn_edges(x, settings.num_neighbors)))(xs)
 
-  def embed(features, edge_list, key):
+  def embed(features, edge_list, drop):
     graph = graphs.graphs_tuple(features, edge_list)
-    if key is None:
+    if drop is None:
       return module.apply({"params": gnn_params}, graph, deterministic=True)
+    if drop.dtype == jnp.bool_:
+      return module.apply({"params": gnn_params}, graph, deterministic=False, keep=drop)
     return module.apply({"params": gnn_params}, graph, deterministic=False,
-                        rngs={"dropout": key})
+                        rngs={"dropout": drop})
 
   pairs = xs.shape[0] * xs.shape[1]
   flat = lambda a: a.reshape(pairs, *a.shape[2:])
@@ -148,7 +152,8 @@ def pair_costs(gnn_params: Any, settings: AlignSettings, xs: jax.Array, ys: jax.
 
   def costs_of(node, edge):  # node [G, g, g] for one sample, edge [6, G, E, E]
     per_pair = jax.vmap(jax.vmap(costs.matching_costs))  # over 6, then G
-    shared_node = jnp.broadcast_to(node, edge.shape[:2] + node.shape[1:])
+    lead = jax.tree.leaves(edge)[0].shape[:2]
+    shared_node = jax.tree.map(lambda n: jnp.broadcast_to(n, lead + n.shape[1:]), node)
     return per_pair(hx, hy, edges, shared_node, edge)
 
   unary, quadratic = jax.vmap(costs_of)(node_noise, edge_noise)
@@ -169,11 +174,13 @@ def hamming_to_identity(matching: jax.Array) -> jax.Array:
 
 
 def group_alignment(gnn_params: Any, settings: AlignSettings, f_image: jax.Array,
-                    f_short: jax.Array, f_long: jax.Array, node_noise: jax.Array,
-                    edge_noise: jax.Array, dropout: jax.Array | None
-                    ) -> tuple[jax.Array, jax.Array]:
-  """Per-group results for features [G, g, d] and explicit noise and dropout keys (shapes as
-  in `pair_costs`): (L_m per modality [3, G], the solved matchings [S, 6, G, g, g]).
+                    f_short: jax.Array, f_long: jax.Array, node_noise: costs.Noise,
+                    edge_noise: costs.Noise, dropout: jax.Array | None,
+                    replay: imle.Replay = None) -> tuple[jax.Array, jax.Array]:
+  """Per-group results for features [G, g, d] and explicit noise and dropout (keys or keep
+  masks, shapes as in `pair_costs`): (L_m per modality [3, G], the solved matchings
+  [S, 6, G, g, g]). `replay`: None (solve), or the (forward, backward) matchings
+  [S, 6, G, g, g] to use instead of the solves (`imle.differentiable_matching`).
 
   Groups are independent given their noise and keys, so any subset of groups (the ones a
   device holds) gives the same per-group values as the whole batch: `train/` runs this per
@@ -184,7 +191,7 @@ def group_alignment(gnn_params: Any, settings: AlignSettings, f_image: jax.Array
                                        dropout)
   edges_b = jnp.broadcast_to(edges, unary.shape[:1] + edges.shape)
   matchings, _ = imle.differentiable_matching(settings.solver, unary, quadratic, edges_b,
-                                              edges_b)
+                                              edges_b, replay)
   hamming = hamming_to_identity(matchings).mean(axis=0)            # [6, G]
   return (hamming[0::2] + hamming[1::2]) / 2.0, matchings          # [3, G]
 
@@ -210,14 +217,19 @@ def summarize(per_modality: jax.Array, matchings: jax.Array
 
 
 def alignment_from_noise(gnn_params: Any, settings: AlignSettings, f_image: jax.Array,
-                         f_short: jax.Array, f_long: jax.Array, node_noise: jax.Array,
-                         edge_noise: jax.Array, dropout_key: jax.Array | None
+                         f_short: jax.Array, f_long: jax.Array, node_noise: costs.Noise,
+                         edge_noise: costs.Noise, dropout_key: jax.Array | None, *,
+                         dropout_keep: jax.Array | None = None, replay: imle.Replay = None
                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The loss and aux (`summarize`) for features [G, g, d] and explicit noise (shapes as in
-  `pair_costs`); `dropout_key` None = GNN deterministic."""
-  dropout = None if dropout_key is None else dropout_keys(dropout_key, f_image.shape[0])
+  `pair_costs`); `dropout_key` None = GNN deterministic, unless the keep masks
+  `dropout_keep` [2, 6, G, g, width] are given; `replay` as in `group_alignment`."""
+  if dropout_keep is not None and dropout_key is not None:
+    raise ValueError("give the GNN dropout as a key or as keep masks, not both")
+  dropout = (dropout_keep if dropout_key is None
+             else dropout_keys(dropout_key, f_image.shape[0]))
   return summarize(*group_alignment(gnn_params, settings, f_image, f_short, f_long,
-                                    node_noise, edge_noise, dropout))
+                                    node_noise, edge_noise, dropout, replay))
 
 
 def draw_noise(key: jax.Array, settings: AlignSettings, groups: int, g: int

@@ -62,6 +62,11 @@ def supervised_token_mask(labels: jax.Array, sample_weight: jax.Array) -> jax.Ar
   return (labels[:, 1:] != IGNORE_INDEX) & (sample_weight[:, None] > 0)
 
 
+def step_token_count(labels: jax.Array, sample_weight: jax.Array) -> jax.Array:
+  """The step's supervised-token count (at least 1), float32: the LM loss's denominator."""
+  return jnp.maximum(supervised_token_mask(labels, sample_weight).sum(), 1).astype(jnp.float32)
+
+
 def token_cross_entropy_sum(logits: jax.Array, labels: jax.Array, sample_weight: jax.Array
                             ) -> jax.Array:
   """Sum over supervised tokens of -log p(label); logits [B, T, V] predict labels[:, 1:]."""
@@ -143,9 +148,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
                                                                       state.params)
     trainable, fixed = partition(state.params, flags)
     global_size = batch["input_ids"].shape[0]
-    token_count = jnp.maximum(
-        supervised_token_mask(batch["labels"], batch["sample_weight"]).sum(), 1
-    ).astype(jnp.float32)
+    token_count = step_token_count(batch["labels"], batch["sample_weight"])
     micro_size = global_size // micro_batches
     group_count = float(micro_batches * (micro_size // (group_size or micro_size)))
     step_key = jax.random.fold_in(state.rng, state.step)
