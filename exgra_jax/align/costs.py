@@ -20,8 +20,16 @@ Noise = jax.Array | tuple[jax.Array, jax.Array]
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Rows of x scaled to unit norm ([..., d]); eps keeps all-zero rows at zero."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  """Rows of x scaled to unit norm ([..., d]), torch's `F.normalize`: x / max(|x|, eps).
+
+  An all-zero row stays zero, and its gradient is torch's, g / eps: the norm's derivative
+  at zero is taken as 0 (as torch does), not 0 / 0. Such rows occur: two equal samples of
+  a group have equal GNN outputs without dropout, so the edge between them is zero.
+  """
+  squares = jnp.sum(x * x, axis=-1, keepdims=True)
+  nonzero = squares > 0
+  norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1.0)), 0.0)
+  return x / jnp.maximum(norm, eps)
 
 
 def edge_features(nodes: jax.Array, edges: jax.Array) -> jax.Array:

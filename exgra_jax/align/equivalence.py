@@ -146,8 +146,8 @@ def loss_from_explicit_inputs(f_image: np.ndarray, f_short: np.ndarray, f_long: 
         given["edge_noise"], None, dropout_keep=given["dropout_keep"], replay=given["replay"])
 
   features = [jnp.asarray(np.asarray(f, np.float32)) for f in (f_image, f_short, f_long)]
-  (value, aux), grads = jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3), has_aux=True)(
-      params, *features)
+  (value, aux), grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3),
+                                                  has_aux=True))(params, *features)
   return {"loss": np.asarray(value), "matchings": np.asarray(aux["matchings"][0, :, 0]),
           "grad_image": np.asarray(grads[1]), "grad_short": np.asarray(grads[2]),
           "grad_long": np.asarray(grads[3]), "grad_gnn": gnn_params_to_pyg(grads[0])}
