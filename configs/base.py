@@ -40,6 +40,15 @@ def stage_config(kind: str) -> ml_collections.ConfigDict:
   s.warmup_ratio = 0.03       # linear warm-up, fraction of the stage's steps
   s.init_from = ""            # checkpoint to start from ("" = the previous stage / init)
   s.select_metric = "open_recall_closed_acc"  # finetune: validation metric for best ckpt
+  # LoRA / QLoRA adapters on the LLM (exgra_jax/models/adapters.py, qwix). rank 0 = off: the
+  # release's full fine-tuning. With adapters the LLM trains only them; the rest of the
+  # stage's trainable set (projector; GNN in stage 2) trains as without.
+  s.lora = ml_collections.ConfigDict()
+  s.lora.rank = 0             # adapter rank r (0 = no adapters)
+  s.lora.alpha = 16.0         # the update is (alpha / r) * x @ A @ B
+  s.lora.dropout = 0.0        # dropout on the adapters' input while training
+  s.lora.modules = ""         # regex of adapted module paths ("" = LLM attention + MLP projections)
+  s.lora.base = "bf16"        # frozen base kernels: float32 | bf16 | int8 | int4 (QLoRA)
   if kind == "stage1":
     s.trainable = "projector_and_new_tokens"
     s.global_batch = 128

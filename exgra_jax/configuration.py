@@ -570,6 +570,11 @@ def _stage_problems(config: ml_collections.ConfigDict, num_devices: int | None) 
                    f"({closest(s[key], allowed)})")
     if name not in config.stages:
       continue
+    from exgra_jax.models import adapters  # pylint: disable=g-import-not-at-top (heavy: qwix)
+    try:  # the adapters' owner checks its settings
+      adapters.LoraSettings.from_config(s.lora)
+    except ValueError as e:
+      out.append(f"{name}.{e}")
     if s.global_batch <= 0 or s.micro_batches <= 0:
       out.append(f"{name}: global_batch and micro_batches must be positive")
       continue

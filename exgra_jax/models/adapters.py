@@ -113,8 +113,16 @@ def quantized_model(model: LlavaModel, qtype: str, modules: str = LLM_PROJECTION
 
 
 def init_params(model: nn.Module, key: jax.Array) -> Any:
-  """Fresh boxed params of a (wrapped) LlavaModel: adapters and quantized leaves included."""
-  return init_boxed_params(model.cfg, key, model)
+  """Fresh boxed params of a wrapped LlavaModel: adapters and quantized leaves included.
+
+  Traced without logical-axis rules: qwix 0.1.8 (flax_util.update_boxed) puts an adapter
+  into the base kernel's box and unboxes it before renaming its axes, so under the rules
+  the kernel's rank-3 constraint (q/k/v/o: embed, heads, head_dim) meets a rank-2 adapter
+  and fails. Without rules that unbox is a no-op; the axis names qwix then gives the
+  adapters are right, and the caller's shardings (from those names) place the params.
+  """
+  with nn.logical_axis_rules(()):
+    return init_boxed_params(model.cfg, key, model)
 
 
 def frozen_base_dtype(params: Any, settings: LoraSettings) -> Any:
@@ -208,3 +216,7 @@ def merge_adapters(params: Any, scale: float) -> Any:
     out[path] = kernel
   return flax.traverse_util.unflatten_dict(out)
 
+
+def adapter_paths(params: Any) -> list[tuple[str, ...]]:
+  """Flattened paths of the adapter leaves in `params` (empty: a plain model's params)."""
+  return [p for p in flax.traverse_util.flatten_dict(nn.unbox(params)) if is_adapter(p)]

@@ -23,6 +23,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from exgra_jax.models import adapters
+
 MAY_BE_FRESH = ("projector", "gnn")
 VISION_PRETRAIN_CHECKPOINT = "vision_pretrain"  # workdir/checkpoints/<this>
 
@@ -65,11 +67,12 @@ def merge_loaded(fresh: Any, loaded: Any, shardings: Any, source: str) -> Any:
   """`fresh` (the state's params) with every leaf `loaded` has, placed with `shardings`.
 
   Raises InitialWeightsError for loaded leaves of another shape, and for fresh leaves the
-  source lacks outside MAY_BE_FRESH. Leaves the model does not have are ignored (the
+  source lacks outside MAY_BE_FRESH and the LoRA adapters. Leaves the model does not have are ignored (the
   checkpoint loader reports them).
   """
   fresh_flat, loaded_flat = _flat(fresh), _flat(loaded)
-  missing = [p for p in fresh_flat if p not in loaded_flat and p[0] not in MAY_BE_FRESH]
+  missing = [p for p in fresh_flat if p not in loaded_flat and p[0] not in MAY_BE_FRESH
+             and not adapters.is_adapter(p)]
   if missing:
     raise InitialWeightsError(f"{source} lacks {len(missing)} parameters the model needs, "
                               f"e.g. {['/'.join(p) for p in missing[:6]]}")

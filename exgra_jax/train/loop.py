@@ -37,6 +37,7 @@ from exgra_jax.eval import vqa
 from exgra_jax.hf import hf_configs
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models import llava
+from exgra_jax.models import adapters
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import (alignment_sharding, checkpointing, initial_weights, metrics,
                              optimizer, sharded_state, sharding, step, vision_pretrain)
@@ -50,7 +51,8 @@ class Stage:
   """Everything one stage's steps need, built before any weight is allocated."""
   name: str
   cfg: ml_collections.ConfigDict
-  model: LlavaModel
+  model: LlavaModel             # with the stage's LoRA adapters when cfg.lora.rank > 0
+  lora: adapters.LoraSettings
   init_boxed_params: Any        # () -> boxed params (the model's, plus `gnn` with alignment)
   tx: Any
   schedule: Any
@@ -60,6 +62,12 @@ class Stage:
   steps_per_epoch: int
   step_fn: Any                  # pure step(state, batch) -> (state, metrics), not yet jitted
   mesh: jax.sharding.Mesh       # where its state lives and its programs are traced
+
+  def plain_params(self, params: Any) -> Any:
+    """The state's params as a plain LlavaModel's (what answering, params-only checkpoints
+    and the next stage take): without the GNN, adapters merged into their kernels."""
+    params = step.model_params(params)
+    return adapters.merge_adapters(params, self.lora.scale) if self.lora.enabled else params
 
 
 def new_token_ids(tokenizer, image_tokens: str) -> tuple[int, ...]:
@@ -81,11 +89,16 @@ def build_stage(config: ml_collections.ConfigDict, name: str, mesh: jax.sharding
                 num_examples: int, token_ids: tuple[int, ...]) -> Stage:
   """The stage's model, optimizer, abstract sharded state and step function."""
   cfg = config[name]
+  lora = adapters.LoraSettings.from_config(cfg.lora)
   model = LlavaModel(LlavaConfig.from_config(config.model))
+  if lora.enabled:
+    model = adapters.lora_model(model, lora, train=True)
   settings = align_loss.AlignSettings.from_config(config.align) if cfg.align else None
 
   def init_boxed_params():
-    params = dict(llava.init_boxed_params(model.cfg, jax.random.key(config.seed)))
+    key = jax.random.key(config.seed)
+    params = dict(adapters.frozen_base_dtype(adapters.init_params(model, key), lora)
+                  if lora.enabled else llava.init_boxed_params(model.cfg, key))
     if settings is not None:
       params["gnn"] = align_loss.init_gnn_params(jax.random.key(config.seed + 1), settings,
                                                  config.model.llm.hidden_size)
@@ -107,9 +120,10 @@ def build_stage(config: ml_collections.ConfigDict, name: str, mesh: jax.sharding
   step_fn = step.make_train_step(model, tx, schedule, micro_batches=cfg.micro_batches,
                                  align_fn=align_fn, alpha=config.align.alpha,
                                  group_size=group_size, text_mode=config.align.text_mode,
-                                 frozen=optimizer.frozen_leaves(abstract_params, cfg.trainable))
-  return Stage(name=name, cfg=cfg, model=model, init_boxed_params=init_boxed_params, tx=tx,
-               schedule=schedule, abstract_state=abstract_state, shardings=shardings,
+                                 frozen=optimizer.frozen_leaves(abstract_params, cfg.trainable,
+                                                                lora.enabled))
+  return Stage(name=name, cfg=cfg, model=model, lora=lora, init_boxed_params=init_boxed_params,
+               tx=tx, schedule=schedule, abstract_state=abstract_state, shardings=shardings,
                total_steps=total, steps_per_epoch=per_epoch, step_fn=step_fn, mesh=mesh)
 
 
@@ -136,6 +150,8 @@ def starting_state(config, stage: Stage, workdir: epath.Path, mesh,
     loaded, source = load_weights(config, path, mesh), path
   if stage.cfg.align:
     loaded = step.model_params(loaded)  # the GNN starts fresh
+  if stage.lora.enabled and stage.lora.base in adapters.QUANTIZED:  # QLoRA: a quantized base
+    loaded = adapters.quantize_params(stage.model, loaded)
   logging.info("stage %s starts from %s", stage.name, source)
   params = initial_weights.merge_loaded(state.params, loaded, stage.shardings.params, source)
   return state.replace(params=params)
@@ -262,7 +278,7 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
              "steps_per_s": rate and round(rate, 3),
              "final_metrics": {k: v for k, v in last.items()
                                if k not in ("steps_per_s", "tokens_per_s")},
-             "bad_records": pipe.log.counts(), "params": state.params,
+             "bad_records": pipe.log.counts(), "params": stage.plain_params(state.params),
              "params_checksum": parameter_checksum(state.params)}
   summary.update(validation.finish(state.params))
   summary["seconds"] = round(time.perf_counter() - started, 1)
@@ -293,7 +309,8 @@ class FinetuneValidation:
     # models' logical constraints like the train step's.
     with sharding.mesh_and_rules(self.stage.mesh, self.config.logical_axis_rules):
       return vqa.evaluate_split(
-          self.config, self.stage.model, step.model_params(params), records=records,
+          self.config, LlavaModel(self.stage.model.cfg), self.stage.plain_params(params),
+          records=records,
           image_root=self.stage.cfg.image_root, candidates=self.stage.cfg.candidates,
           output_dir=str(self.workdir / "eval" / self.stage.name / name),
           checkpoint=str(self.workdir / "checkpoints" / self.stage.name),
@@ -326,7 +343,7 @@ class FinetuneValidation:
                  "-" if score is None else f"{score:.4f}")
     if score is not None and (self.best_score is None or score > self.best_score):
       self.best_score, self.best_step = score, done
-      checkpoints.save_params(str(self.best_dir), step.model_params(params),
+      checkpoints.save_params(str(self.best_dir), self.stage.plain_params(params),
                               self.config.model.to_dict(),
                               tokenizer_dir=pipeline_lib.tokenizer_dir(self.config))
     return result

@@ -7,6 +7,7 @@ Stages (configs/base.py `stage_config.trainable`):
   gradient nor update, so they stay bit-for-bit unchanged.
 - `all_but_vision` (stage 2, finetune): everything except the `vision` tower (the GNN of
   stage 2 included).
+With `<stage>.lora.rank` > 0 the LLM trains only its LoRA adapters (`trainable_labels`).
 Frozen leaves get `optax.set_to_zero` through `optax.multi_transform`, so they hold no Adam
 moments; clipping is over the trainable gradients only.
 """
@@ -18,6 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from exgra_jax.models import adapters
+
 TRAINABLE_KINDS = ("projector_and_new_tokens", "all_but_vision")
 EMBEDDING_PATH = ("llm", "embed_tokens", "embedding")   # [vocab, embed]: token rows
 LM_HEAD_PATH = ("llm", "lm_head", "kernel")             # [embed, vocab]: token columns
@@ -27,13 +30,19 @@ def _keys(path) -> tuple[str, ...]:
   return tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
 
 
-def trainable_labels(params: Any, trainable: str) -> Any:
-  """Tree of "train" / "frozen" labels, one per parameter leaf."""
+def trainable_labels(params: Any, trainable: str, lora: bool = False) -> Any:
+  """Tree of "train" / "frozen" labels, one per parameter leaf.
+
+  lora: the LLM trains only its adapters (models/adapters.py); its other leaves, a
+  quantized base's included, are frozen whatever `trainable` says.
+  """
   if trainable not in TRAINABLE_KINDS:
     raise ValueError(f"trainable={trainable!r} is not one of {TRAINABLE_KINDS}")
 
   def label(path, _):
     keys = _keys(path)
+    if lora and keys[0] == "llm":
+      return "train" if adapters.is_adapter(keys) else "frozen"
     if trainable == "all_but_vision":
       return "frozen" if keys[0] == "vision" else "train"
     return "train" if keys[0] == "projector" or keys in (EMBEDDING_PATH, LM_HEAD_PATH) \
@@ -41,10 +50,10 @@ def trainable_labels(params: Any, trainable: str) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def frozen_leaves(params: Any, trainable: str) -> Any:
+def frozen_leaves(params: Any, trainable: str, lora: bool = False) -> Any:
   """Tree of bools, True where `trainable_labels` says "frozen" (no gradient is taken)."""
   return jax.tree_util.tree_map(lambda label: label == "frozen",
-                                trainable_labels(params, trainable))
+                                trainable_labels(params, trainable, lora))
 
 
 def mask_token_rows(new_token_ids: Sequence[int]) -> optax.GradientTransformation:
@@ -106,5 +115,5 @@ def build_optimizer(params: Any, optim: ml_collections.ConfigDict, stage: ml_col
     row_mask = mask_token_rows(new_token_ids)
     steps = [row_mask, *steps, row_mask]
   tx = optax.multi_transform({"train": optax.chain(*steps), "frozen": optax.set_to_zero()},
-                             trainable_labels(params, stage.trainable))
+                             trainable_labels(params, stage.trainable, stage.lora.rank > 0))
   return tx, schedule

@@ -100,8 +100,10 @@ def make_loss_fn(model: nn.Module, *, align_fn: AlignFn | None = None, alpha: fl
   """
   def loss_fn(params, mb, token_count, group_count, key):
     variables = {"params": model_params(params)}
+    # LoRA dropout (models/adapters.py) draws from "dropout"; a model without it ignores it.
+    dropout = lambda i: {"dropout": jax.random.fold_in(key, i)}
     out = model.apply(variables, mb["input_ids"], mb["attention_mask"], mb["image_mask"],
-                      mb["pixel_values"], deterministic=False)
+                      mb["pixel_values"], deterministic=False, rngs=dropout(1))
     lm = token_cross_entropy_sum(out["logits"], mb["labels"], mb["sample_weight"]) / token_count
     parts = {"lm_loss": lm}
     total = lm
@@ -111,9 +113,10 @@ def make_loss_fn(model: nn.Module, *, align_fn: AlignFn | None = None, alpha: fl
       if size % g:
         raise ValueError(f"micro-batch of {size} samples is not divisible by group_size={g}")
       f_image = image_node_features(out["image_features"])
-      f_short, f_long = (model.apply(variables, mb[f"{key}_ids"], mb[f"{key}_mask"],
-                                     mode=text_mode, group_size=g, method="text_features")
-                         for key in ("short", "long"))
+      f_short, f_long = (model.apply(variables, mb[f"{name}_ids"], mb[f"{name}_mask"],
+                                     mode=text_mode, group_size=g, method="text_features",
+                                     rngs=dropout(i))
+                         for i, name in enumerate(("short", "long"), 2))
       grouped = [f.reshape(size // g, g, f.shape[-1]) for f in (f_image, f_short, f_long)]
       align_mean, aux = align_fn(params["gnn"], *grouped, key)
       # Every alignment output is a mean over this micro-batch's groups: weighting it by
