@@ -11,7 +11,7 @@ axis over all GPUs unless --mesh says otherwise, the project's GPU flags:
     python tools/plan_memory.py --config=configs/pmc10.py --stage=stage2 --gpu=h100:8 \
         --samples_per_device=16 --length=512 --json
 `--json` ends the output with one JSON line (topology, chips, mesh, samples_per_device,
-length, peak_gib, hbm_gib (what the step may use), device_memory_gib, fits, collectives,
+micro_batches, length, peak_gib, hbm_gib (what the step may use), device_memory_gib, fits, collectives,
 callback, cudnn_attention, xla_flags, compile_s); `--hlo_out` writes the compiled HLO.
 Settings that cannot work (a group size or batch the mesh does not divide, a missing libtpu
 or CUDA plugin) are one line and exit status 2. Logic: exgra_jax/train/memory_plan.py.
@@ -35,6 +35,8 @@ _GPU = flags.DEFINE_string("gpu", "", "NVIDIA GPUs to compile for, KIND:COUNT wi
 _NODES = flags.DEFINE_integer("nodes", 1, "hosts the --gpu GPUs are spread over")
 _MESH = flags.DEFINE_string("mesh", "", "axis=size,... overrides of config.mesh, e.g. fsdp=8,data=1")
 _SAMPLES = flags.DEFINE_integer("samples_per_device", 16, "samples per device per micro-batch")
+_MICRO = flags.DEFINE_integer("micro_batches", 1, "micro-batches per step (gradient "
+                              "accumulation, the stage's micro_batches)")
 _LENGTH = flags.DEFINE_integer("length", 512, "sequence length (image tokens included)")
 _HLO_OUT = flags.DEFINE_string("hlo_out", "", "write the compiled HLO text to this file")
 _JSON = flags.DEFINE_bool("json", False, "end with one JSON line of the plan")
@@ -57,7 +59,7 @@ def main(argv):
     if axis not in config.mesh or not size.lstrip("-").isdigit():
       _fail(f"--mesh item {item!r}: expected AXIS=SIZE with AXIS in {sorted(config.mesh)}")
     config.mesh[axis] = int(size)
-  config[_STAGE.value].micro_batches = 1
+  config[_STAGE.value].micro_batches = _MICRO.value
   if _GPU.value and _TOPOLOGY.value:
     _fail("--gpu and --topology name two targets: pass one")
   target, devices = _TOPOLOGY.value, None
@@ -77,7 +79,8 @@ def main(argv):
   hbm = plan.usable_bytes
   memory = plan.device_memory_bytes
   print(f"model {config.model.name}  parameters {plan.parameters:,}  mesh {plan.mesh}  "
-        f"{plan.samples_per_device} samples x {plan.sequence_length} tokens per device  "
+        f"{plan.samples_per_device} samples x {plan.sequence_length} tokens per device "
+        f"x {_MICRO.value} micro-batches  "
         f"({plan.devices} x {plan.device_kind}, compiled in {plan.compile_seconds:.0f} s)")
   for name, value in (("arguments", plan.argument_bytes), ("outputs", plan.output_bytes),
                       ("temporaries", plan.temp_bytes), ("aliased", plan.alias_bytes),
@@ -96,7 +99,8 @@ def main(argv):
     print(json.dumps({
         "topology": target or f"cpu:{plan.devices}", "chips": plan.devices,
         "device_kind": plan.device_kind, "mesh": plan.mesh, "stage": _STAGE.value,
-        "samples_per_device": plan.samples_per_device, "length": plan.sequence_length,
+        "samples_per_device": plan.samples_per_device, "micro_batches": _MICRO.value,
+        "length": plan.sequence_length,
         "peak_gib": plan.peak_bytes / GIB, "temp_gib": plan.temp_bytes / GIB,
         "hbm_gib": None if hbm is None else hbm / GIB,
         "device_memory_gib": None if memory is None else memory / GIB,
