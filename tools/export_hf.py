@@ -7,8 +7,10 @@ python tools/export_hf.py --checkpoint=WORKDIR/checkpoints/finetune --out=/expor
 WORKDIR/config.json), a params checkpoint (tools/import_hf.py, finetune_best; its saved
 tokenizer), or an HF directory. `llava` loads in transformers' LlavaForConditionalGeneration with no
 custom code (connector none / sci, projector mlp2x_gelu); `release` is the LLaVA-Med
-layout and holds every connector. See docs/hf.md. Logic: exgra_jax/weights/checkpoints.py
-and exgra_jax/hf/exporter.py.
+layout and holds every connector. A LoRA train checkpoint exports with its adapters
+merged; `--adapter_only` writes them as a PEFT adapter (for `peft.PeftModel` over the
+export of the base) instead. See docs/hf.md. Logic: exgra_jax/weights/checkpoints.py,
+exgra_jax/hf/exporter.py and exgra_jax/hf/peft_adapter.py.
 """
 import json
 
@@ -23,12 +25,16 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer directory (defaul
                                  "saved with the checkpoint, or the run's)")
 _SHARD = flags.DEFINE_float("shard_size_gb", 5.0, "largest safetensors shard")
 _DTYPE = flags.DEFINE_string("dtype", None, "tensor dtype in the files (default: the params')")
+_ADAPTER_ONLY = flags.DEFINE_bool("adapter_only", False, "write the LoRA adapters of a train "
+                                  "checkpoint as a PEFT adapter (adapter_config.json + "
+                                  "adapter_model.safetensors) instead of the merged model")
 
 
 def main(argv):
   del argv
   console.setup(flags.FLAGS.verbosity)
-  from exgra_jax.hf import exporter, importer  # pylint: disable=g-import-not-at-top
+  from exgra_jax.hf import exporter, importer, peft_adapter  # pylint: disable=g-import-not-at-top
+  from exgra_jax.models import adapters  # pylint: disable=g-import-not-at-top
   from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top
   problems = [p for p in (
       configuration.model_problem("--checkpoint", _CHECKPOINT.value),
@@ -38,9 +44,20 @@ def main(argv):
   if problems:
     configuration.exit_usage("\n".join(problems))
   try:
-    loaded = checkpoints.load(_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value)
+    loaded = checkpoints.load(_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value,
+                              keep_adapters=_ADAPTER_ONLY.value)
   except importer.USER_ERRORS as e:  # an HF directory that does not import: the fix
     configuration.exit_usage(str(e))
+  if _ADAPTER_ONLY.value:
+    if not adapters.adapter_paths(loaded.params):
+      configuration.exit_usage(f"{_CHECKPOINT.value} holds no LoRA adapters (--adapter_only "
+                               "needs a train checkpoint of a stage with lora.rank > 0)")
+    lora = checkpoints.run_lora_settings(loaded.path)
+    result = peft_adapter.write_peft_adapter(loaded.params, loaded.model_config.to_dict(),
+                                             _OUT.value, rank=lora.rank, alpha=lora.alpha,
+                                             dropout=lora.dropout)
+    print(json.dumps(result, indent=2))
+    return
   if not loaded.tokenizer_dir:
     configuration.exit_usage(f"{_CHECKPOINT.value}: no tokenizer found with it (no saved "
                              "tokenizer/, no run config.json): pass --tokenizer=DIR")

@@ -67,8 +67,8 @@ def merge_loaded(fresh: Any, loaded: Any, shardings: Any, source: str) -> Any:
   """`fresh` (the state's params) with every leaf `loaded` has, placed with `shardings`.
 
   Raises InitialWeightsError for loaded leaves of another shape, and for fresh leaves the
-  source lacks outside MAY_BE_FRESH and the LoRA adapters. Leaves the model does not have are ignored (the
-  checkpoint loader reports them).
+  source lacks outside MAY_BE_FRESH and the LoRA adapters. Leaves the model does not have
+  are ignored (the checkpoint loader reports them).
   """
   fresh_flat, loaded_flat = _flat(fresh), _flat(loaded)
   missing = [p for p in fresh_flat if p not in loaded_flat and p[0] not in MAY_BE_FRESH

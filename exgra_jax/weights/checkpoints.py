@@ -8,7 +8,8 @@
   `model_config`; train/checkpointing.py): only `state.params` is restored, as a raw
   pytree without the optimizer's structure (partial restore: the optimizer moments are
   never read), the stage-2 `gnn` collection is dropped; its tokenizer is the run's
-  (`data.tokenizer_dir` of `workdir/config.json`, which main.py writes);
+  (`data.tokenizer_dir` of `workdir/config.json`, which main.py writes); LoRA adapters
+  are merged into their kernels (alpha / rank from the run's `<stage>.lora`);
 - a stage directory `workdir/checkpoints/<stage>/`: its newest step;
 - a params-only checkpoint written by `save_params` (items `params`, `model_config`, and
   the tokenizer in `tokenizer/`): what tools/import_hf.py writes;
@@ -42,6 +43,7 @@ from jax.experimental import multihost_utils
 from exgra_jax.data import pipeline
 from exgra_jax.hf import exporter, importer, placement
 from exgra_jax.hf.weights_io import replace_directory
+from exgra_jax.models import adapters
 from exgra_jax.weights.checksum import NOT_MODEL_WEIGHTS
 
 TRAIN_STEP, STAGE, PARAMS, HF = "train_step", "stage", "params", "hf"
@@ -100,12 +102,16 @@ def resolve_step(path: str, kind: str) -> str:
   return os.path.join(path, str(_steps(path)[-1])) if kind == STAGE else path
 
 
+def _run_config_path(step_dir: str) -> str:
+  """`workdir/config.json` of a train step `workdir/checkpoints/<stage>/<step>`."""
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(step_dir))), RUN_CONFIG)
+
+
 def run_tokenizer_dir(step_dir: str) -> str | None:
   """The tokenizer a train step `workdir/checkpoints/<stage>/<step>` was trained with: the
   run's `data.tokenizer_dir` in `workdir/config.json`; None (with a warning naming what is
   missing) without that file or when its tokenizer is not there from here."""
-  config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(step_dir))),
-                             RUN_CONFIG)
+  config_path = _run_config_path(step_dir)
   if not os.path.isfile(config_path):
     return None
   try:
@@ -119,6 +125,19 @@ def run_tokenizer_dir(step_dir: str) -> str | None:
                     "data.root is relative to where the run started)", config_path, found)
     return None
   return found
+
+
+def run_lora_settings(step_dir: str) -> adapters.LoraSettings:
+  """The LoRA settings of a train step's adapters (`<stage>.lora` of the run config)."""
+  config_path = _run_config_path(step_dir)
+  stage = os.path.basename(os.path.dirname(step_dir))
+  try:
+    with open(config_path) as f:
+      lora = ml_collections.ConfigDict(json.load(f))[stage].lora
+    return adapters.LoraSettings.from_config(lora)
+  except (OSError, ValueError, KeyError, AttributeError) as e:
+    raise ValueError(f"{step_dir} holds LoRA adapters, and {config_path} does not tell their "
+                     f"{stage}.lora settings: {e}") from None
 
 
 def _read_model_config(item_dir: str) -> dict[str, Any]:
@@ -140,6 +159,13 @@ def _restore_params(item_dir: str, key: str | None, cfg, mesh, rules, allow_miss
       raise ValueError(f"{item_dir}: unreadable checkpoint metadata: {e}") from None
     stored = traverse_util.flatten_dict(stored[key] if key else stored)
     stored = {p: m for p, m in stored.items() if p[0] not in NOT_MODEL_WEIGHTS}
+    # LoRA adapters of a train checkpoint (models/adapters.py): restored whole, merged by load.
+    adapter_paths = [p for p in stored if adapters.is_adapter(p)]
+    whole = (jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if mesh is None
+             else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    abstract = {**abstract, **{p: jax.ShapeDtypeStruct(tuple(stored[p].shape), stored[p].dtype)
+                               for p in adapter_paths}}
+    shardings = {**shardings, **{p: whole for p in adapter_paths}}
     missing = [p for p in abstract if p not in stored]
     unexpected = sorted(placement.path_name(p) for p in stored if p not in abstract)
     for path in abstract.keys() & stored.keys():
@@ -171,7 +197,7 @@ def load(path: str, *, tokenizer_dir: str | None = None,
          mesh: jax.sharding.Mesh | None = None, rules: Sequence[Sequence[Any]] | None = None,
          clip_dir: str | None = None, allow_missing: bool = False,
          overrides: Mapping[str, Any] | None = None, seed: int = 0,
-         text_only: bool = False) -> LoadedModel:
+         text_only: bool = False, keep_adapters: bool = False) -> LoadedModel:
   """Loads the model weights of `path` (see the module docstring for the kinds).
 
   tokenizer_dir: overrides the tokenizer (default: a params checkpoint's `tokenizer/`, an
@@ -180,6 +206,8 @@ def load(path: str, *, tokenizer_dir: str | None = None,
     the LLM alone, so that a plain LLaMA needs no CLIP directory).
   allow_missing: initialise missing parameters (PRNGKey(seed), listed in the report)
     instead of raising MissingTensorsError.
+  keep_adapters: a LoRA train checkpoint's adapters stay apart (`*_lora_a/b` leaves)
+    instead of merged into their kernels (`run_lora_settings` tells their scale).
   """
   path = os.path.abspath(path)
   kind = checkpoint_kind(path)
@@ -197,6 +225,8 @@ def load(path: str, *, tokenizer_dir: str | None = None,
   params, report = _restore_params(os.path.join(path, item), key,
                                    placement.typed_config(model_config), mesh, rules,
                                    allow_missing, seed)
+  if adapters.adapter_paths(params) and not keep_adapters:  # a LoRA train checkpoint
+    params = adapters.merge_adapters(params, run_lora_settings(path).scale)
   saved_tokenizer = os.path.join(path, TOKENIZER_SUBDIR)
   if tokenizer_dir is None and kind == PARAMS and os.path.isdir(saved_tokenizer):
     tokenizer_dir = saved_tokenizer
