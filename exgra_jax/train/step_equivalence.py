@@ -19,9 +19,11 @@ group of the whole batch, and an `AlignFn` that is `align.loss.alignment_from_no
 - the noise and dropout masks: given instead of drawn from the step's key, and the
   matchings when `matchings` is given (`imle.differentiable_matching(replay=)`).
 
-The release's gradient accumulation divides its loss by the number of accumulation steps
-M before `backward`, which scales the cotangent the black-box re-solve sees: replay such
-a step with alpha / M (the LM gradients are then M times the release's).
+Replayed matchings fix the alignment gradients (-(M - M') / lambda whatever the
+cotangent; alpha acts through M' only). Solving instead (`matchings=None`), alpha sets
+the re-solve's perturbation: the release's gradient accumulation divides its loss by the
+number of accumulation steps M before `backward`, so solve such a step with alpha / M
+(the LM gradients are then M times the release's).
 
     out = release_step(state_dict, llm_config, batch, image_features=clip_patches,
                        image_token_ids=dict(im_patch=32001, im_start=32002, im_end=32003),
