@@ -1,27 +1,28 @@
-"""Serving throughput and latency: 1, 4 and 16 concurrent HTTP clients of a
-`python -m exgra_jax.serve` process against sequential `predict` calls in this process
-(`eval.single_question.answer_question`), same model, same run.
+"""Serving against transformers on the same machine, model and prompts, in one run.
 
-Why: the server decodes concurrent requests together (continuous batching,
-serving/engine.py); this measures what that buys. Every client asks the same question
-about a different demo image with greedy decoding, so all requests have the same prompt
-length (one compiled program for predict) and the server's answers are the predict
-answers (their token counts are used for both). Settings:
-- sequential predict: every request in turn, run before and after the servers (as one
-  baseline, so that a change in the machine's load weighs on both sides);
-- engine alone: every request submitted at once to an engine in this process (no HTTP,
-  images already decoded): the batching alone;
-- N clients, steps S: a server process with --decode_steps=S (as deployed: clients in the
-  server's process would share its interpreter lock); bursts of 1, 2, 4, ... max_batch
-  requests compile its programs before timing, and each setting runs once untimed first.
-Reports tokens/s, requests/s, latency p50 / p95, the mean busy rows per decode step and
-tokens/s over the sequential baseline (target: 16 clients >= 4x; docs/serve.md has the
-numbers), then the time of one decode step of 1 and max_batch rows.
+Why: the server must beat what a user gets from transformers on the same hardware. Every
+request asks the same question about a different image, greedy, at most --max_tokens
+tokens. Settings:
+- transformers `generate` one request at a time, and in batches of 16 (left padding):
+  `LlavaForConditionalGeneration` + `AutoProcessor` on the model's Hugging Face export,
+  torch on 2 CPU threads and on 1 (--torch_threads; on a loaded machine 2 threads can be
+  many times slower than 1: OpenMP threads wait for each other); run before and after the
+  servers, reported as one (so that a change of the machine's load weighs on both sides);
+  the ratios are over the fastest thread count;
+- our server (`python -m exgra_jax.serve`, its own process, --max_batch 16) with 16, 4 and
+  1 concurrent HTTP clients streaming, in that order, right after start-up (the server
+  compiles its programs before it listens: no warm-up requests). Each setting's first
+  timed burst is reported on its own (a compilation under traffic would show there), then
+  the mean of the next --bursts.
+Columns: completion tokens/s, latency p50 / p95, time to first token (streamed), the mean
+busy rows per decode step and the host time per decode step (from /health), and tokens/s
+over transformers batched 16 and one at a time.
 
-    python -m benchmarks.bench_serve [--model=DIR --image_dir=DIR --template=simple]
-        [--requests=32] [--max_tokens=32] [--decode_steps=1,8]
+    python -m benchmarks.bench_serve [--model=DIR --hf_model=DIR --image_dir=DIR]
+        [--question=...] [--requests=32] [--max_tokens=32] [--max_context=256]
 
-Without --model: a tiny random model and the small demo world in a temporary directory.
+Without --model: a tiny random model (which answers with --max_tokens tokens) and its
+export, on the small demo world in a temporary directory.
 """
 import concurrent.futures
 import json
@@ -37,201 +38,219 @@ import urllib.request
 import flax.linen as nn
 import jax
 import numpy as np
+import PIL.Image
+import torch
+import transformers
 from absl import app, flags
 
 from exgra_jax import configuration
 from exgra_jax.data import demo_world
-from exgra_jax.eval import single_question
+from exgra_jax.hf import exporter
 from exgra_jax.models import llava
 from exgra_jax.models.config import LlavaConfig
 from exgra_jax.serving import engine as engine_lib
-from exgra_jax.serving import slots
 from exgra_jax.serving.requests import Conversation, Limits
 from exgra_jax.weights import checkpoints
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model directory (default: a tiny random model).")
+flags.DEFINE_string("hf_model", None, "Its Hugging Face export (llava layout).")
 flags.DEFINE_string("image_dir", None, "Images to ask about (default: the demo world's).")
+flags.DEFINE_string("question", "What is shown in this image?", "The question.")
 flags.DEFINE_enum("template", "train", ["simple", "train"], "Conversation template.")
-flags.DEFINE_integer("requests", 32, "Requests per setting.")
+flags.DEFINE_integer("requests", 32, "Requests per burst.")
+flags.DEFINE_integer("bursts", 3, "Timed bursts per setting after the first.")
 flags.DEFINE_integer("max_tokens", 32, "Answer length (tokens).")
-flags.DEFINE_integer("max_batch", 16, "Server's --max_batch.")
-flags.DEFINE_list("clients", ["1", "4", "16"], "Concurrent clients per setting.")
-flags.DEFINE_list("decode_steps", ["1", "8"], "Server's --decode_steps (one server each).")
+flags.DEFINE_integer("max_batch", 16, "Server's --max_batch (and transformers' batch).")
+flags.DEFINE_integer("max_context", 256, "Server's --max_context.")
+flags.DEFINE_integer("decode_steps", 1, "Server's --decode_steps.")
+flags.DEFINE_list("torch_threads", ["2", "1"], "torch CPU threads (one baseline each; the "
+                  "ratios are over the fastest).")
+flags.DEFINE_list("clients", ["16", "4", "1"], "Concurrent clients, in this order.")
 
-QUESTION = "What is shown in this image?"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tiny_model(directory: str) -> tuple[str, str]:
-  """(model dir, image dir) of a tiny random model on the small demo world."""
+def _tiny_model(directory: str) -> tuple[str, str, str]:
+  """(model dir, HF export dir, image dir) of a tiny random model on the small demo world."""
   world = os.path.join(directory, "world")
   demo_world.make_demo_world(world, size="small", seed=0)
   config = configuration.load(os.path.join(REPO, "configs", "demo.py"), [])
   params = nn.unbox(llava.init_boxed_params(LlavaConfig.from_config(config.model),
                                             jax.random.key(0)))
-  model_dir = os.path.join(directory, "tiny")
-  checkpoints.save_params(model_dir, params, config.model.to_dict(),
-                          tokenizer_dir=os.path.join(world, "tokenizer"))
-  return model_dir, os.path.join(world, "images")
+  model_dir, hf_dir = os.path.join(directory, "tiny"), os.path.join(directory, "tiny_hf")
+  tokenizer_dir = os.path.join(world, "tokenizer")
+  checkpoints.save_params(model_dir, params, config.model.to_dict(), tokenizer_dir=tokenizer_dir)
+  exporter.export(params, config.model, hf_dir, tokenizer_dir=tokenizer_dir)
+  return model_dir, hf_dir, os.path.join(world, "images")
 
 
-def _request(base: str, image: str) -> tuple[float, int]:
-  """One chat completion -> (latency seconds, completion tokens)."""
-  payload = {"max_tokens": FLAGS.max_tokens, "messages": [{"role": "user", "content": [
-      {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": image}}]}]}
+def _summary(wall: float, latencies: list[float], tokens: int,
+             first_tokens: list[float] | None = None) -> dict:
+  quantiles = statistics.quantiles(latencies, n=20, method="inclusive")
+  return {"tokens_per_s": tokens / wall, "p50_s": statistics.median(latencies),
+          "p95_s": quantiles[18],
+          "ttft_s": statistics.median(first_tokens) if first_tokens else None}
+
+
+def _mean(results: list[dict]) -> dict:
+  return {k: (None if results[0][k] is None else statistics.mean(r[k] for r in results))
+          for k in results[0]}
+
+
+class Transformers:
+  """The model's HF export in transformers: generate, one at a time or batched."""
+
+  def __init__(self, hf_dir: str, image_dir: str, images: list[str], expected_ids):
+    self.model = transformers.LlavaForConditionalGeneration.from_pretrained(hf_dir).eval()
+    self.processor = transformers.AutoProcessor.from_pretrained(hf_dir)
+    self.processor.tokenizer.padding_side = "left"
+    self.config = self.model.generation_config
+    self.config.max_new_tokens = FLAGS.max_tokens  # the export's stop string ### stays
+    prompt = self.processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "text", "text": FLAGS.question}, {"type": "image"}]}],
+                                                add_generation_prompt=True)
+    self.prompts = [prompt] * len(images)
+    self.images = []
+    for name in images:
+      with PIL.Image.open(os.path.join(image_dir, name)) as image:
+        self.images.append(image.convert("RGB"))
+    ids = self.processor(images=self.images[:1], text=prompt, return_tensors="pt")["input_ids"]
+    self.same_prompt = ids[0].tolist() == list(expected_ids)
+
+  def run(self, batch: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    latencies, tokens = [], 0
+    start = time.perf_counter()
+    for i in range(0, len(self.images), batch):
+      began = time.perf_counter()
+      inputs = self.processor(images=self.images[i:i + batch], text=self.prompts[i:i + batch],
+                              padding=True, return_tensors="pt")
+      with torch.no_grad():
+        out = self.model.generate(**inputs, generation_config=self.config,
+                                  tokenizer=self.processor.tokenizer)
+      new = out[:, inputs["input_ids"].shape[1]:].numpy()
+      for row in new:
+        ends = np.flatnonzero((row == self.config.eos_token_id)
+                              | (row == self.config.pad_token_id))
+        tokens += int(ends[0]) if ends.size else len(row)
+      latencies += [time.perf_counter() - began] * len(new)
+    return _summary(time.perf_counter() - start, latencies, tokens)
+
+
+def _request(base: str, image: str) -> tuple[float, float, int]:
+  """One streamed chat completion -> (latency, time to the first token, completion tokens)."""
+  payload = {"max_tokens": FLAGS.max_tokens, "stream": True,
+             "stream_options": {"include_usage": True}, "messages": [{"role": "user",
+             "content": [{"type": "text", "text": FLAGS.question},
+                         {"type": "image_url", "image_url": {"url": image}}]}]}
   request = urllib.request.Request(f"{base}/v1/chat/completions",
                                    data=json.dumps(payload).encode(),
                                    headers={"Content-Type": "application/json"})
-  start = time.perf_counter()
+  start, first, usage = time.perf_counter(), None, None
   with urllib.request.urlopen(request, timeout=600) as response:
-    usage = json.loads(response.read())["usage"]
-  return time.perf_counter() - start, usage["completion_tokens"]
+    for line in response:
+      if not line.startswith(b"data: {"):
+        continue
+      first = first or time.perf_counter() - start
+      usage = json.loads(line[len(b"data: "):]).get("usage") or usage
+  return time.perf_counter() - start, first, usage["completion_tokens"]
 
 
-def _engine_stats(base: str) -> dict:
+def _health(base: str) -> dict:
   with urllib.request.urlopen(f"{base}/health", timeout=60) as response:
     return json.loads(response.read())["engine"]
 
 
-def _burst(base: str, images: list[str], clients: int) -> tuple[float, list]:
-  """-> (wall seconds, (latency, tokens) per image) of `clients` clients asking in turn."""
+def _burst(base: str, images: list[str], clients: int) -> dict:
+  """`clients` clients asking about `images` in turn -> summary with the engine's rows and
+  host time per step over the burst."""
+  before = _health(base)
   start = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(clients) as pool:
     results = list(pool.map(lambda image: _request(base, image), images))
-  return time.perf_counter() - start, results
+  wall = time.perf_counter() - start
+  after = _health(base)
+  steps = max(after["steps"] - before["steps"], 1)
+  return {**_summary(wall, [r[0] for r in results], sum(r[2] for r in results),
+                     [r[1] for r in results]),
+          "rows": (after["row_steps"] - before["row_steps"]) / steps,
+          "host_ms": 1e3 * (after["host_s"] - before["host_s"]) / steps,
+          "compiled": after["compiled_later"] - before["compiled_later"]}
 
 
-def _concurrent(base: str, images: list[str], clients: int) -> dict:
-  before = _engine_stats(base)
-  wall, results = _burst(base, images, clients)
-  after = _engine_stats(base)
-  return {**_summary(wall, [r[0] for r in results], sum(r[1] for r in results)),
-          "mean_rows": ((after["row_steps"] - before["row_steps"])
-                        / max(after["steps"] - before["steps"], 1))}
-
-
-def _summary(wall: float, latencies: list[float], tokens: int) -> dict:
-  quantiles = statistics.quantiles(latencies, n=20, method="inclusive")
-  return {"tokens_per_s": tokens / wall, "requests_per_s": len(latencies) / wall,
-          "p50_s": statistics.median(latencies), "p95_s": quantiles[18]}
-
-
-def _step_ms(served: engine_lib.ServedModel, rows: int, length: int) -> float:
-  """Best-of-5 time of one decode step of `rows` cache rows of `length` positions (ms)."""
-  cache = slots.resize(served.model, served.params, None, rows, length)
-  key = slots.like_params(served.params, jax.random.key(0))
-  tokens, positions = np.zeros(rows, np.int32), np.full(rows, length // 2, np.int32)
-  settings = np.zeros(rows, np.float32), np.ones(rows, np.float32)
-  best = float("inf")
-  for repeat in range(6):
-    start = time.perf_counter()
-    for _ in range(20):
-      drawn, cache, key = slots.step(served.model, served.params, cache, tokens, positions,
-                                     key, *settings)
-    drawn.block_until_ready()
-    if repeat:  # the first compiles
-      best = min(best, (time.perf_counter() - start) / 20 * 1e3)
-  return best
-
-
-def _engine_alone(served: engine_lib.ServedModel, jobs: list[engine_lib.Job],
-                  decode_steps: int) -> dict:
-  """All jobs submitted at once to an engine in this process (no HTTP): what batching
-  gives when nothing else competes for the interpreter."""
-  engine = engine_lib.Engine(served, FLAGS.max_batch, decode_steps=decode_steps)
-  try:
-    for _ in range(2):  # the first compiles
-      start = time.perf_counter()
-      streams = [(time.perf_counter(), engine.submit(job)) for job in jobs]
-      completions = [(stream.result(), time.perf_counter() - began)
-                     for began, stream in streams]
-      wall = time.perf_counter() - start
-  finally:
-    engine.close()
-  return {**_summary(wall, [latency for _, latency in completions],
-                     sum(c.completion_tokens for c, _ in completions)),
-          "mean_rows": engine.stats.row_steps / engine.stats.steps}
-
-
-def _start_server(model_dir: str, image_dir: str, decode_steps: int
-                  ) -> tuple[subprocess.Popen, str]:
-  """`python -m exgra_jax.serve` on a free port -> (process, base URL)."""
+def _start_server(model_dir: str, image_dir: str) -> tuple[subprocess.Popen, str, str]:
+  """`python -m exgra_jax.serve` on a free port -> (process, base URL, its compile line)."""
   process = subprocess.Popen(
       [sys.executable, "-m", "exgra_jax.serve", f"--model={model_dir}", "--port=0",
        f"--template={FLAGS.template}", f"--image_root={image_dir}",
        f"--max_batch={FLAGS.max_batch}", f"--max_tokens={FLAGS.max_tokens}",
-       f"--decode_steps={decode_steps}"],
+       f"--max_context={FLAGS.max_context}", f"--decode_steps={FLAGS.decode_steps}"],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-  line = process.stdout.readline()
+  compiled, line = process.stdout.readline().strip(), process.stdout.readline()
   found = re.search(r"http://127\.0\.0\.1:\d+", line)
   if not found:
     process.kill()
-    raise RuntimeError(f"the server did not start: {line!r}")
-  return process, found.group(0)
+    raise RuntimeError(f"the server did not start: {compiled!r} {line!r}")
+  return process, found.group(0), compiled
 
 
 def main(argv):
   del argv
   with tempfile.TemporaryDirectory() as tmp:
-    model_dir, image_dir = ((FLAGS.model, FLAGS.image_dir) if FLAGS.model
-                            else _tiny_model(tmp))
-    names = sorted(n for n in os.listdir(image_dir)
-                   if n.lower().endswith((".png", ".jpg", ".jpeg", ".dcm")))
+    if FLAGS.model:
+      model_dir, hf_dir, image_dir = FLAGS.model, FLAGS.hf_model, FLAGS.image_dir
+    else:
+      model_dir, hf_dir, image_dir = _tiny_model(tmp)
+    names = sorted(n for n in os.listdir(image_dir) if n.lower().endswith((".png", ".jpg")))
     images = [names[i % len(names)] for i in range(FLAGS.requests)]
-    served = engine_lib.load_model(model_dir, template=FLAGS.template,
-                                   default_max_tokens=FLAGS.max_tokens)
+    served = engine_lib.load_model(model_dir, template=FLAGS.template)
+    with open(os.path.join(image_dir, images[0]), "rb") as f:
+      job = engine_lib.prepare(Conversation(f.read()).request(FLAGS.question), served,
+                               Limits())
+    theirs = Transformers(hf_dir, image_dir, images, job.prompt_ids)
+    threads = list(map(int, FLAGS.torch_threads))
+    baselines = {(batch, n): [] for n in threads for batch in (1, FLAGS.max_batch)}
 
-    def predict_all() -> tuple[float, list[float]]:
-      latencies = []
-      start = time.perf_counter()
-      for image in images:
-        began = time.perf_counter()
-        single_question.answer_question(
-            served.model, served.params, served.tokenizer, os.path.join(image_dir, image),
-            QUESTION, template=FLAGS.template, max_new_tokens=FLAGS.max_tokens)
-        latencies.append(time.perf_counter() - began)
-      return time.perf_counter() - start, latencies
+    def run_transformers():
+      theirs.run(FLAGS.max_batch, threads[-1])  # warm-up
+      for batch, n in baselines:
+        baselines[batch, n].append(theirs.run(batch, n))
 
-    predict_all()  # compilation
-    before = predict_all()
-    results, tokens = {}, None
-    jobs = []
-    for image in images:
-      with open(os.path.join(image_dir, image), "rb") as f:
-        request = Conversation(f.read()).request(QUESTION, max_tokens=FLAGS.max_tokens)
-      jobs.append(engine_lib.prepare(request, served, Limits()))
-    for decode_steps in map(int, FLAGS.decode_steps):
-      results[f"engine alone, steps {decode_steps}"] = _engine_alone(served, jobs, decode_steps)
-      process, base = _start_server(model_dir, image_dir, decode_steps)
-      try:
-        burst = 1
-        while burst <= FLAGS.max_batch:  # compiles the prefill of each size
-          _burst(base, images[:burst], burst)
-          burst *= 2
-        tokens = tokens or sum(_request(base, image)[1] for image in images)
-        for clients in map(int, FLAGS.clients):
-          _concurrent(base, images, clients)  # untimed: warms this setting
-          results[f"{clients} clients, steps {decode_steps}"] = _concurrent(base, images,
-                                                                            clients)
-      finally:
-        process.terminate()
-        process.wait(timeout=60)
-    after = predict_all()
-    # The baseline: both sequential runs (before and after the servers) as one.
-    results = {"sequential predict": _summary(before[0] + after[0], before[1] + after[1],
-                                              2 * tokens), **results}
-    length = slots.cache_length(len(jobs[0].prompt_ids) + FLAGS.max_tokens)
-    steps = {rows: _step_ms(served, rows, length) for rows in (1, FLAGS.max_batch)}
-  sequential = results["sequential predict"]["tokens_per_s"]
-  print(f"{FLAGS.requests} requests of {FLAGS.max_tokens} tokens, {jax.devices()[0].platform}")
-  print(f"{'setting':26s} {'tokens/s':>9s} {'req/s':>7s} {'p50 s':>7s} {'p95 s':>7s} "
-        f"{'rows':>6s} {'x sequential':>12s}")
-  for name, r in results.items():
-    print(f"{name:26s} {r['tokens_per_s']:9.1f} {r['requests_per_s']:7.2f} {r['p50_s']:7.3f} "
-          f"{r['p95_s']:7.3f} {r.get('mean_rows', 1):6.1f} {r['tokens_per_s'] / sequential:12.2f}")
-  print(f"decode step of {length} cache positions: " + ", ".join(
-      f"{rows} rows {ms:.2f} ms" for rows, ms in steps.items()))
+    run_transformers()
+    process, base, compiled = _start_server(model_dir, image_dir)
+    ours = {}
+    try:
+      for clients in map(int, FLAGS.clients):
+        ours[f"ours, {clients} clients, first burst"] = _burst(base, images, clients)
+        ours[f"ours, {clients} clients, next {FLAGS.bursts}"] = _mean(
+            [_burst(base, images, clients) for _ in range(FLAGS.bursts)])
+    finally:
+      process.terminate()
+      process.wait(timeout=60)
+    run_transformers()
+  rows = {}
+  for (batch, n), runs in baselines.items():
+    kind = "one at a time" if batch == 1 else f"batches of {batch}"
+    rows[f"transformers generate, {kind}, {n} threads"] = _mean(runs)
+  best = lambda kind: max((r for name, r in rows.items() if kind in name),
+                          key=lambda r: r["tokens_per_s"])
+  one, batched = best("one at a time"), best("batches of")
+  rows.update(ours)
+  print(f"{FLAGS.requests} requests, at most {FLAGS.max_tokens} tokens, greedy; "
+        f"{jax.devices()[0].platform}; "
+        f"load average {os.getloadavg()[0]:.1f}; server: {compiled}; same prompt ids on "
+        f"both sides: {theirs.same_prompt}")
+  print("| setting | tokens/s | p50 s | p95 s | TTFT s | busy rows/step | host ms/step "
+        "| compiled | x batched | x one at a time |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for name, r in rows.items():
+    ttft = "-" if r["ttft_s"] is None else f"{r['ttft_s']:.3f}"
+    engine = (f"{r['rows']:.1f} | {r['host_ms']:.3f} | {r['compiled']:.0f}" if "rows" in r
+              else "- | - | -")
+    print(f"| {name} | {r['tokens_per_s']:.0f} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | "
+          f"{ttft} | {engine} | {r['tokens_per_s'] / batched['tokens_per_s']:.2f} | "
+          f"{r['tokens_per_s'] / one['tokens_per_s']:.2f} |")
 
 
 if __name__ == "__main__":
