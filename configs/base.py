@@ -48,7 +48,7 @@ def stage_config(kind: str) -> ml_collections.ConfigDict:
   s.lora.alpha = 16.0         # the update is (alpha / r) * x @ A @ B
   s.lora.dropout = 0.0        # dropout on the adapters' input while training
   s.lora.modules = ""         # regex of adapted module paths ("" = LLM attention + MLP projections)
-  s.lora.base = "bf16"        # frozen base kernels: float32 | bf16 | int8 | int4 (QLoRA)
+  s.lora.base = "float32"     # frozen LLM: float32 | bf16 | int8 | int4 (QLoRA) (docs/train.md)
   if kind == "stage1":
     s.trainable = "projector_and_new_tokens"
     s.global_batch = 128

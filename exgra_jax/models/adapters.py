@@ -56,7 +56,7 @@ class LoraSettings:
   alpha: float = 16.0
   dropout: float = 0.0
   modules: str = LLM_PROJECTIONS
-  base: str = "bf16"
+  base: str = "float32"
 
   def __post_init__(self):
     if self.rank < 0:
