@@ -14,6 +14,7 @@ from absl import flags
 
 from exgra_jax import configuration, console
 from exgra_jax.eval import prompts, single_question
+from exgra_jax.models import adapters
 
 _MODEL = flags.DEFINE_string("model", None, "Checkpoint or HF directory.")
 _IMAGE = flags.DEFINE_string("image", None, "Image file (JPEG, PNG, TIFF, DICOM).")
@@ -26,6 +27,8 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None,
                                  "Tokenizer directory (default: the checkpoint's own, or for "
                                  "a train checkpoint its run's, from WORKDIR/config.json).")
 _CLIP_DIR = flags.DEFINE_string("clip_dir", None, "CLIP directory (release-layout HF dirs).")
+_QUANTIZE = flags.DEFINE_enum("quantize", "", ["", *adapters.QUANTIZED],
+                              "Weight-only quantization of the LLM's projections (qwix).")
 
 
 def main(argv):
@@ -42,7 +45,7 @@ def main(argv):
   print(single_question.answer_from_checkpoint(
       _MODEL.value, _IMAGE.value, _QUESTION.value, template=_TEMPLATE.value,
       max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-      tokenizer_dir=_TOKENIZER.value, clip_dir=_CLIP_DIR.value))
+      tokenizer_dir=_TOKENIZER.value, clip_dir=_CLIP_DIR.value, quantize=_QUANTIZE.value))
 
 
 if __name__ == "__main__":

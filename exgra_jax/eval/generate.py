@@ -114,7 +114,7 @@ def sample_decode(model: LlavaModel, params, input_ids: jax.Array, attention_mas
   cache = init_cache(model.cfg.llm, batch, length + max_new_tokens)
   variables = {"params": params}
   logits, cache, positions = model.apply(variables, input_ids, attention_mask, image_mask,
-                                         pixel_values, cache, method=LlavaModel.prefill)
+                                         pixel_values, cache, method="prefill")
   keys = jax.random.split(key, max_new_tokens)
   draw = lambda logits, k: draw_tokens(logits, k, temperature, top_p)
   first = draw(logits, keys[0])
@@ -123,7 +123,7 @@ def sample_decode(model: LlavaModel, params, input_ids: jax.Array, attention_mas
   def step(i, state):
     out, cache, positions, done = state
     logits, cache = model.apply(variables, out[:, i - 1], positions, cache,
-                                method=LlavaModel.decode_step)
+                                method="decode_step")
     token = jnp.where(done, pad_id, draw(logits, keys[i]))
     return out.at[:, i].set(token), cache, positions + 1, done | (token == eos_id)
 

@@ -16,6 +16,7 @@ from etils import epath
 from exgra_jax.data import images, pipeline, text
 from exgra_jax.data.records import IMAGE_TOKEN
 from exgra_jax.eval import generate, prompts, report
+from exgra_jax.models import adapters
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.weights import checkpoints
@@ -45,24 +46,32 @@ def answer_question(model: LlavaModel, params, tokenizer, image_path: str, quest
 
 
 def load_for_generation(model_dir: str, *, tokenizer_dir: str | None = None,
-                        clip_dir: str | None = None):
+                        clip_dir: str | None = None, quantize: str = ""):
   """(model, params, tokenizer) of anything `weights.checkpoints.load` reads (train /
-  params-only checkpoint, HF directory). Refuses incomplete weights and a missing tokenizer."""
+  params-only checkpoint, HF directory). Refuses incomplete weights and a missing tokenizer.
+
+  quantize: "" (as stored) | int8 | int4: the LLM's projections weight-only quantized
+  (models/adapters.py); the model then answers through qwix's quantized matmuls.
+  """
   loaded = checkpoints.load(model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir)
   report.require_complete_weights(loaded.report)
   if not loaded.tokenizer_dir:
     raise ValueError(f"{model_dir} holds no tokenizer: pass --tokenizer=DIR")
-  model = LlavaModel(LlavaConfig.from_config(loaded.model_config))
-  return model, loaded.params, text.load_tokenizer(loaded.tokenizer_dir, model.cfg.image_tokens)
+  model, params = LlavaModel(LlavaConfig.from_config(loaded.model_config)), loaded.params
+  if quantize:
+    model = adapters.quantized_model(model, quantize)
+    params = adapters.quantize_params(model, params)
+  return model, params, text.load_tokenizer(loaded.tokenizer_dir, model.cfg.image_tokens)
 
 
 def answer_from_checkpoint(model_dir: str, image: str, question: str, *,
                            template: str = "simple", max_new_tokens: int = 128,
                            temperature: float = 0.0, stop: str = "###",
-                           tokenizer_dir: str | None = None, clip_dir: str | None = None) -> str:
+                           tokenizer_dir: str | None = None, clip_dir: str | None = None,
+                           quantize: str = "") -> str:
   """The answer of the model at `model_dir` (see `load_for_generation`)."""
   model, params, tokenizer = load_for_generation(model_dir, tokenizer_dir=tokenizer_dir,
-                                                 clip_dir=clip_dir)
+                                                 clip_dir=clip_dir, quantize=quantize)
   return answer_question(model, params, tokenizer,
                          image, question, template=template, max_new_tokens=max_new_tokens,
                          stop=stop, temperature=temperature)

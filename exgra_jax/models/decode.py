@@ -26,14 +26,14 @@ def greedy_decode(model: LlavaModel, params, input_ids: jax.Array, attention_mas
   cache = init_cache(model.cfg.llm, batch, length + max_new_tokens)
   variables = {"params": params}
   logits, cache, positions = model.apply(variables, input_ids, attention_mask, image_mask,
-                                         pixel_values, cache, method=LlavaModel.prefill)
+                                         pixel_values, cache, method="prefill")
   first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
   def step(i, state):
     out, cache, positions, done = state
     logits, cache = model.apply(variables, out[:, i - 1], positions, cache,
-                                method=LlavaModel.decode_step)
+                                method="decode_step")
     token = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
     return out.at[:, i].set(token), cache, positions + 1, done | (token == eos_id)
 
