@@ -14,6 +14,7 @@ for a compilation. docs/serve.md has the API, the limits and the errors.
 """
 import errno
 import http.server
+import sys
 
 from absl import app
 from absl import flags
@@ -91,6 +92,10 @@ def main(argv):
                                  clip_dir=_CLIP_DIR.value, name=_NAME.value,
                                  template=_TEMPLATE.value, default_max_tokens=_MAX_TOKENS.value,
                                  max_context=_MAX_CONTEXT.value)
+  # The engine thread waits for the device and then needs the interpreter back at once,
+  # while handler threads decode images and parse JSON: with the default 5 ms switch
+  # interval every decode step could wait that long for them.
+  sys.setswitchinterval(0.0005)
   engine = engine_lib.Engine(served, _MAX_BATCH.value, decode_steps=_DECODE_STEPS.value)
   report = engine.warm_up()
   print(f"compiled {report.programs} programs in {report.seconds:.1f} s "

@@ -27,7 +27,7 @@ from exgra_jax.models import llava
 from exgra_jax.models.config import LlavaConfig
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.serving import engine as engine_lib
-from exgra_jax.serving import http_api
+from exgra_jax.serving import http_api, slots
 from exgra_jax.serving.requests import Conversation, Limits
 from exgra_jax.weights import checkpoints
 
@@ -207,6 +207,19 @@ def test_sixteen_concurrent_clients_are_batched_and_correct(server, demo_world):
     together = list(pool.map(lambda p: _answer(base, p), payloads))
   assert together == alone and len(set(alone)) > 1, alone
   assert engine.stats.row_steps - row_steps > engine.stats.steps - steps  # > 1 row per step
+
+
+def test_prefill_chunks_waste_little_padding():
+  """Hand-worked: with prefills of 1, 4 or 16 requests, n waiting requests are split so
+  that padding wastes at most a quarter of a call."""
+  buckets = slots.row_buckets(16, base=4)
+  assert buckets == (1, 4, 16) and slots.row_buckets(16) == (1, 2, 4, 8, 16)
+  assert slots.row_buckets(6) == (1, 2, 4, 6)
+  expected = {1: [1], 2: [1, 1], 3: [3], 5: [4, 1], 7: [4, 3], 11: [4, 4, 3], 12: [12],
+              16: [16], 20: [16, 4]}
+  assert {n: slots.chunks(n, buckets) for n in expected} == expected
+  assert slots.prompt_buckets(256) == (64, 128, 256) and slots.prompt_buckets(300) == (
+      64, 128, 256, 300)
 
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # jax's compile event

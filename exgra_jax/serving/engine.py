@@ -399,8 +399,9 @@ class Engine:
                            self.served.context_length, jax.random.key(self._seed))
 
   def _admit(self, placed: list[tuple[int, tuple[Job, Stream]]], running: bool) -> None:
-    """Dispatches the new requests' prefills (one call per image / no-image group) into
-    their rows; their first tokens are read with the round's other tokens."""
+    """Dispatches the new requests' prefills (per image / no-image group, calls of
+    `slots.chunks` requests) into their rows; their first tokens are read with the
+    round's other tokens."""
     try:
       for with_image in (True, False):
         group = [(i, js) for i, js in placed if (js[0].pixels is not None) == with_image]
@@ -412,8 +413,10 @@ class Engine:
                                                    job.max_tokens, job.stop),
                            index=i, position=len(job.prompt_ids)))
           self._rows[i] = rows[-1]
-        self._in_flight.append((self._prefill([row.job for row in rows],
-                                              [row.index for row in rows]), rows))
+        for size in slots.chunks(len(rows), self.programs.prefill_rows):
+          call, rows = rows[:size], rows[size:]
+          self._in_flight.append((self._prefill([row.job for row in call],
+                                                [row.index for row in call]), call))
     except Exception as e:  # pylint: disable=broad-except  (handed to the waiting requests)
       for _, (_, stream) in placed:
         stream._finish(None, e)

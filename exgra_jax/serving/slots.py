@@ -69,6 +69,19 @@ def prompt_buckets(context: int) -> tuple[int, ...]:
   return tuple(sorted({min(n, context) for n in lengths}))
 
 
+def chunks(n: int, buckets: tuple[int, ...]) -> list[int]:
+  """How many requests each prefill call of `n` takes: the smallest bucket holding the
+  rest when padding wastes at most a quarter of it, else the largest bucket the rest fills
+  (a prefill costs in proportion to its rows: 5 requests are 4 + 1, not 16)."""
+  sizes = []
+  while n > 0:
+    padded = bucket(n, buckets) if n <= buckets[-1] else buckets[-1]
+    size = n if 4 * (padded - n) <= padded else max(b for b in buckets if b <= n)
+    sizes.append(min(size, padded))
+    n -= sizes[-1]
+  return sizes
+
+
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
   """The smallest bucket >= n."""
   return next(b for b in buckets if b >= n)
