@@ -141,3 +141,26 @@ def test_qlora_merges_into_the_dequantized_base():
   merged = adapters.merge_adapters(params, settings.scale)
   np.testing.assert_allclose(_logits(LlavaModel(CFG), merged), _logits(model, params),
                              atol=2e-5, rtol=0)
+
+
+def test_lora_on_a_bfloat16_model_keeps_the_compute_dtype():
+  """The 7B presets compute in bfloat16 with scanned layers: the float32 adapters' update
+  must not turn a projection's output into float32 (it broke the scan's carry type, found
+  by planning the 7B LoRA step). Adapted logits of a random B stay within bfloat16 rounding
+  of the merged model's."""
+  cfg = dataclasses.replace(_cfg(True), llm=dataclasses.replace(_cfg(True).llm,
+                                                                dtype="bfloat16"))
+  cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, dtype="bfloat16"))
+  model = adapters.lora_model(LlavaModel(cfg), SETTINGS, train=False)
+  params = _init(cfg, model)
+  flat = flax.traverse_util.flatten_dict(params)
+  rng = np.random.RandomState(1)
+  flat = {k: (rng.randn(*v.shape).astype(np.float32) * 0.1 if k[-1].endswith("_lora_b")
+              else v) for k, v in flat.items()}
+  params = flax.traverse_util.unflatten_dict(flat)
+  adapted = _logits(model, params)
+  merged = _logits(LlavaModel(cfg), adapters.merge_adapters(params, SETTINGS.scale))
+  untouched = _logits(LlavaModel(cfg), adapters.merge_adapters(
+      flax.traverse_util.unflatten_dict({k: v for k, v in flat.items()
+                                         if not adapters.is_adapter(k)}), SETTINGS.scale))
+  assert np.abs(adapted - untouched).max() > 10 * np.abs(adapted - merged).max()

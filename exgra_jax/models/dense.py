@@ -60,7 +60,10 @@ class DenseGeneral(nn.Module):
     # flax's promote_dtype (as nn.DenseGeneral casts), not .astype: qwix intercepts it to
     # let a quantized kernel (models/adapters.py) through to its quantized dot_general.
     x, kernel = dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
+    # In `dtype`: qwix's LoRA adds its float32 adapters' update inside this dot_general, which
+    # promotes a bfloat16 result to float32 (and breaks the scanned layers' carry type).
+    y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ()))
+                            ).astype(self.dtype)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           self.bias_init, self.kernel_axes[-len(features):]), features, self.param_dtype)
