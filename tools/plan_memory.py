@@ -10,9 +10,16 @@ With the CUDA compiler for NVIDIA GPUs (needs `pip install -e '.[cuda]'`; no GPU
 axis over all GPUs unless --mesh says otherwise, the project's GPU flags:
     python tools/plan_memory.py --config=configs/pmc10.py --stage=stage2 --gpu=h100:8 \
         --samples_per_device=16 --length=512 --json
-`--json` ends the output with one JSON line (topology, chips, mesh, samples_per_device,
-micro_batches, length, peak_gib, hbm_gib (what the step may use), device_memory_gib, fits, collectives,
-callback, cudnn_attention, xla_flags, compile_s); `--hlo_out` writes the compiled HLO.
+Answering instead of a train step (`--generate`: prefill of --samples_per_device prompts of
+--length tokens, then --max_new_tokens greedy steps, on one device), weights as stored or
+weight-only quantized as `--quantize` loads them:
+    python tools/plan_memory.py --config=configs/vqa_rad.py --generate --quantize=int4 \
+        --gpu=a100-40:1 --samples_per_device=16 --length=512 --max_new_tokens=128 --json
+Adapters: `--config.finetune.lora.rank=8` (`--config.finetune.lora.base=int4`: QLoRA) plans
+the adapter step training runs.
+`--json` ends the output with one JSON line (topology, chips, mesh, stage, lora, quantize,
+max_new_tokens, parameters, samples_per_device, micro_batches, length, peak_gib, hbm_gib
+(what the step may use), device_memory_gib, fits, collectives, callback, cudnn_attention, xla_flags, compile_s); `--hlo_out` writes the compiled HLO.
 Settings that cannot work (a group size or batch the mesh does not divide, a missing libtpu
 or CUDA plugin) are one line and exit status 2. Logic: exgra_jax/train/memory_plan.py.
 """
@@ -38,6 +45,11 @@ _SAMPLES = flags.DEFINE_integer("samples_per_device", 16, "samples per device pe
 _MICRO = flags.DEFINE_integer("micro_batches", 1, "micro-batches per step (gradient "
                               "accumulation, the stage's micro_batches)")
 _LENGTH = flags.DEFINE_integer("length", 512, "sequence length (image tokens included)")
+_GENERATE = flags.DEFINE_bool("generate", False, "plan answering (prefill + greedy decode) on "
+                               "one device instead of the --stage's train step")
+_QUANTIZE = flags.DEFINE_enum("quantize", "", ["", "int8", "int4"], "with --generate: the "
+                              "LLM's projections weight-only quantized, as --quantize loads")
+_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "with --generate: decoded tokens")
 _HLO_OUT = flags.DEFINE_string("hlo_out", "", "write the compiled HLO text to this file")
 _JSON = flags.DEFINE_bool("json", False, "end with one JSON line of the plan")
 
@@ -51,7 +63,8 @@ def _fail(message: str) -> None:
 
 def main(argv):
   del argv
-  from exgra_jax.train import memory_plan  # jax starts here, after the environment is set
+  import jax  # jax starts here, after the environment is set
+  from exgra_jax.train import memory_plan
   xla_flags = " ".join(gpu_flags.command_line()) if _GPU.value else ""
   config = _CONFIG.value
   for item in filter(None, _MESH.value.split(",")):
@@ -72,8 +85,19 @@ def main(argv):
       devices = gpu_targets.topology_devices(kind, topology)
     elif _TOPOLOGY.value:
       devices = memory_plan.topology_devices(_TOPOLOGY.value)
-    plan = memory_plan.plan_step_memory(config, _STAGE.value, _SAMPLES.value, _LENGTH.value,
-                                        devices=devices, hlo_out=_HLO_OUT.value)
+    if _GENERATE.value:
+      if devices is not None and len(devices) != 1:
+        _fail("--generate plans one device: pass --gpu=KIND:1 (or a one-chip --topology)")
+      plan = memory_plan.plan_generation_memory(
+          config, _QUANTIZE.value, _SAMPLES.value, _LENGTH.value, _NEW_TOKENS.value,
+          (devices or jax.devices())[0], hlo_out=_HLO_OUT.value)
+    else:
+      if _QUANTIZE.value:
+        _fail("--quantize plans answering: add --generate (a QLoRA step: "
+              "--config.<stage>.lora.base=int4)")
+      plan = memory_plan.plan_step_memory(config, _STAGE.value, _SAMPLES.value,
+                                          _LENGTH.value, devices=devices,
+                                          hlo_out=_HLO_OUT.value)
   except (memory_plan.LibtpuMissing, gpu_targets.CudaMissing, ValueError) as e:
     _fail(str(e))
   hbm = plan.usable_bytes
@@ -93,12 +117,21 @@ def main(argv):
   print(f"  collectives {plan.collectives}  host callbacks {plan.callback}")
   if _GPU.value:
     print(f"  cuDNN attention calls {plan.cudnn_attention}  XLA flags {xla_flags}")
-  print(f"  (stage {_STAGE.value}, alignment branch "
-        f"{'included' if config[_STAGE.value].align else 'absent'})")
+  if _GENERATE.value:
+    print(f"  (answering: {_NEW_TOKENS.value} new tokens, weights "
+          f"{_QUANTIZE.value or config.model.param_dtype})")
+  else:
+    print(f"  (stage {_STAGE.value}, alignment branch "
+          f"{'included' if config[_STAGE.value].align else 'absent'})")
   if _JSON.value:
     print(json.dumps({
         "topology": target or f"cpu:{plan.devices}", "chips": plan.devices,
-        "device_kind": plan.device_kind, "mesh": plan.mesh, "stage": _STAGE.value,
+        "device_kind": plan.device_kind, "mesh": plan.mesh,
+        "stage": "generate" if _GENERATE.value else _STAGE.value,
+        "lora": None if _GENERATE.value else config[_STAGE.value].lora.to_dict(),
+        "quantize": _QUANTIZE.value or None,
+        "max_new_tokens": _NEW_TOKENS.value if _GENERATE.value else None,
+        "parameters": plan.parameters,
         "samples_per_device": plan.samples_per_device, "micro_batches": _MICRO.value,
         "length": plan.sequence_length,
         "peak_gib": plan.peak_bytes / GIB, "temp_gib": plan.temp_bytes / GIB,

@@ -16,21 +16,29 @@ for a mesh over either
   GPU): the real CUDA compiler with the project's GPU flags (`gpu_flags`), whose buffer
   assignment is what each GPU would need; it does not refuse what does not fit, the plan
   compares.
+`plan_generation_memory` plans answering instead (the greedy decode every answering command
+runs, weights as stored or weight-only int8 / int4 as `--quantize` loads them) on one device.
 The compiled program is also read for what the partitioner made of it: collectives per kind
 and where the host callbacks run (`callback_placement`).
 """
 import collections
 import contextlib
 import dataclasses
+import functools
 import re
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import linen as nn
 
-from exgra_jax.models.config import num_image_tokens
+from exgra_jax.eval import generate
+from exgra_jax.models import adapters, llava
+from exgra_jax.models.config import LlavaConfig, num_image_tokens
+from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import checkpointing, gpu_flags, gpu_targets, loop, sharded_state, sharding
 from exgra_jax.train import mesh as mesh_lib
 
@@ -185,15 +193,9 @@ def compile_step(config: ml_collections.ConfigDict, stage_name: str, samples_per
   return compiled, stage, mesh
 
 
-def plan_step_memory(config: ml_collections.ConfigDict, stage_name: str,
-                     samples_per_device: int, length: int, devices: list | None = None,
-                     hlo_out: str = "") -> MemoryPlan:
-  """Compiles the step (`compile_step`) and returns its plan; `hlo_out` also writes the
-  compiled HLO text there."""
-  start = time.perf_counter()
-  compiled, stage, mesh = compile_step(config, stage_name, samples_per_device, length,
-                                       devices)
-  seconds = time.perf_counter() - start
+def _plan(compiled, mesh: jax.sharding.Mesh, samples_per_device: int, length: int,
+          parameters: int, seconds: float, hlo_out: str) -> MemoryPlan:
+  """The MemoryPlan of a compiled program on `mesh`; `hlo_out` also writes its HLO text."""
   analysis = compiled.memory_analysis()
   hlo = compiled.as_text()
   if hlo_out:
@@ -201,12 +203,74 @@ def plan_step_memory(config: ml_collections.ConfigDict, stage_name: str,
       f.write(hlo)
   return MemoryPlan(
       devices=mesh.size, mesh=dict(mesh.shape), samples_per_device=samples_per_device,
-      sequence_length=length,
-      parameters=int(sum(np.prod(x.shape) for x in
-                         jax.tree_util.tree_leaves(stage.abstract_state.params))),
+      sequence_length=length, parameters=parameters,
       argument_bytes=analysis.argument_size_in_bytes, output_bytes=analysis.output_size_in_bytes,
       temp_bytes=analysis.temp_size_in_bytes, alias_bytes=analysis.alias_size_in_bytes,
       device_kind=mesh.devices.flat[0].device_kind,
       compiler_peak_bytes=getattr(analysis, "peak_memory_in_bytes", None) or None,
       collectives=collective_counts(hlo), callback=callback_placement(hlo),
       cudnn_attention=gpu_targets.cudnn_attention_count(hlo), compile_seconds=seconds)
+
+
+def _count(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def plan_step_memory(config: ml_collections.ConfigDict, stage_name: str,
+                     samples_per_device: int, length: int, devices: list | None = None,
+                     hlo_out: str = "") -> MemoryPlan:
+  """Compiles the step (`compile_step`) and returns its plan; `hlo_out` also writes the
+  compiled HLO text there. With `<stage>.lora` the step is the adapter step training runs
+  (`build_stage`: adapters, a bf16 / int8 / int4 frozen base, optimizer state for the
+  trainable leaves only); `parameters` then counts the base, the adapters and the GNN."""
+  start = time.perf_counter()
+  compiled, stage, mesh = compile_step(config, stage_name, samples_per_device, length,
+                                       devices)
+  return _plan(compiled, mesh, samples_per_device, length,
+               _count(stage.abstract_state.params), time.perf_counter() - start, hlo_out)
+
+
+def compile_generation(config: ml_collections.ConfigDict, quantize: str, batch: int,
+                       length: int, max_new_tokens: int, device: Any):
+  """(compiled answering program, float parameter count, one-device mesh): the greedy
+  `eval.generate.decode_batch` every answering command runs (prefill of `batch` prompts of
+  `length` tokens with their images [batch, S, S, 3], then `max_new_tokens` decode steps on
+  a KV cache of length + max_new_tokens) for `config.model`, with its weights as the
+  answering loader holds them: `config.model.param_dtype`, and with `quantize` (int8 | int4)
+  the LLM's projections weight-only quantized (`models.adapters.quantized_model` +
+  `quantize_params`, traced abstractly: nothing is allocated), all on `device`."""
+  model = LlavaModel(LlavaConfig.from_config(config.model))
+  params = jax.eval_shape(lambda: nn.unbox(llava.init_boxed_params(model.cfg,
+                                                                   jax.random.key(0))))
+  parameters = _count(params)
+  if quantize:
+    model = adapters.quantized_model(model, quantize)
+    params = jax.eval_shape(functools.partial(adapters.quantize_params, model), params)
+  size = config.model.vision.image_size
+  args = (params, jax.ShapeDtypeStruct((batch, length), jnp.int32),
+          jax.ShapeDtypeStruct((batch, length), jnp.int32),
+          jax.ShapeDtypeStruct((batch, length), jnp.bool_),
+          jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+          jax.eval_shape(lambda: jax.random.key(0)))
+  mesh = jax.sharding.Mesh(np.array([device]), ("replica",))
+  on_device = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  vocab = config.model.llm.vocab_size
+  answer = jax.jit(functools.partial(generate.decode_batch, model,
+                                     max_new_tokens=max_new_tokens, temperature=0.0,
+                                     eos_id=vocab - 1, pad_id=vocab - 2),
+                   in_shardings=on_device, out_shardings=on_device)
+  gpu = device.platform == "gpu"
+  compiled = answer.lower(*args).compile(gpu_flags.XLA_GPU_FLAGS if gpu else None)
+  return compiled, parameters, mesh
+
+
+def plan_generation_memory(config: ml_collections.ConfigDict, quantize: str, batch: int,
+                           length: int, max_new_tokens: int, device: Any,
+                           hlo_out: str = "") -> MemoryPlan:
+  """Compiles answering on one device (`compile_generation`) and returns its plan
+  (samples_per_device = batch, sequence_length = prompt length)."""
+  start = time.perf_counter()
+  compiled, parameters, mesh = compile_generation(config, quantize, batch, length,
+                                                  max_new_tokens, device)
+  return _plan(compiled, mesh, batch, length, parameters, time.perf_counter() - start,
+               hlo_out)
