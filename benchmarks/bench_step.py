@@ -72,7 +72,7 @@ def compiled_step(config, align: bool, mesh, batch):
   keys = tuple(k for k in batch if align or not k.startswith(("short", "long")))
   step = sharded_state.jit_train_step(stage.step_fn, stage.shardings, mesh,
                                       config.logical_axis_rules, keys)
-  device_batch = sharding.shard_batch({k: batch[k] for k in keys}, mesh)
+  device_batch = sharding.global_batch({k: batch[k] for k in keys}, mesh)
   flops = step.lower(state, device_batch).compile().cost_analysis()["flops"]
   state, metrics = step(state, device_batch)   # compile + first run
   jax.block_until_ready(metrics)

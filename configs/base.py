@@ -105,7 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.align.imle_lambda = 80.0        # IMLE perturbation strength
   c.align.imle_samples = 1          # noise samples averaged in the IMLE estimate
   c.align.imle_noise = "gumbel"     # gumbel | sum_of_gamma | none
-  c.align.group_size = 16           # samples per graph (0 = the whole global batch)
+  c.align.group_size = 16           # samples per graph, grouping=fixed (0: the micro-batch)
   c.align.grouping = "per_device"   # per_device (release) | fixed (group_size) | global
   c.align.text_mode = "default"     # f_S / f_L texts and pooling: default | release (docs/align.md)
   c.align.solver_iterations = 100   # solver iteration budget (deterministic)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import ast
 import difflib
-import json
-import math
 import os
 import re
 import sys
@@ -26,12 +24,19 @@ from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
+from exgra_jax.models import config as model_config
+
+# The allowed values of the choice settings, each asked of the module that owns it where
+# that module is light to import (the alignment's and the data's are repeated here: their
+# owners import jax; tests/test_configuration.py checks the copies against them).
 CHOICES = {
-    "model.connector": ("none", "dci", "sci", "sti"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots"),
-    "model.attention": ("auto", "xla", "splash", "cudnn"),
+    "model.connector": model_config.CONNECTORS,
+    "model.dtype": model_config.DTYPES,
+    "model.param_dtype": model_config.DTYPES,
+    "model.remat": model_config.REMATS,
+    "model.attention": model_config.ATTENTIONS,
+    "model.image_tokens": model_config.IMAGE_TOKEN_STYLES,
+    "model.vision.feature_select": model_config.FEATURE_SELECTS,
     "align.imle_noise": ("gumbel", "sum_of_gamma", "none"),
     "align.grouping": ("per_device", "fixed", "global"),
     "align.text_mode": ("default", "release"),
@@ -47,9 +52,6 @@ STAGE_CHOICES = {
     "trainable": ("projector_and_new_tokens", "all_but_vision"),
 }
 STAGE_NAMES = ("stage1", "stage2", "finetune")
-MESH_AXES = ("data", "fsdp", "tensor")
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
-_PROJECTOR = re.compile(r"^(linear|identity|mlp(\d+)x_gelu)$")
 
 
 class ConfigError(ValueError):
@@ -301,32 +303,6 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
   return node
 
 
-def projector_input_width(model: ml_collections.ConfigDict) -> int:
-  """Channels entering the projector: 3x the ViT width for dci / sci, else the ViT width."""
-  width = model.vision.hidden_size
-  return 3 * width if model.connector in ("dci", "sci") else width
-
-
-def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-  """Mesh axis sizes with a single -1 filled in from the device count."""
-  sizes = {a: int(config.mesh[a]) for a in MESH_AXES}
-  unknown = [a for a, s in sizes.items() if s == -1]
-  if len(unknown) > 1:
-    raise ConfigError(f"mesh: at most one axis may be -1, got {unknown}")
-  known = math.prod(s for s in sizes.values() if s != -1)
-  if any(s == 0 or s < -1 for s in sizes.values()):
-    raise ConfigError(f"mesh: axis sizes must be positive or -1, got {sizes}")
-  if unknown:
-    if num_devices % known:
-      raise ConfigError(f"mesh: {num_devices} devices do not divide by the fixed axes "
-                        f"{ {a: s for a, s in sizes.items() if s != -1} }")
-    sizes[unknown[0]] = num_devices // known
-  if math.prod(sizes.values()) != num_devices:
-    raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, "
-                      f"have {num_devices}")
-  return sizes
-
-
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
              mode: str = "train", check_paths: bool = False) -> None:
   """Raises ConfigError listing every inconsistency of a resolved config.
@@ -340,9 +316,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     if value not in allowed:
       problems.append(f"{key}={value!r} is not one of {allowed} ({closest(str(value), allowed)})")
   problems += _range_problems(config)
-  problems += _model_problems(config.model)
+  model = _model_or_problems(config, problems)
   problems += _stage_problems(config, num_devices)
-  problems += _data_problems(config)
+  problems += _data_problems(config, model)
   if "text_pool" in config.align:  # a recipe written before align.text_mode replaced it
     problems.append("align.text_pool is gone: set align.text_mode (default | release; "
                     "docs/align.md)")
@@ -351,12 +327,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     problems.append("distributed.mode=explicit needs coordinator_address 'host:port' and "
                     f"0 <= process_id < num_processes (got {d.coordinator_address!r}, "
                     f"{d.process_id}, {d.num_processes})")
-  if mode == "train" and not config.init.random and not (
-      config.init.hf_dir or config.init.checkpoint or
-      (config.init.llm_dir and config.init.clip_dir) or
-      any(config[s].init_from for s in config.stages)):
-    problems.append("init: no weights given: set init.hf_dir, init.checkpoint or "
-                    "init.llm_dir + init.clip_dir (or init.random=True for a random model)")
+  if mode == "train":
+    problems += _initial_weights_problems(config)
   if config.vision_pretrain.steps and not (
       config.init.random and config.stage1.records and not (
           config.init.hf_dir or config.init.llm_dir or config.init.checkpoint)):
@@ -506,62 +478,54 @@ def path_problems(config: ml_collections.ConfigDict, mode: str) -> list[str]:
   return out
 
 
-def _model_problems(m: ml_collections.ConfigDict) -> list[str]:
-  out = []
-  v, l = m.vision, m.llm
-  if v.image_size % v.patch_size:
-    out.append(f"model.vision.image_size={v.image_size} is not a multiple of "
-               f"patch_size={v.patch_size}")
-  if v.hidden_size % v.num_heads:
-    out.append(f"model.vision.hidden_size={v.hidden_size} does not divide into "
-               f"num_heads={v.num_heads}")
-  if not -v.num_layers <= v.select_layer <= v.num_layers:
-    out.append(f"model.vision.select_layer={v.select_layer} outside the "
-               f"{v.num_layers + 1} hidden states")
-  if m.connector in ("sci", "sti") and any(
-      not 0 <= i <= v.num_layers for i in m.connector_layers):
-    out.append(f"model.connector_layers={tuple(m.connector_layers)} outside hidden states "
-               f"0..{v.num_layers} of the vision tower")
-  if m.connector == "sti":
-    tokens = (v.image_size // v.patch_size) ** 2
-    if tokens % 8:
-      out.append(f"model.connector='sti' pools 8 tokens at a time; {tokens} image tokens "
-                 "do not divide by 8")
-  if l.num_heads % l.num_kv_heads:
-    out.append(f"model.llm.num_heads={l.num_heads} is not a multiple of "
-               f"num_kv_heads={l.num_kv_heads}")
-  if not l.head_dim and l.hidden_size % l.num_heads:
-    out.append(f"model.llm.hidden_size={l.hidden_size} does not divide into "
-               f"num_heads={l.num_heads} (set model.llm.head_dim)")
-  match = _PROJECTOR.match(m.projector)
-  if not match:
-    out.append(f"model.projector={m.projector!r}: expected linear, identity or mlpNx_gelu")
-  elif m.projector == "identity" and projector_input_width(m) != l.hidden_size:
-    out.append(f"model.projector='identity' needs the connector width "
-               f"({projector_input_width(m)} with connector={m.connector!r}) to equal "
-               f"model.llm.hidden_size={l.hidden_size}")
-  if l.rope_scaling:
-    try:
-      scaling = json.loads(l.rope_scaling)
-      kind = scaling.get("rope_type", scaling.get("type"))
-      if kind not in ROPE_TYPES:
-        out.append(f"model.llm.rope_scaling type {kind!r} is not one of {ROPE_TYPES}")
-    except (json.JSONDecodeError, AttributeError):
-      out.append(f"model.llm.rope_scaling={l.rope_scaling!r} is not a JSON object")
-  return out
+def _model_or_problems(config: ml_collections.ConfigDict,
+                       problems: list[str]) -> model_config.LlavaConfig | None:
+  """The typed model config, or None with its owner's reasons added to `problems`.
+
+  A model size out of range (already in `problems`) is not handed to the owner, which
+  divides by it; a choice already reported (with its "did you mean") is not repeated.
+  """
+  reported = {p.split("=", 1)[0] for p in problems if p.startswith("model.")}
+  if reported & {k for k in _RANGES if k.startswith("model.")}:
+    return None
+  try:
+    return model_config.LlavaConfig.from_config(config.model)
+  except model_config.ModelConfigError as e:
+    problems += [f"model.{p}" for p in e.problems
+                 if f"model.{p}".split("=", 1)[0] not in reported]
+  except ValueError as e:  # unknown fields (a hand-written config.model tree)
+    problems.append(f"model: {e}")
+  return None
+
+
+def _initial_weights_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The first stage's weight source, asked of train/initial_weights.py (the owner)."""
+  from exgra_jax.train import initial_weights  # pylint: disable=g-import-not-at-top (jax)
+  first = next((n for n in config.stages if n in STAGE_NAMES), None)
+  if first is None:
+    return []
+  try:
+    initial_weights.source_for(config, first, epath.Path("."))
+  except initial_weights.InitialWeightsError as e:
+    return [f"init: {e}"]
+  return []
 
 
 def _stage_problems(config: ml_collections.ConfigDict, num_devices: int | None) -> list[str]:
+  """Stage names and batches, and how each batch splits over the mesh and into alignment
+  groups: the mesh (train/mesh.py), the groups (align/loss.py) and their placement on the
+  devices (train/alignment_sharding.py) are asked of their owners."""
+  from exgra_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top (jax)
   out = []
   for name in config.stages:
     if name not in STAGE_NAMES:
       out.append(f"stages: {name!r} is not a stage ({closest(name, STAGE_NAMES)})")
-  mesh = None
+  shards = None
   if num_devices is not None:
     try:
-      mesh = mesh_shape(config, num_devices)
-    except ConfigError as e:
-      out.append(str(e))
+      shards = mesh_lib.data_parallel_size(mesh_lib.mesh_shape(config.mesh, num_devices))
+    except ValueError as e:
+      out.append(f"mesh: {e}")
   for name in STAGE_NAMES:
     s = config[name]
     for key, allowed in STAGE_CHOICES.items():
@@ -583,35 +547,41 @@ def _stage_problems(config: ml_collections.ConfigDict, num_devices: int | None) 
                  f"micro_batches={s.micro_batches}")
       continue
     micro = s.global_batch // s.micro_batches
-    if mesh is not None:
-      shards = mesh["data"] * mesh["fsdp"]
-      if micro % shards:
-        out.append(f"{name}: a micro-batch of {micro} samples (global_batch "
-                   f"{s.global_batch} / micro_batches {s.micro_batches}) does not divide "
-                   f"over the {shards} batch shards of the mesh (data x fsdp)")
-    if s.align:
-      out += _group_problems(config, name, micro, mesh)
+    if shards is not None and micro % shards:
+      out.append(f"{name}: a micro-batch of {micro} samples (global_batch "
+                 f"{s.global_batch} / micro_batches {s.micro_batches}) does not divide "
+                 f"over the {shards} batch shards of the mesh (data x fsdp)")
+    elif s.align and config.align.grouping in CHOICES["align.grouping"]:
+      out += _group_problems(config, name, micro, shards)
   return out
 
 
-def _group_problems(config, stage: str, micro: int, mesh: dict[str, int] | None) -> list[str]:
-  a = config.align
-  if a.grouping == "fixed":
-    group = a.group_size
-    if group <= 0 or micro % group:
-      return [f"align.group_size={group} must divide the {stage} micro-batch of {micro}"]
-  elif a.grouping == "per_device" and mesh is not None:
-    group = micro // (mesh["data"] * mesh["fsdp"]) if micro % (
-        mesh["data"] * mesh["fsdp"]) == 0 else micro
-  else:
-    group = micro
-  if group <= a.num_neighbors:
-    return [f"{stage}: alignment groups of {group} samples cannot have "
-            f"align.num_neighbors={a.num_neighbors} neighbours each (need > k samples)"]
-  return []
+def group_problem(align: ml_collections.ConfigDict, micro: int, shards: int) -> str | None:
+  """Why `align` cannot group a micro-batch of `micro` samples over `shards` batch shards
+  (None: it can). The owners answer: `align.loss.group_size_for` (the group) and
+  `train.alignment_sharding.group_span` (its placement on the devices)."""
+  from exgra_jax.align import loss as align_loss  # pylint: disable=g-import-not-at-top (jax)
+  from exgra_jax.train import alignment_sharding  # pylint: disable=g-import-not-at-top (jax)
+  try:
+    alignment_sharding.group_span(align_loss.group_size_for(align, micro, shards), micro,
+                                  shards)
+  except ValueError as e:
+    return str(e)
+  return None
 
 
-def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
+def _group_problems(config, stage: str, micro: int, shards: int | None) -> list[str]:
+  """With the device count unknown (validation before the devices exist) the groups are
+  checked for one batch shard; training checks them again on the real mesh."""
+  problem = group_problem(config.align, micro, 1 if shards is None else shards)
+  return [f"{stage}: {problem}"] if problem else []
+
+
+def _data_problems(config: ml_collections.ConfigDict,
+                   model: model_config.LlavaConfig | None) -> list[str]:
+  """Lengths and data settings; the image's tokens are counted by their owners (the model
+  config: N per image, data/text.py: the tokens around them)."""
+  from exgra_jax.data import text  # pylint: disable=g-import-not-at-top (tokenizers)
   out = []
   d, m = config.data, config.model
   buckets = tuple(d.length_buckets)
@@ -623,12 +593,12 @@ def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
   if d.max_length > m.llm.max_position_embeddings:
     out.append(f"data.max_length={d.max_length} exceeds "
                f"model.llm.max_position_embeddings={m.llm.max_position_embeddings}")
-  image_tokens = (m.vision.image_size // m.vision.patch_size) ** 2
-  if m.connector == "sti":
-    image_tokens += 2 * image_tokens // 8
-  if image_tokens + 2 >= d.max_length:
-    out.append(f"data.max_length={d.max_length} leaves no room for text after the "
-               f"{image_tokens + 2} image tokens")
+  if model is not None:
+    image_tokens = text.placeholder_length(model_config.num_image_tokens(model),
+                                           model.image_tokens)
+    if image_tokens >= d.max_length:
+      out.append(f"data.max_length={d.max_length} leaves no room for text after the "
+                 f"{image_tokens} image tokens")
   if d.workers < 0 or d.prefetch < 1:
     out.append(f"data.workers={d.workers} must be >= 0 and data.prefetch={d.prefetch} >= 1")
   if not 0.0 <= d.max_bad_fraction <= 1.0:

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from exgra_jax import configuration
+from exgra_jax.train import mesh as mesh_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,15 +77,15 @@ def test_command_line_errors_are_one_readable_line():
     (("model.projector=identity",), "projector='identity' needs the connector width"),
     (("model.connector=dci", "model.projector=identity"), "192 with connector='dci'"),
     (("model.connector=dcx",), "did you mean 'dci'"),
-    (("align.grouping=fixed", "align.group_size=4"), "cannot have align.num_neighbors=5"),
-    (("align.grouping=fixed", "align.group_size=7"), "must divide the stage2 micro-batch"),
+    (("align.grouping=fixed", "align.group_size=4"), "must exceed align.num_neighbors=5"),
+    (("align.grouping=fixed", "align.group_size=7"), "stage2: alignment groups of 7 samples"),
     (("model.llm.num_kv_heads=3",), "not a multiple of num_kv_heads=3"),
     (("mesh.data=3",), "needs 3 devices, have 8"),
     (("data.length_buckets=(512,256)",), "must be non-empty and increasing"),
     (("data.prefetch=0",), "data.prefetch=0 >= 1"),
     (("model.llm.rope_scaling={\"rope_type\":\"quadratic\"}",), "'quadratic' is not one of"),
     (("stages=stage1,stage3",), "'stage3' is not a stage"),
-    (("init.random=False",), "no weights given"),
+    (("init.random=False",), "no weights to start stage 'stage1'"),
 ])
 def test_inconsistent_settings_explain_themselves(overrides, message):
   config = _cfg("demo.py", *overrides)
@@ -101,10 +102,9 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_mesh_fills_one_axis():
-  config = _cfg("pmc10.py")
-  assert configuration.mesh_shape(config, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
-  with pytest.raises(configuration.ConfigError, match="do not divide"):
-    configuration.mesh_shape(_cfg("pmc10.py", "mesh.tensor=3"), 8)
+  assert mesh_lib.mesh_shape(_cfg("pmc10.py").mesh, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+  with pytest.raises(configuration.ConfigError, match="8 devices cannot fill mesh"):
+    configuration.validate(_cfg("pmc10.py", "mesh.tensor=3"), num_devices=8)
 
 
 def test_distributed_mode_checked():

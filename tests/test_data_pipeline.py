@@ -15,6 +15,7 @@ import pytest
 import data_fixtures
 from exgra_jax.data import bad_records as bad
 from exgra_jax.data import array_record_writer, pipeline, records, sources
+from exgra_jax.train import sharding
 
 N_IMAGE = 4
 BUCKETS = (48, 64, 96)
@@ -95,7 +96,7 @@ def test_worker_batches_in_shared_memory_outlive_the_host_batch(world):
   host = next(pipe)
   expected = np.array(host["pixel_values"])
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
-  global_batch = pipeline.to_global_batch(host, mesh)
+  global_batch = sharding.global_batch(host, mesh)
   del host
   pipe.close()
   gc.collect()
@@ -172,10 +173,10 @@ def test_bad_inputs_skipped_counted_and_stop(world, tmp_path):
     next(zero)
 
 
-def test_to_global_batch_on_a_mesh(world):
+def test_global_batch_on_a_mesh(world):
   batch = next(_pipe(world))
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
-  out = pipeline.to_global_batch(batch, mesh)
+  out = sharding.global_batch(batch, mesh)
   assert out["input_ids"].sharding.spec[0] == ("data", "fsdp")
   np.testing.assert_array_equal(np.asarray(out["labels"]), batch["labels"])
 
@@ -222,13 +223,13 @@ def test_pipeline_from_config_json_and_shards(world, tmp_path):
   assert sum(b["sample_weight"].sum() for b in pipe) == 12
 
 
-def test_to_global_batch_splits_rows_over_four_devices():
+def test_global_batch_splits_rows_over_four_devices():
   script = (
       "import jax, numpy as np\n"
-      "from exgra_jax.data import pipeline\n"
+      "from exgra_jax.train import sharding\n"
       "mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2), ('data', 'fsdp'))\n"
       "batch = {'input_ids': np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}\n"
-      "out = pipeline.to_global_batch(batch, mesh)['input_ids']\n"
+      "out = sharding.global_batch(batch, mesh)['input_ids']\n"
       "rows = sorted(tuple(np.asarray(s.data)[:, 0]) for s in out.addressable_shards)\n"
       "assert rows == [(0, 3), (6, 9), (12, 15), (18, 21)], rows\n"
       "np.testing.assert_array_equal(np.asarray(out), batch['input_ids'])\n")

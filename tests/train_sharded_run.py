@@ -62,7 +62,7 @@ def train(config, sizes, devices, model, batch, init, tx, schedule):
       config.logical_axis_rules, batch)
   losses = []
   for _ in range(2):
-    state, metrics = train_step(state, sharding.shard_batch(batch, mesh))
+    state, metrics = train_step(state, sharding.global_batch(batch, mesh))
     losses.append(float(metrics["loss"]))
   return losses, state
 

@@ -75,8 +75,10 @@ def group_size_for(align: ml_collections.ConfigDict, micro_batch_size: int,
   """Samples per graph for a micro-batch of `micro_batch_size` samples over the whole mesh.
 
   per_device: the samples one data-parallel shard holds (the release: 16 per GPU);
-  fixed: `align.group_size`; global: the whole micro-batch. The result divides the
-  micro-batch, else ValueError with the numbers.
+  fixed: `align.group_size`, where 0 means the whole micro-batch (a group never spans
+  micro-batches: each is embedded and matched on its own); global: the whole micro-batch.
+  The result divides the micro-batch, else ValueError with the numbers. Start-up
+  validation asks this function, so the two cannot disagree.
   """
   if align.grouping == "per_device":
     size, why = micro_batch_size // max(data_parallel_size, 1), "per device"

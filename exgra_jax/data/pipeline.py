@@ -376,22 +376,6 @@ class InputPipeline:
       self._iterator = None
 
 
-def to_global_batch(batch: dict, mesh: jax.sharding.Mesh,
-                    batch_axes: tuple[str, ...] = ("data", "fsdp")) -> dict:
-  """Host batch (this process's rows) -> global `jax.Array`s sharded on the batch axis.
-
-  Every process passes its own rows; the global leading dimension is the sum over
-  processes. Other axes are replicated.
-  """
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  out = {}
-  for key, value in batch.items():
-    spec = jax.sharding.PartitionSpec(axes or None, *([None] * (value.ndim - 1)))
-    out[key] = jax.make_array_from_process_local_data(
-        jax.sharding.NamedSharding(mesh, spec), value)
-  return out
-
-
 def resolve_path(root: str, path: str) -> epath.Path:
   """A configured data path: absolute as given, else relative to `config.data.root`."""
   path = epath.Path(path)

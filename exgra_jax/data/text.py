@@ -80,6 +80,13 @@ def image_placeholder(num_image_tokens: int, image_tokens: str = DEFAULT_IMAGE_T
   return before + patch * num_image_tokens + after
 
 
+def placeholder_length(num_image_tokens: int,
+                       image_tokens: str = DEFAULT_IMAGE_TOKENS) -> int:
+  """Tokens one image takes in `input_ids`: its N patch tokens, plus `<im_start>` and
+  `<im_end>` in the im_start_end style (N + 2), N alone in the image style."""
+  return num_image_tokens + len(style_tokens(image_tokens)) - 1
+
+
 def expand_image_token(text: str, num_image_tokens: int,
                        image_tokens: str = DEFAULT_IMAGE_TOKENS) -> str:
   """`<image>` -> its placeholder with N patch tokens (see the module doc), in place."""

@@ -16,6 +16,8 @@ import ml_collections
 CONNECTORS = ("none", "dci", "sci", "sti")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 ATTENTIONS = ("auto", "xla", "splash", "cudnn")  # models/attention.py
+REMATS = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16")
 # Fields that say how the model runs, not what it computes: set by config.model's top level.
 RUNTIME = ("dtype", "param_dtype", "remat", "scan_layers", "attention")
 STI_POOL = 8  # tokens averaged per pooled token by the `sti` connector (window = stride)
@@ -26,6 +28,15 @@ FEATURE_SELECTS = ("default", "full")
 # N x <im_patch> + <im_end> (LLaVA v1 / LLaVA-Med), image = N x <image> (llava-hf).
 IMAGE_TOKEN_STYLES = ("im_start_end", "image")
 _PROJECTOR = re.compile(r"^(linear|identity|mlp(\d+)x_gelu)$")
+
+
+class ModelConfigError(ValueError):
+  """A model config that cannot be built; `problems` lists every reason (start-up
+  validation reports them beside the other settings' problems, `model.` prefixed)."""
+
+  def __init__(self, problems: list[str]):
+    super().__init__("invalid model config: " + "; ".join(problems))
+    self.problems = problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,45 +116,78 @@ class LlavaConfig:
   image_tokens: str = "im_start_end"  # IMAGE_TOKEN_STYLES
 
   def __post_init__(self):
-    problems = []
+    problems = self.vision_problems() + self.llm_problems() + self.connector_problems()
+    if problems:
+      raise ModelConfigError(problems)
+
+  def vision_problems(self) -> list[str]:
+    v = self.vision
+    out = []
+    if v.image_size % v.patch_size:
+      out.append(f"vision.image_size={v.image_size} is not a multiple of "
+                 f"patch_size={v.patch_size}")
+    if v.hidden_size % v.num_heads:
+      out.append(f"vision.hidden_size={v.hidden_size} does not divide into "
+                 f"num_heads={v.num_heads}")
+    if not -v.num_layers <= v.select_layer <= v.num_layers:
+      out.append(f"vision.select_layer={v.select_layer} outside the "
+                 f"{v.num_layers + 1} hidden states")
+    if v.feature_select not in FEATURE_SELECTS:
+      out.append(f"vision.feature_select={v.feature_select!r} is not one of "
+                 f"{FEATURE_SELECTS}")
+    return out
+
+  def llm_problems(self) -> list[str]:
+    l = self.llm
+    out = []
+    if l.num_heads % l.num_kv_heads:
+      out.append(f"llm.num_heads={l.num_heads} is not a multiple of "
+                 f"num_kv_heads={l.num_kv_heads}")
+    if not l.head_dim and l.hidden_size % l.num_heads:
+      out.append(f"llm.hidden_size={l.hidden_size} does not divide into "
+                 f"num_heads={l.num_heads} (set model.llm.head_dim)")
+    try:
+      kind = l.rope_scaling_dict().get("rope_type", "default")
+      if kind not in ROPE_TYPES:
+        out.append(f"llm.rope_scaling type {kind!r} is not one of {ROPE_TYPES}")
+    except (json.JSONDecodeError, AttributeError):
+      out.append(f"llm.rope_scaling={l.rope_scaling!r} is not a JSON object")
+    if l.remat not in REMATS:
+      out.append(f"remat={l.remat!r} is not one of {REMATS}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(l, name) not in DTYPES:
+        out.append(f"{name}={getattr(l, name)!r} is not one of {DTYPES}")
+    if l.attention not in ATTENTIONS:
+      out.append(f"attention={l.attention!r} is not one of {ATTENTIONS}")
+    elif l.attention == "cudnn" and l.dtype == "float32":
+      out.append("attention='cudnn' needs dtype bfloat16 (cuDNN flash attention has no "
+                 "float32 kernel; 'auto' uses xla for float32 on GPU)")
+    return out
+
+  def connector_problems(self) -> list[str]:
+    """The image-token style, connector and projector, and how they fit the tower."""
+    out = []
     if self.image_tokens not in IMAGE_TOKEN_STYLES:
-      problems.append(f"image_tokens={self.image_tokens!r} is not one of {IMAGE_TOKEN_STYLES}")
+      out.append(f"image_tokens={self.image_tokens!r} is not one of {IMAGE_TOKEN_STYLES}")
     if self.connector not in CONNECTORS:
-      problems.append(f"connector={self.connector!r} is not one of {CONNECTORS}")
+      out.append(f"connector={self.connector!r} is not one of {CONNECTORS}")
     if not _PROJECTOR.match(self.projector):
-      problems.append(f"projector={self.projector!r}: expected linear, identity or mlpNx_gelu")
+      out.append(f"projector={self.projector!r}: expected linear, identity or mlpNx_gelu")
     elif self.projector == "identity" and projector_input_width(self) != self.llm.hidden_size:
-      problems.append(f"projector='identity' needs the connector width "
-                      f"{projector_input_width(self)} to equal llm.hidden_size="
-                      f"{self.llm.hidden_size}")
+      out.append(f"projector='identity' needs the connector width "
+                 f"({projector_input_width(self)} with connector={self.connector!r}) to "
+                 f"equal llm.hidden_size={self.llm.hidden_size}")
     if self.connector in ("sci", "sti") and any(
         not 0 <= i <= self.vision.num_layers for i in self.connector_layers):
-      problems.append(f"connector_layers={self.connector_layers} outside hidden states "
-                      f"0..{self.vision.num_layers}")
-    if self.vision.feature_select not in FEATURE_SELECTS:
-      problems.append(f"vision.feature_select={self.vision.feature_select!r} is not one of "
-                      f"{FEATURE_SELECTS}")
-    elif self.vision.feature_select == "full" and self.connector == "sti":
-      problems.append("connector='sti' pools patch tokens only: it needs "
-                      "vision.feature_select='default'")
+      out.append(f"connector_layers={self.connector_layers} outside hidden states "
+                 f"0..{self.vision.num_layers} of the vision tower")
+    if self.vision.feature_select == "full" and self.connector == "sti":
+      out.append("connector='sti' pools patch tokens only: it needs "
+                 "vision.feature_select='default'")
     if self.connector == "sti" and self.vision.num_patches % STI_POOL:
-      problems.append(f"connector='sti' pools {STI_POOL} tokens at a time; "
-                      f"{self.vision.num_patches} patches do not divide")
-    if self.llm.num_heads % self.llm.num_kv_heads:
-      problems.append(f"llm.num_heads={self.llm.num_heads} is not a multiple of "
-                      f"num_kv_heads={self.llm.num_kv_heads}")
-    kind = self.llm.rope_scaling_dict().get("rope_type", "default")
-    if kind not in ROPE_TYPES:
-      problems.append(f"llm.rope_scaling type {kind!r} is not one of {ROPE_TYPES}")
-    if self.llm.remat not in ("none", "full", "dots"):
-      problems.append(f"remat={self.llm.remat!r} is not one of none, full, dots")
-    if self.llm.attention not in ATTENTIONS:
-      problems.append(f"attention={self.llm.attention!r} is not one of {ATTENTIONS}")
-    elif self.llm.attention == "cudnn" and self.llm.dtype == "float32":
-      problems.append("attention='cudnn' needs dtype bfloat16 (cuDNN flash attention has no "
-                      "float32 kernel; 'auto' uses xla for float32 on GPU)")
-    if problems:
-      raise ValueError("invalid model config: " + "; ".join(problems))
+      out.append(f"connector='sti' pools {STI_POOL} tokens at a time; "
+                 f"{self.vision.num_patches} patches do not divide")
+    return out
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> LlavaConfig:

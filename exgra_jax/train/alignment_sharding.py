@@ -33,9 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from exgra_jax.align import loss as align_loss
-from exgra_jax.train import sharding
-
-BATCH = sharding.BATCH_AXES
+from exgra_jax.train.mesh import BATCH_AXES as BATCH, data_parallel_size
 
 
 def group_span(group_size: int, micro_batch: int, batch_shards: int) -> int:
@@ -80,7 +78,7 @@ def make_sharded_alignment(settings: align_loss.AlignSettings, mesh: Mesh, group
                            micro_batch: int):
   """An `AlignFn` (train/step.py) equal to `align.loss.multi_graph_alignment_loss` whose
   GNN and host solves run on the devices that hold each group (module doc)."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = data_parallel_size(mesh.shape)
   span = group_span(group_size, micro_batch, shards)
 
   def local(gnn_params, f_image, f_short, f_long, node, edge, dropout):

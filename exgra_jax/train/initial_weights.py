@@ -46,8 +46,13 @@ def source_for(config: ml_collections.ConfigDict, stage_name: str, workdir: epat
     return "previous_stage", str(workdir / "checkpoints" / config.stages[index - 1])
   if config.init.checkpoint:
     return "checkpoint", config.init.checkpoint
-  if config.init.hf_dir or config.init.llm_dir:
-    return "hf", config.init.hf_dir or config.init.llm_dir
+  if config.init.hf_dir:
+    return "hf", config.init.hf_dir
+  if config.init.llm_dir:
+    if not config.init.clip_dir:
+      raise InitialWeightsError("config.init.llm_dir starts from a plain LLaMA: it needs "
+                                "config.init.clip_dir (the CLIP vision tower)")
+    return "hf", config.init.llm_dir
   if config.init.random and config.vision_pretrain.steps:
     return "vision_pretrain", str(workdir / "checkpoints" / VISION_PRETRAIN_CHECKPOINT)
   if config.init.random:

@@ -111,9 +111,9 @@ def build_stage(config: ml_collections.ConfigDict, name: str, mesh: jax.sharding
       init_boxed_params, tx, mesh, config.logical_axis_rules)
   align_fn, group_size = None, 0
   if settings is not None:
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     micro_batch = cfg.global_batch // cfg.micro_batches
-    group_size = align_loss.group_size_for(config.align, micro_batch, data_parallel)
+    group_size = align_loss.group_size_for(config.align, micro_batch,
+                                           mesh_lib.data_parallel_size(mesh.shape))
     # GNN and host solves on the devices holding each group, not funnelled through one.
     align_fn = alignment_sharding.make_sharded_alignment(settings, mesh, group_size,
                                                          micro_batch)
@@ -229,7 +229,7 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
   try:
     for at in range(start, stage.total_steps):
       host_batch = next(pipe)
-      batch = pipeline_lib.to_global_batch(host_batch, mesh)
+      batch = sharding.global_batch(host_batch, mesh)
       if train_step is None:
         train_step = sharded_state.jit_train_step(stage.step_fn, stage.shardings, mesh,
                                                   config.logical_axis_rules, tuple(batch))

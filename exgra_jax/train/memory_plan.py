@@ -175,7 +175,7 @@ def compile_step(config: ml_collections.ConfigDict, stage_name: str, samples_per
   if length <= n:
     raise ValueError(f"sequence length {length} must exceed the {n} image tokens")
   mesh = mesh_lib.build_mesh(config.mesh, devices)
-  batch_size = samples_per_device * mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_size = samples_per_device * mesh_lib.data_parallel_size(mesh.shape)
   config = config.copy_and_resolve_references()
   config[stage_name].global_batch = batch_size * config[stage_name].micro_batches
   vocab = config.model.llm.vocab_size

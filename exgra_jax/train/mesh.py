@@ -3,13 +3,20 @@
 Built with `jax.sharding.Mesh` so the axes are Auto: the logical-axis rules of
 `config.logical_axis_rules` expect Auto axes (`jax.make_mesh` now defaults to Explicit).
 """
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the sample axis of every batch is split over these
+
+
+def data_parallel_size(shape: Mapping[str, int]) -> int:
+  """Batch shards of a mesh (`mesh.shape` or `mesh_shape`'s dict): data x fsdp."""
+  return math.prod(shape[a] for a in BATCH_AXES)
 
 
 def resolve_mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -31,10 +38,15 @@ def resolve_mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...
   return sizes
 
 
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """{axis: size} of `config.mesh` on `num_devices` devices (ValueError: why not)."""
+  sizes = (mesh_config.data, mesh_config.fsdp, mesh_config.tensor)
+  return dict(zip(MESH_AXES, resolve_mesh_shape(sizes, num_devices)))
+
+
 def build_mesh(mesh_config: ml_collections.ConfigDict,
                devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """Mesh over `devices` (default: all global devices) shaped by `config.mesh`."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = resolve_mesh_shape((mesh_config.data, mesh_config.fsdp, mesh_config.tensor),
-                             len(devices))
+  shape = tuple(mesh_shape(mesh_config, len(devices)).values())
   return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES)

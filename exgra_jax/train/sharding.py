@@ -18,8 +18,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from exgra_jax.models.partitioning import logical_rules, param_shardings  # noqa: F401 (re-exported)
-
-BATCH_AXES = ("data", "fsdp")
+from exgra_jax.train.mesh import BATCH_AXES, data_parallel_size
 
 
 @contextlib.contextmanager
@@ -54,14 +53,18 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
-def shard_batch(batch: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Host numpy batch (the global batch, same on every process) -> global jax.Arrays."""
-  sharding = batch_sharding(mesh)
-  size = mesh.shape["data"] * mesh.shape["fsdp"]
+def global_batch(host_batch: dict[str, Any], mesh: jax.sharding.Mesh
+                 ) -> dict[str, jax.Array]:
+  """This process's numpy rows (data/ hands out numpy) -> global `jax.Array`s whose sample
+  axis is split over the batch axes; the other axes replicated. The global leading
+  dimension is the sum over processes; it must divide over the data x fsdp shards."""
+  size = data_parallel_size(mesh.shape)
   out = {}
-  for key, value in batch.items():
-    if value.shape[0] % size:
-      raise ValueError(f"batch[{key!r}] has {value.shape[0]} samples, not divisible by the "
+  for key, value in host_batch.items():
+    rows = value.shape[0] * jax.process_count()
+    if rows % size:
+      raise ValueError(f"batch[{key!r}] has {rows} samples, not divisible by the "
                        f"{size} data x fsdp shards")
-    out[key] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
+    spec = PartitionSpec(BATCH_AXES, *([None] * (value.ndim - 1)))
+    out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
   return out
