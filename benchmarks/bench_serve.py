@@ -43,14 +43,15 @@ import torch
 import transformers
 from absl import app, flags
 
-from exgra_jax import configuration
+from exgra_jax import run_config
 from exgra_jax.data import demo_world
 from exgra_jax.hf import exporter
+from exgra_jax.inference import single_question
 from exgra_jax.models import llava
 from exgra_jax.models.config import LlavaConfig
 from exgra_jax.serving import engine as engine_lib
 from exgra_jax.serving.requests import Conversation, Limits
-from exgra_jax.weights import checkpoints
+from exgra_jax.weights import loading
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model directory (default: a tiny random model).")
@@ -75,12 +76,12 @@ def _tiny_model(directory: str) -> tuple[str, str, str]:
   """(model dir, HF export dir, image dir) of a tiny random model on the small demo world."""
   world = os.path.join(directory, "world")
   demo_world.make_demo_world(world, size="small", seed=0)
-  config = configuration.load(os.path.join(REPO, "configs", "demo.py"), [])
+  config = run_config.load(os.path.join(REPO, "configs", "demo.py"), [])
   params = nn.unbox(llava.init_boxed_params(LlavaConfig.from_config(config.model),
                                             jax.random.key(0)))
   model_dir, hf_dir = os.path.join(directory, "tiny"), os.path.join(directory, "tiny_hf")
   tokenizer_dir = os.path.join(world, "tokenizer")
-  checkpoints.save_params(model_dir, params, config.model.to_dict(), tokenizer_dir=tokenizer_dir)
+  loading.save_params(model_dir, params, config.model.to_dict(), tokenizer_dir=tokenizer_dir)
   exporter.export(params, config.model, hf_dir, tokenizer_dir=tokenizer_dir)
   return model_dir, hf_dir, os.path.join(world, "images")
 

@@ -28,7 +28,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from exgra_jax import configuration
+from exgra_jax import run_config
 from exgra_jax.align import imle
 from exgra_jax.align import loss as align_loss
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
@@ -99,7 +99,7 @@ def timed(step, state, batch, steps: int):
 
 
 def tiny_split() -> None:
-  config = configuration.load("configs/demo.py", [])
+  config = run_config.load("configs/demo.py", [])
   config.align.grouping, config.align.group_size = "fixed", _GROUP.value
   mesh = mesh_lib.build_mesh(config.mesh)
   batch = random_batch(config, _BATCH.value, _LENGTH.value, _TEXT.value,
@@ -155,7 +155,7 @@ def seven_b_estimate() -> None:
   jax.block_until_ready(out)
   cpu_s = (time.perf_counter() - start) / _STEPS.value
   host_s = imle.SOLVER_CLOCK.take()["solver_seconds"] / _STEPS.value
-  m = configuration.load("configs/pmc10.py", []).model
+  m = run_config.load("configs/pmc10.py", []).model
   counts = parameter_counts(m)
   samples, length, text = 16, 512, 128
   step_flops = samples * (6 * counts["llm"] * (length + 2 * text) + 2 * counts["vision"]

@@ -8,7 +8,7 @@ change what their recipe needs. Any field can be overridden on the command line:
 
 A run executes the stages named in `config.stages` in order, in one workdir; each stage
 has its own sub-config (`config.stage1`, `config.stage2`, `config.finetune`) so that a
-recipe states its whole schedule in one place. `exgra_jax.configuration.validate` checks the
+recipe states its whole schedule in one place. `exgra_jax.run_config.validate` checks the
 resolved config at start-up (types, allowed values, batch / mesh divisibility, connector
 and projector widths) and explains every error.
 """

@@ -16,7 +16,7 @@ every stage, as the release freezes it. Stage 1 and stage 2 run half an epoch ea
 fine-tune four: the yes/no questions are learned last (docs/demo_world.md: the measured
 scores per question type and epoch).
 small: 120 images, a few steps per stage; it shows that the machinery runs, and it
-answers at chance. tools/run_data_efficiency.py starts from the medium profile.
+answers at chance. experiments/data_efficiency/run.py starts from the medium profile.
 """
 from configs import base
 

@@ -15,8 +15,8 @@ import sys
 from absl import app
 from absl import flags
 
-from exgra_jax import configuration, console
-from exgra_jax.eval import prompts
+from exgra_jax import console, run_config
+from exgra_jax.inference import prompts
 from exgra_jax.serving import engine as engine_lib
 from exgra_jax.serving.requests import Conversation, Limits, RequestError
 
@@ -51,13 +51,13 @@ def _lines():
 
 def main(argv):
   if len(argv) > 1:
-    configuration.exit_usage(configuration.stray_arguments(argv[1:]))
+    run_config.exit_usage(run_config.stray_arguments(argv[1:]))
   console.setup(flags.FLAGS.verbosity)
-  problems = [p for p in (configuration.model_problem("--model", _MODEL.value),
-                          _IMAGE.value and configuration.path_problem("--image", _IMAGE.value))
+  problems = [p for p in (run_config.model_problem("--model", _MODEL.value),
+                          _IMAGE.value and run_config.path_problem("--image", _IMAGE.value))
               if p]
   if problems:
-    configuration.exit_usage("\n".join(problems))
+    run_config.exit_usage("\n".join(problems))
   served = engine_lib.load_model(_MODEL.value, tokenizer_dir=_TOKENIZER.value,
                                  clip_dir=_CLIP_DIR.value, template=_TEMPLATE.value,
                                  default_max_tokens=_MAX_TOKENS.value)
@@ -86,7 +86,7 @@ def _chat(served: engine_lib.ServedModel, engine: engine_lib.Engine,
       continue
     if line.startswith("/image"):
       path = line[len("/image"):].strip()
-      problem = configuration.path_problem("/image", path)
+      problem = run_config.path_problem("/image", path)
       if problem:
         print(f"error: {problem}", flush=True)
       else:

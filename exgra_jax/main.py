@@ -19,10 +19,10 @@ from absl import logging
 import jax
 from etils import epath
 
-from exgra_jax import configuration, console, temp_paths
+from exgra_jax import console, run_config, run_paths, temp_paths
 from exgra_jax.data import bad_records, records
 
-_CONFIG = configuration.define_config_flag()
+_CONFIG = run_config.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).",
                                required=True)
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "predict"],
@@ -48,23 +48,23 @@ def prepare_data_root(config) -> None:
 def write_resolved_config(config, workdir: epath.Path) -> None:
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    run_paths.RunDir(workdir).config_json.write_text(config.to_json_best_effort(indent=2))
 
 
 def remove_stale_exports(workdir: epath.Path) -> None:
   """Half-written export folders of a killed run (a killed demo-world build's folder goes
   when `prepare_data_root` builds the world again)."""
-  for path in temp_paths.remove_stale(str(workdir / "export")):
+  for path in temp_paths.remove_stale(str(run_paths.RunDir(workdir).exports)):
     logging.info("removed %s, left by a killed export", path)
 
 
 def validate_or_exit(config, *, check_paths: bool) -> None:
   """All problems of the config in one message on stderr, exit status 2, no traceback."""
   try:
-    configuration.validate(config, num_devices=jax.device_count(), mode=_MODE.value,
+    run_config.validate(config, num_devices=jax.device_count(), mode=_MODE.value,
                            check_paths=check_paths)
-  except configuration.ConfigError as e:
-    configuration.exit_usage(str(e))
+  except run_config.ConfigError as e:
+    run_config.exit_usage(str(e))
 
 
 def checkpoint_problem(config, workdir: epath.Path) -> str | None:
@@ -76,19 +76,19 @@ def checkpoint_problem(config, workdir: epath.Path) -> str | None:
             "model, tools/export_hf.py exports any checkpoint)")
   if _MODE.value == "train":
     return None
-  from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top
-  from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top
+  from exgra_jax.weights import loading  # pylint: disable=g-import-not-at-top
   if _CHECKPOINT.value:
-    if url := configuration.url_problem("--checkpoint", _CHECKPOINT.value):
+    if url := run_config.url_problem("--checkpoint", _CHECKPOINT.value):
       return url
     if not epath.Path(_CHECKPOINT.value).exists():
       return (f"--checkpoint={_CHECKPOINT.value} does not exist: pass a train checkpoint, a "
               "params checkpoint of tools/import_hf.py or a Hugging Face directory")
-    return checkpoints.not_a_checkpoint(_CHECKPOINT.value)
-  path = (workdir / "checkpoints" / config.stages[-1] if _MODE.value == "export"
-          else vqa.default_checkpoint(config, workdir))
+    return loading.not_a_checkpoint(_CHECKPOINT.value)
+  run = run_paths.RunDir(workdir)
+  path = (run.export_source(config.stages) if _MODE.value == "export"
+          else run.answering_checkpoint(config.stages))
   if path.exists():
-    return checkpoints.not_a_checkpoint(str(path))
+    return loading.not_a_checkpoint(str(path))
   return (f"--mode={_MODE.value}: no checkpoint of stage {config.stages[-1]!r} in {workdir} "
           f"({path} does not exist): train first with --mode=train and the same --config "
           "and --workdir" + (", or pass --checkpoint=DIR (a train or params checkpoint, or a "
@@ -97,22 +97,22 @@ def checkpoint_problem(config, workdir: epath.Path) -> str | None:
 
 def main(argv):
   if len(argv) > 1:
-    configuration.exit_usage(configuration.stray_arguments(argv[1:]))
+    run_config.exit_usage(run_config.stray_arguments(argv[1:]))
   console.setup(flags.FLAGS.verbosity)
   config = _CONFIG.value
   if config is None:
-    configuration.exit_usage("--config is required, e.g. --config=configs/demo.py")
+    run_config.exit_usage("--config is required, e.g. --config=configs/demo.py")
   from exgra_jax.train import distributed, gpu_flags  # pylint: disable=g-import-not-at-top
   gpu_flags.apply()  # the project's GPU flags, read when jax creates its backends (next line)
   distributed.initialize(config)
   # A demo world's files exist once it is made: its paths are checked after that.
   validate_or_exit(config, check_paths=not config.data.demo_world)
   workdir = epath.Path(_WORKDIR.value)
-  problem = configuration.url_problem("--workdir", _WORKDIR.value) or checkpoint_problem(
+  problem = run_config.url_problem("--workdir", _WORKDIR.value) or checkpoint_problem(
       config, workdir) or (
-      _MODE.value == "predict" and configuration.path_problem("--image", _IMAGE.value))
+      _MODE.value == "predict" and run_config.path_problem("--image", _IMAGE.value))
   if problem:
-    configuration.exit_usage(problem)
+    run_config.exit_usage(problem)
   write_resolved_config(config, workdir)
   remove_stale_exports(workdir)
   prepare_data_root(config)
@@ -126,18 +126,18 @@ def main(argv):
     try:
       result = loop.train(config, workdir)
     except records.RecordFileError as e:  # a whole file unreadable: the message says the fix
-      configuration.exit_usage(str(e))
+      run_config.exit_usage(str(e))
     except bad_records.TooManyBadRecords as e:  # the data, not the program
-      configuration.exit_usage(f"{e}\n(tools/check_data.py lists every bad record and image: "
+      run_config.exit_usage(f"{e}\n(tools/check_data.py lists every bad record and image: "
                                "fix or drop them, or raise --config.data.max_bad_fraction)")
   elif _MODE.value == "eval":
     from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top
     result = vqa.evaluate(config, workdir, checkpoint=_CHECKPOINT.value)
   elif _MODE.value == "export":
-    from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top
-    result = checkpoints.export_from_workdir(config, workdir)
+    from exgra_jax.weights import loading  # pylint: disable=g-import-not-at-top
+    result = loading.export_from_workdir(config, workdir)
   else:
-    from exgra_jax.eval import single_question  # pylint: disable=g-import-not-at-top
+    from exgra_jax.inference import single_question  # pylint: disable=g-import-not-at-top
     result = single_question.answer_from_workdir(config, workdir, image=_IMAGE.value,
                                                  question=_QUESTION.value)
   if jax.process_index() == 0:
@@ -150,12 +150,13 @@ def report(result, workdir: epath.Path) -> None:
   text = json.dumps(result, indent=2, default=str)
   table = console.summary_table(result)
   if _MODE.value == "train":
-    (workdir / "summary.json").write_text(text + "\n")
-    table += f"\n\nfull results: {workdir / 'summary.json'} (and the JSON below)"
+    summary = run_paths.RunDir(workdir).summary
+    summary.write_text(text + "\n")
+    table += f"\n\nfull results: {summary} (and the JSON below)"
   sys.stderr.write(table.strip() + "\n\n" if table.strip() else "")
   sys.stderr.flush()
   print(text)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=configuration.parse_flags)
+  app.run(main, flags_parser=run_config.parse_flags)

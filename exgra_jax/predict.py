@@ -4,7 +4,7 @@ r"""Answer one question about one image with a trained model.
         --image=scan.dcm --question="Is there a lesion in the liver?"
 
 The command line over `eval.single_question.answer_from_checkpoint`. `--model` is anything
-`weights.checkpoints.load` reads: a train checkpoint (step or stage directory), a
+`weights.loading.load` reads: a train checkpoint (step or stage directory), a
 params-only checkpoint (`tools/import_hf.py`, `finetune_best`) or a Hugging Face directory
 (imported on the fly; `--clip_dir` for the release layout). The image may be DICOM. `--template=none` uses the question as the whole prompt, `<image>`
 expanded to the model's image tokens.
@@ -12,8 +12,8 @@ expanded to the model's image tokens.
 from absl import app
 from absl import flags
 
-from exgra_jax import configuration, console
-from exgra_jax.eval import prompts, single_question
+from exgra_jax import console, run_config
+from exgra_jax.inference import prompts, single_question
 from exgra_jax.models import adapters
 
 _MODEL = flags.DEFINE_string("model", None, "Checkpoint or HF directory.")
@@ -33,14 +33,14 @@ _QUANTIZE = flags.DEFINE_enum("quantize", "", ["", *adapters.QUANTIZED],
 
 def main(argv):
   if len(argv) > 1:
-    configuration.exit_usage(configuration.stray_arguments(argv[1:]))
+    run_config.exit_usage(run_config.stray_arguments(argv[1:]))
   console.setup(flags.FLAGS.verbosity)
   # Checked before the model loads (minutes for a 7B model), all in one message.
   problems = [p for p in (
-      configuration.path_problem("--image", _IMAGE.value),
-      configuration.model_problem("--model", _MODEL.value)) if p]
+      run_config.path_problem("--image", _IMAGE.value),
+      run_config.model_problem("--model", _MODEL.value)) if p]
   if problems:
-    configuration.exit_usage("\n".join(problems) + "\n(--model: a train checkpoint, a params "
+    run_config.exit_usage("\n".join(problems) + "\n(--model: a train checkpoint, a params "
                              "checkpoint of tools/import_hf.py or a Hugging Face directory)")
   print(single_question.answer_from_checkpoint(
       _MODEL.value, _IMAGE.value, _QUESTION.value, template=_TEMPLATE.value,

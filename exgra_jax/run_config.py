@@ -24,6 +24,7 @@ from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
+from exgra_jax import run_paths
 from exgra_jax.models import config as model_config
 
 # The allowed values of the choice settings, each asked of the module that owns it where
@@ -264,10 +265,10 @@ def path_problem(flag: str, path: str | None, kind: str = "file",
 
 
 def model_problem(flag: str, path: str | None) -> str | None:
-  """`path_problem` for a model to load (any kind `weights.checkpoints.load` reads), plus
+  """`path_problem` for a model to load (any kind `weights.loading.load` reads), plus
   an existing folder that holds no checkpoint: said in one line before anything loads."""
-  from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top (heavy: orbax)
-  return path_problem(flag, path, "any") or checkpoints.not_a_checkpoint(path)
+  from exgra_jax.weights import loading  # pylint: disable=g-import-not-at-top (heavy: orbax)
+  return path_problem(flag, path, "any") or loading.not_a_checkpoint(path)
 
 
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -422,7 +423,6 @@ def path_problems(config: ml_collections.ConfigDict, mode: str) -> list[str]:
   image folder and candidates; every mode: the tokenizer. A missing `data.root` is one
   problem (the paths relative to it are not listed again).
   """
-  from exgra_jax.data import pipeline  # pylint: disable=g-import-not-at-top (heavy: grain)
   root = config.data.root
   root_missing = bool(root) and not epath.Path(root).is_dir()
   out = [f"data.root={root!r} is not a directory"] if root_missing else []
@@ -434,13 +434,13 @@ def path_problems(config: ml_collections.ConfigDict, mode: str) -> list[str]:
     value = _get(config, setting)
     if not value or (under_root and root_missing and not epath.Path(value).is_absolute()):
       return
-    needed[setting] = (pipeline.resolve_path(root, value) if under_root
+    needed[setting] = (run_paths.resolve_path(root, value) if under_root
                        else epath.Path(value), kind)
 
   if mode == "train":
     for name in (n for n in config.stages if n in STAGE_NAMES):
       need(f"{name}.records")
-      if not pipeline.resolve_path(root, config[name].records).is_dir():
+      if not run_paths.resolve_path(root, config[name].records).is_dir():
         need(f"{name}.image_root", "dir")  # (a folder of ArrayRecord shards holds its images)
       for key in ("subset_ids", "val_records", "test_records", "candidates"):
         need(f"{name}.{key}", "file")

@@ -4,7 +4,7 @@ r"""Serve a model over an OpenAI-compatible HTTP API, with a chat page at `/`.
         [--host=127.0.0.1] [--port=8000] [--image_root=DIR] [--max_batch=16] [--decode_steps=1] \
         [--max_context=N]
 
-`--model` is anything `weights.checkpoints.load` reads (train checkpoint, params-only
+`--model` is anything `weights.loading.load` reads (train checkpoint, params-only
 checkpoint, Hugging Face directory). Binds to 127.0.0.1 unless `--host` says otherwise:
 the server has no authentication. Concurrent requests share every decode step (up to
 `--max_batch`; a new request joins at the next step), and `stream: true` sends each piece
@@ -19,8 +19,8 @@ import sys
 from absl import app
 from absl import flags
 
-from exgra_jax import configuration, console
-from exgra_jax.eval import prompts
+from exgra_jax import console, run_config
+from exgra_jax.inference import prompts
 from exgra_jax.serving import engine as engine_lib
 from exgra_jax.serving import http_api
 from exgra_jax.serving.requests import Limits
@@ -74,11 +74,11 @@ def bind_error(host: str, port: int, error: OSError) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    configuration.exit_usage(configuration.stray_arguments(argv[1:]))
+    run_config.exit_usage(run_config.stray_arguments(argv[1:]))
   console.setup(flags.FLAGS.verbosity)
-  problems = [p for p in (configuration.model_problem("--model", _MODEL.value),
+  problems = [p for p in (run_config.model_problem("--model", _MODEL.value),
                           bind_problem(_HOST.value, _PORT.value),
-                          _IMAGE_ROOT.value and configuration.path_problem(
+                          _IMAGE_ROOT.value and run_config.path_problem(
                               "--image_root", _IMAGE_ROOT.value, "dir"),
                           _MAX_BATCH.value < 1 and f"--max_batch={_MAX_BATCH.value} must be >= 1",
                           _DECODE_STEPS.value < 1
@@ -87,7 +87,7 @@ def main(argv):
                           and f"--max_context={_MAX_CONTEXT.value} must be >= 2")
               if p]
   if problems:
-    configuration.exit_usage("\n".join(problems))
+    run_config.exit_usage("\n".join(problems))
   served = engine_lib.load_model(_MODEL.value, tokenizer_dir=_TOKENIZER.value,
                                  clip_dir=_CLIP_DIR.value, name=_NAME.value,
                                  template=_TEMPLATE.value, default_max_tokens=_MAX_TOKENS.value,
@@ -107,7 +107,7 @@ def main(argv):
                              image_root=_IMAGE_ROOT.value)
   except OSError as e:  # taken while the model loaded
     engine.close()
-    configuration.exit_usage(bind_error(_HOST.value, _PORT.value, e))
+    run_config.exit_usage(bind_error(_HOST.value, _PORT.value, e))
   host, port = server.server_address[:2]
   print(f"serving {served.name} on http://{host}:{port}/ (OpenAI API at /v1)", flush=True)
   try:

@@ -13,8 +13,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs import base, demo  # noqa: E402
 from exgra_jax.align import loss  # noqa: E402
-from exgra_jax.train import (alignment_sharding, checkpointing, loop, memory_plan,  # noqa: E402
-                             mesh as mesh_lib, sharded_state, sharding)
+from exgra_jax.train import (alignment_sharding, loop, memory_plan,  # noqa: E402
+                             mesh as mesh_lib, sharded_state, sharding, stage_checkpoints)
 
 WIDTH = 16
 
@@ -71,7 +71,7 @@ def step_program(grouping: str, group_size: int) -> dict:
   batch = memory_plan.abstract_batch(config, 32, 72, mesh, align=True)
   fn = sharded_state.jit_train_step(stage.step_fn, stage.shardings, mesh,
                                     config.logical_axis_rules, batch)
-  lowered = fn.lower(checkpointing.abstract_with_shardings(stage.abstract_state,
+  lowered = fn.lower(stage_checkpoints.abstract_with_shardings(stage.abstract_state,
                                                            stage.shardings), batch)
   hlo = lowered.compile().as_text()
   return {"grouping": grouping, "group_size": group_size,

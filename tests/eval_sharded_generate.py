@@ -8,7 +8,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 import jax  # noqa: E402  (the flag must be set before jax starts)
 import numpy as np  # noqa: E402
 
-from exgra_jax.eval import generate as gen  # noqa: E402
+from exgra_jax.inference import generate as gen  # noqa: E402
 from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig  # noqa: E402
 from exgra_jax.models.llava import LlavaModel  # noqa: E402
 

@@ -16,7 +16,7 @@ from flax import traverse_util  # noqa: E402
 from configs import base  # noqa: E402
 from exgra_jax.hf import exporter, importer  # noqa: E402
 from exgra_jax.train import mesh as mesh_lib  # noqa: E402
-from exgra_jax.weights import checkpoints  # noqa: E402
+from exgra_jax.weights import loading  # noqa: E402
 
 LEAVES = {"q_proj": ("llm", "layers", "self_attn", "q_proj", "kernel"),
           "embed": ("llm", "embed_tokens", "embedding"), "lm_head": ("llm", "lm_head", "kernel"),
@@ -45,9 +45,9 @@ def main(hf_dir: str, workdir: str) -> None:
   reference = importer.import_model(hf_dir, overrides=scanned)
   sharded = importer.import_model(hf_dir, overrides=scanned, mesh=mesh, rules=rules)
   params_dir = os.path.join(workdir, "params")
-  checkpoints.save_params(params_dir, sharded.params, sharded.model_config,
+  loading.save_params(params_dir, sharded.params, sharded.model_config,
                                tokenizer_dir=sharded.tokenizer_dir)
-  reloaded = checkpoints.load(params_dir, mesh=mesh, rules=rules)
+  reloaded = loading.load(params_dir, mesh=mesh, rules=rules)
   out = os.path.join(workdir, "export")
   exporter.export(sharded.params, sharded.model_config, out,
                   tokenizer_dir=sharded.tokenizer_dir)

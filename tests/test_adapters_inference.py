@@ -10,11 +10,11 @@ import numpy as np
 from flax import linen as nn
 
 from configs import model_presets
-from exgra_jax.eval import generate, prompts, single_question
+from exgra_jax.inference import generate, prompts, single_question
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import init_boxed_params
 from exgra_jax.train import memory_plan
-from exgra_jax.weights import checkpoints
+from exgra_jax.weights import loading
 
 
 def _answers(model_dir: str, world: str, records: list[dict], quantize: str) -> list[str]:
@@ -39,7 +39,7 @@ def test_int8_answers_the_demo_questions_close_to_full_precision(demo_world, tmp
   params = nn.unbox(jax.jit(lambda: init_boxed_params(
       LlavaConfig.from_config(model_config), jax.random.key(0)))())
   model_dir = str(tmp_path / "model")
-  checkpoints.save_params(model_dir, params, model_config,
+  loading.save_params(model_dir, params, model_config,
                           tokenizer_dir=os.path.join(demo_world, "tokenizer"))
   with open(os.path.join(demo_world, "vqa", "test_w_options_new.json")) as f:
     records = json.load(f)

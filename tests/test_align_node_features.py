@@ -34,7 +34,7 @@ from exgra_jax.hf.placement import typed_config
 from exgra_jax.models.config import LlmConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import step
-from exgra_jax.weights import checkpoints
+from exgra_jax.weights import loading
 
 TOL = 1e-5
 MAX_LENGTH = 96
@@ -180,8 +180,8 @@ def llava(tmp_path_factory, tok_dir, tok):
       cfg, tok.convert_tokens_to_ids(text.IM_PATCH), initializer_range=0.2)).eval()
   model.save_pretrained(root / "hf")
   transformers.AutoTokenizer.from_pretrained(tok_dir).save_pretrained(root / "hf")
-  loaded = checkpoints.load(str(root / "hf"))
-  checkpoints.save_params(str(root / "params"), loaded.params, loaded.model_config,
+  loaded = loading.load(str(root / "hf"))
+  loading.save_params(str(root / "params"), loaded.params, loaded.model_config,
                                tokenizer_dir=loaded.tokenizer_dir)
   return str(root / "hf"), str(root / "params"), model, loaded
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from exgra_jax import configuration
+from exgra_jax import run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -66,7 +66,7 @@ def test_a_url_workdir_is_refused_before_anything_is_written():
   """os.path would turn gs://bucket/run into ./gs:/bucket/run on every host of a pod."""
   out = run_cli("-m", "exgra_jax.main", f"--config={DEMO}", "--workdir=gs://bucket/run")
   assert out.stderr == (f"error: --workdir=gs://bucket/run: this path "
-                        f"{configuration.LOCAL_ONLY}\n")
+                        f"{run_config.LOCAL_ONLY}\n")
   assert not os.path.exists(os.path.join(REPO, "gs:"))
 
 
@@ -78,7 +78,7 @@ _MODEL_TOOLS = [("-m", "exgra_jax.predict", "--image=x.png", "--question=q"),
 @pytest.mark.parametrize("tool", _MODEL_TOOLS)
 def test_a_url_model_is_refused_without_a_network_lookup(tool):
   out = run_cli(*tool, "--model=gs://bucket/model")
-  assert f"--model=gs://bucket/model: this path {configuration.LOCAL_ONLY}" in out.stderr
+  assert f"--model=gs://bucket/model: this path {run_config.LOCAL_ONLY}" in out.stderr
 
 
 @pytest.mark.parametrize("tool,flag", [*((tool, "--model") for tool in _MODEL_TOOLS),
@@ -114,17 +114,17 @@ def test_import_hf_on_an_empty_directory(tmp_path):
 
 def test_stages_take_a_comma_list_or_the_tuple_syntax():
   for value in ("stage1,stage2", "('stage1', 'stage2')"):
-    assert configuration.load(DEMO, [f"stages={value}"]).stages == ("stage1", "stage2")
-  assert configuration.load(DEMO, ["data.length_buckets=128,256"]).data.length_buckets == (
+    assert run_config.load(DEMO, [f"stages={value}"]).stages == ("stage1", "stage2")
+  assert run_config.load(DEMO, ["data.length_buckets=128,256"]).data.length_buckets == (
       128, 256)
-  assert configuration.load(DEMO, ["data.root=/a,b"]).data.root == "/a,b"  # not a tuple
+  assert run_config.load(DEMO, ["data.root=/a,b"]).data.root == "/a,b"  # not a tuple
 
 
 def test_a_group_is_not_a_setting():
-  base = configuration.load(DEMO)
+  base = run_config.load(DEMO)
   assert "is a group of settings; set one of them, e.g. --config.align." in (
-      configuration.key_problem(base, "align"))
-  assert configuration.key_problem(base, "align.num_neighbors") is None
+      run_config.key_problem(base, "align"))
+  assert run_config.key_problem(base, "align.num_neighbors") is None
 
 
 def test_stray_arguments_are_one_line_without_the_flag_help(tmp_path):

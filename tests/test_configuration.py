@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from exgra_jax import configuration
+from exgra_jax import run_config
 from exgra_jax.train import mesh as mesh_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(name: str, *overrides: str):
-  return configuration.load(os.path.join(REPO, "configs", name), overrides)
+  return run_config.load(os.path.join(REPO, "configs", name), overrides)
 
 
 @pytest.mark.parametrize("path", sorted(
@@ -22,13 +22,13 @@ def _cfg(name: str, *overrides: str):
     if os.path.basename(p) not in ("__init__.py", "base.py", "model_presets.py", "pmc.py",
                                    "vqa.py")))
 def test_every_recipe_loads_and_validates(path):
-  config = configuration.load(path)
+  config = run_config.load(path)
   real_data = {} if config.data.demo_world else {"data.root": "/data"}
   config.unlock()
   for key, value in real_data.items():
     config.data.root = value
   config.init.random = True
-  configuration.validate(config, num_devices=8)
+  run_config.validate(config, num_devices=8)
 
 
 def test_every_base_field_is_documented():
@@ -89,29 +89,29 @@ def test_command_line_errors_are_one_readable_line():
 ])
 def test_inconsistent_settings_explain_themselves(overrides, message):
   config = _cfg("demo.py", *overrides)
-  with pytest.raises(configuration.ConfigError, match=message.replace("(", r"\(")
+  with pytest.raises(run_config.ConfigError, match=message.replace("(", r"\(")
                      .replace(")", r"\)").replace("[", r"\[")):
-    configuration.validate(config, num_devices=8)
+    run_config.validate(config, num_devices=8)
 
 
 def test_every_problem_is_reported_at_once():
   config = _cfg("demo.py", "model.connector=sti2", "model.llm.num_kv_heads=3")
-  with pytest.raises(configuration.ConfigError) as err:
-    configuration.validate(config, num_devices=1)
+  with pytest.raises(run_config.ConfigError) as err:
+    run_config.validate(config, num_devices=1)
   assert "connector" in str(err.value) and "num_kv_heads" in str(err.value)
 
 
 def test_mesh_fills_one_axis():
   assert mesh_lib.mesh_shape(_cfg("pmc10.py").mesh, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
-  with pytest.raises(configuration.ConfigError, match="8 devices cannot fill mesh"):
-    configuration.validate(_cfg("pmc10.py", "mesh.tensor=3"), num_devices=8)
+  with pytest.raises(run_config.ConfigError, match="8 devices cannot fill mesh"):
+    run_config.validate(_cfg("pmc10.py", "mesh.tensor=3"), num_devices=8)
 
 
 def test_distributed_mode_checked():
-  with pytest.raises(configuration.ConfigError, match="coordinator_address"):
-    configuration.validate(_cfg("demo.py", "distributed.mode=explicit"))
-  with pytest.raises(configuration.ConfigError, match="distributed.mode"):
-    configuration.validate(_cfg("demo.py", "distributed.mode=slurm"))
+  with pytest.raises(run_config.ConfigError, match="coordinator_address"):
+    run_config.validate(_cfg("demo.py", "distributed.mode=explicit"))
+  with pytest.raises(run_config.ConfigError, match="distributed.mode"):
+    run_config.validate(_cfg("demo.py", "distributed.mode=slurm"))
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -130,12 +130,12 @@ def test_distributed_mode_checked():
     (("model.llm.num_layers=0",), "model.llm.num_layers=0 must be >= 1"),
 ])
 def test_values_out_of_range_are_named(overrides, message):
-  with pytest.raises(configuration.ConfigError, match=re.escape(message)):
-    configuration.validate(_cfg("demo.py", *overrides), num_devices=1)
+  with pytest.raises(run_config.ConfigError, match=re.escape(message)):
+    run_config.validate(_cfg("demo.py", *overrides), num_devices=1)
 
 
 def test_epochs_may_be_zero_with_max_steps():
-  configuration.validate(_cfg("demo.py", "stage2.epochs=0.0", "stage2.max_steps=3"),
+  run_config.validate(_cfg("demo.py", "stage2.epochs=0.0", "stage2.max_steps=3"),
                          num_devices=1)
 
 
@@ -172,15 +172,15 @@ def _real_data_config(root, *overrides: str):
 ])
 def test_missing_paths_are_named_with_their_setting(tmp_path, mode, remove, message):
   config = _real_data_config(tmp_path)
-  configuration.validate(config, mode=mode, check_paths=True)
+  run_config.validate(config, mode=mode, check_paths=True)
   target = tmp_path / remove
   if target.is_dir():
     target.rename(tmp_path / "moved_away")
   else:
     target.unlink()
-  with pytest.raises(configuration.ConfigError,
+  with pytest.raises(run_config.ConfigError,
                      match=re.escape(message.format(root=tmp_path))):
-    configuration.validate(config, mode=mode, check_paths=True)
+    run_config.validate(config, mode=mode, check_paths=True)
 
 
 def test_weights_and_tokenizer_urls_are_refused_without_touching_them(tmp_path):
@@ -188,21 +188,21 @@ def test_weights_and_tokenizer_urls_are_refused_without_touching_them(tmp_path):
   (not looked up: that would need the network, and its loaders would mangle it)."""
   config = _real_data_config(tmp_path, "init.llm_dir=gs://bucket/llama-7b",
                              "stage2.init_from=gs://bucket/run/checkpoints/stage1")
-  with pytest.raises(configuration.ConfigError) as err:
-    configuration.validate(config, check_paths=True)
+  with pytest.raises(run_config.ConfigError) as err:
+    run_config.validate(config, check_paths=True)
   problems = [line.removeprefix("  - ") for line in str(err.value).splitlines()[1:]]
   assert problems == [
-      f"init.llm_dir=gs://bucket/llama-7b: this path {configuration.LOCAL_ONLY}",
+      f"init.llm_dir=gs://bucket/llama-7b: this path {run_config.LOCAL_ONLY}",
       f"stage2.init_from=gs://bucket/run/checkpoints/stage1: this path "
-      f"{configuration.LOCAL_ONLY}"], problems
+      f"{run_config.LOCAL_ONLY}"], problems
 
 
 def test_missing_root_and_tokenizer_each_one_problem(tmp_path):
   config = _real_data_config(tmp_path, f"data.root={tmp_path / 'nowhere'}",
                              "data.tokenizer_dir=", "init.llm_dir=", "init.clip_dir=",
                              "init.random=True", "export.after_training=True")
-  with pytest.raises(configuration.ConfigError) as err:
-    configuration.validate(config, check_paths=True)
+  with pytest.raises(run_config.ConfigError) as err:
+    run_config.validate(config, check_paths=True)
   problems = str(err.value).splitlines()[1:]
   assert len(problems) == 3, problems
   assert "data.root=" in problems[0] and "is not a directory" in problems[0]

@@ -15,7 +15,7 @@ import os
 import pytest
 
 import data_fixtures
-from exgra_jax import configuration
+from exgra_jax import run_config
 from exgra_jax.align import costs, loss as align_loss
 from exgra_jax.data import records, text
 from exgra_jax.models import config as model_config
@@ -25,21 +25,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(*overrides: str):
-  return configuration.load(os.path.join(REPO, "configs", "demo.py:small"), overrides)
+  return run_config.load(os.path.join(REPO, "configs", "demo.py:small"), overrides)
 
 
 def _problems(config, num_devices=1) -> list[str]:
   try:
-    configuration.validate(config, num_devices=num_devices)
-  except configuration.ConfigError as e:
+    run_config.validate(config, num_devices=num_devices)
+  except run_config.ConfigError as e:
     return str(e).split("\n  - ")[1:]
   return []
 
 
 def test_choice_copies_equal_their_owners():
-  assert configuration.CHOICES["align.grouping"] == align_loss.GROUPINGS
-  assert configuration.CHOICES["align.imle_noise"] == costs.NOISE_KINDS
-  assert configuration.CHOICES["align.text_mode"] == text.ALIGNMENT_TEXT_MODES
+  assert run_config.CHOICES["align.grouping"] == align_loss.GROUPINGS
+  assert run_config.CHOICES["align.imle_noise"] == costs.NOISE_KINDS
+  assert run_config.CHOICES["align.text_mode"] == text.ALIGNMENT_TEXT_MODES
 
 
 MODEL_CASES = [

@@ -9,12 +9,12 @@ import flax.linen as nn
 import jax
 import pytest
 
-from exgra_jax import configuration
-from exgra_jax.eval import single_question
+from exgra_jax import run_config
+from exgra_jax.inference import single_question
 from exgra_jax.models.config import LlavaConfig
 from exgra_jax.models import llava
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.weights import checkpoints
+from exgra_jax.weights import loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,11 +23,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(demo_world, tmp_path_factory):
   """A workdir whose `checkpoints/finetune_best` holds random tiny weights + tokenizer."""
   workdir = tmp_path_factory.mktemp("eval_run")
-  config = configuration.load(os.path.join(REPO, "configs", "demo.py:small"),
+  config = run_config.load(os.path.join(REPO, "configs", "demo.py:small"),
                               [f"data.root={demo_world}"])
   model = LlavaModel(LlavaConfig.from_config(config.model))
   params = nn.unbox(llava.init_boxed_params(model.cfg, jax.random.key(0)))
-  checkpoints.save_params(str(workdir / "checkpoints" / "finetune_best"), params,
+  loading.save_params(str(workdir / "checkpoints" / "finetune_best"), params,
                                config.model.to_dict(),
                                tokenizer_dir=os.path.join(demo_world, "tokenizer"))
   return demo_world, workdir, model, params
@@ -82,8 +82,8 @@ def test_predict_cli_and_mode_predict_answer_a_dicom(run):
 def test_predict_refuses_a_checkpoint_without_tokenizer(run, tmp_path):
   demo_world, workdir, _, params = run
   bare = tmp_path / "bare"
-  config = configuration.load(os.path.join(REPO, "configs", "demo.py"), [])
-  checkpoints.save_params(str(bare), params, config.model.to_dict())
+  config = run_config.load(os.path.join(REPO, "configs", "demo.py"), [])
+  loading.save_params(str(bare), params, config.model.to_dict())
   cli = subprocess.run(
       [sys.executable, "-m", "exgra_jax.predict", f"--model={bare}",
        f"--image={os.path.join(demo_world, 'images', 'MR_small.dcm')}", "--question=What?"],

@@ -15,11 +15,11 @@ import torch
 import transformers
 
 from configs import base
-from exgra_jax import configuration
+from exgra_jax import run_config
 from exgra_jax.data import text
-from exgra_jax.eval import generate as gen
-from exgra_jax.eval import prompts as prompts_lib
-from exgra_jax.eval import single_question
+from exgra_jax.inference import generate as gen
+from exgra_jax.inference import prompts as prompts_lib
+from exgra_jax.inference import single_question
 from exgra_jax.hf import exporter
 from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig
 from exgra_jax.models import llava
@@ -129,7 +129,7 @@ def test_greedy_answers_equal_transformers_generate_on_our_export(demo_world, tm
   """Our tiny model, exported to a transformers LLaVA directory, decodes the same tokens
   with transformers' `generate` as with ours (demo tokenizer, a demo image)."""
   root = pathlib.Path(__file__).resolve().parents[1]
-  config = configuration.load(str(root / "configs" / "demo.py"), [])
+  config = run_config.load(str(root / "configs" / "demo.py"), [])
   cfg = LlavaConfig.from_config(config.model)
   model = LlavaModel(cfg)
   n = cfg.vision.num_patches

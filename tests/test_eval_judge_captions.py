@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from exgra_jax.eval import caption_extension, judge
-from exgra_jax.eval.chat_client import ChatClient, ChatError
+from exgra_jax.llm_clients import caption_extension, judge
+from exgra_jax.llm_clients.chat_client import ChatClient, ChatError
 from eval_chat_server import chat_server
 
 

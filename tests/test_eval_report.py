@@ -4,7 +4,10 @@ import json
 
 import pytest
 
-from exgra_jax.eval import answers, prompts, report
+from exgra_jax.eval import answers, report
+
+from exgra_jax.inference import prompts
+from exgra_jax.weights import loading
 
 
 def test_simple_prompt_is_the_release_conversation():
@@ -64,13 +67,13 @@ def test_report_records_protocol_and_writes_files(tmp_path):
 
 
 def test_report_refuses_incomplete_weights(tmp_path):
-  with pytest.raises(report.IncompleteWeights, match="2 parameters did not load"):
+  with pytest.raises(loading.IncompleteWeights, match="2 parameters did not load"):
     report.build_report(checkpoint=str(tmp_path), params_checksum="", data_files={},
                         template="simple",
                         decoding={}, metrics=_metrics(),
                         load_report={"missing": ["vision/a", "vision/b"]})
   with pytest.raises(ValueError, match="'missing' key"):
-    report.require_complete_weights({})
+    loading.require_complete_weights({})
 
 
 def test_answers_file_is_release_format_and_resumes(tmp_path):

@@ -9,10 +9,11 @@ import tokenizers
 import transformers
 
 from exgra_jax.data import images
-from exgra_jax.eval import (generate, prompts, report, single_question, vqa, vqa_metrics,
-                            zero_shot)
+from exgra_jax.eval import vqa, vqa_metrics, zero_shot
+from exgra_jax.inference import generate, prompts, single_question
 from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig
 from exgra_jax.models.llava import LlavaModel
+from exgra_jax.weights import loading
 
 CFG = LlavaConfig(
     vision=VisionConfig(image_size=28, patch_size=7, hidden_size=32, num_layers=1, num_heads=4,
@@ -99,7 +100,7 @@ def test_evaluate_writes_answers_metrics_report_and_resumes(loaded, tmp_path):
 def test_evaluate_refuses_incomplete_weights_before_generating(loaded, tmp_path):
   def never(item):
     raise AssertionError("must not generate")
-  with pytest.raises(report.IncompleteWeights):
+  with pytest.raises(loading.IncompleteWeights):
     _run(loaded, tmp_path, never, {"missing": ["vision/patch_embed"]})
   assert not (tmp_path / "out").exists()
 

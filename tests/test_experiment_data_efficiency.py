@@ -8,7 +8,7 @@ import sys
 import PIL.Image
 import pytest
 
-from exgra_jax.eval import data_efficiency as de
+from experiments.data_efficiency import analysis as de
 
 
 def _summaries(selection, open_recall, closed, hamming=None, lm_loss=1.5):
@@ -152,11 +152,11 @@ def test_scores_per_question_kind_by_hand():
 
 
 def test_the_long_arms_run_as_many_stage2_steps_on_a_tenth_of_the_data(tmp_path):
-  """tools/run_data_efficiency.py --dry_run: lm_long / align_long at 10 % get epochs / 0.1
+  """experiments/data_efficiency/run.py --dry_run: lm_long / align_long at 10 % get epochs / 0.1
   (the 100 % arms' steps), only at --long_fractions; the other arms keep the epochs."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run(
-      [sys.executable, "-m", "tools.run_data_efficiency", "--dry_run", "--seeds=0",
+      [sys.executable, "-m", "experiments.data_efficiency.run", "--dry_run", "--seeds=0",
        f"--workdir={tmp_path}", "--world_root=/nonexistent", "--stage2_epochs=0.5"],
       cwd=repo, capture_output=True, text=True, check=True, timeout=120,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))

@@ -13,7 +13,7 @@ import torch
 from flax import traverse_util
 
 import hf_fixtures as fx
-from exgra_jax.eval import report as eval_report
+from exgra_jax.weights import loading
 from exgra_jax.hf import hf_configs, importer
 from exgra_jax.hf.weights_io import UnsupportedWeightsError
 
@@ -59,8 +59,8 @@ def test_missing_tensor_is_named_raised_and_reported(dirs, tmp_path):
   assert imp.report["missing"] == [name]
   assert imp.report["initialised"] == ["llm/layers_1/mlp/up_proj/kernel"]
   assert imp.params["llm"]["layers_1"]["mlp"]["up_proj"]["kernel"].shape == (32, 48)
-  with pytest.raises(eval_report.IncompleteWeights):  # eval refuses such a model
-    eval_report.require_complete_weights(imp.report)
+  with pytest.raises(loading.IncompleteWeights):  # eval refuses such a model
+    loading.require_complete_weights(imp.report)
 
 
 def test_wrong_shape_names_the_tensor_and_both_shapes(dirs, tmp_path):

@@ -22,9 +22,9 @@ import pytest
 import torch
 import transformers
 
-from exgra_jax import configuration
+from exgra_jax import run_config
 from exgra_jax.data import images, text
-from exgra_jax.eval import prompts, single_question
+from exgra_jax.inference import prompts, single_question
 from exgra_jax.hf import exporter
 from exgra_jax.models import llava
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
@@ -51,7 +51,7 @@ def _steered_to_stop(llm: dict, tokenizer) -> dict:
 
 @pytest.fixture(scope="module")
 def export(demo_world, tmp_path_factory):
-  config = configuration.load(os.path.join(REPO, "configs", "demo.py:small"),
+  config = run_config.load(os.path.join(REPO, "configs", "demo.py:small"),
                               [f"data.root={demo_world}"])
   cfg = LlavaConfig.from_config(config.model)
   params = nn.unbox(llava.init_boxed_params(cfg, jax.random.key(3)))
@@ -122,7 +122,7 @@ def _kind(path: str):
 @pytest.fixture(scope="module")
 def random_export(demo_world, tmp_path_factory):
   """(export directory, {kind: first image of that kind}) of a random, unsteered model."""
-  config = configuration.load(os.path.join(REPO, "configs", "demo.py:small"),
+  config = run_config.load(os.path.join(REPO, "configs", "demo.py:small"),
                               [f"data.root={demo_world}"])
   params = nn.unbox(llava.init_boxed_params(LlavaConfig.from_config(config.model),
                                             jax.random.key(5)))

@@ -17,12 +17,12 @@ import transformers
 import hf_fixtures as fx
 from configs import base
 from exgra_jax.data import text
-from exgra_jax.eval import generate, single_question
+from exgra_jax.inference import generate, single_question
 from exgra_jax.hf import hf_configs, importer
 from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import loop
-from exgra_jax.weights import checkpoints
+from exgra_jax.weights import loading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
@@ -132,7 +132,7 @@ def test_a_run_in_another_style_is_refused(llava_hf, tmp_path):
   _, _, directory, _ = llava_hf
   params_dir = str(tmp_path / "params")
   imp = importer.import_model(directory)
-  checkpoints.save_params(params_dir, imp.params, imp.model_config,
+  loading.save_params(params_dir, imp.params, imp.model_config,
                           tokenizer_dir=imp.tokenizer_dir)
   config = base.get_config()
   config.init.hf_dir = directory  # the tokenizer

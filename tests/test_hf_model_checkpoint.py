@@ -1,6 +1,6 @@
 """`weights/checkpoints`: params from a train checkpoint (no optimizer structure needed,
 `gnn` dropped), a stage directory (newest step), a params-only checkpoint and an HF
-directory, with the missing / unexpected report; `checkpoints.export_from_workdir`."""
+directory, with the missing / unexpected report; `loading.export_from_workdir`."""
 import os
 import shutil
 import subprocess
@@ -16,9 +16,9 @@ import pytest
 import hf_fixtures as fx
 from configs import base
 from exgra_jax.hf import exporter, importer
-from exgra_jax.train.checkpointing import StageCheckpointer
+from exgra_jax.train.stage_checkpoints import StageCheckpointer
 from exgra_jax.train.state import create_train_state
-from exgra_jax.weights import checkpoints, inspection
+from exgra_jax.weights import inspection, loading
 from exgra_jax.weights.checksum import parameter_checksum
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,13 +48,13 @@ def test_train_checkpoint_and_stage_directory(hf, tmp_path):
   stage_dir = str(tmp_path / "checkpoints" / "stage2")
   _write_stage(stage_dir, {3: imp.params, 7: later}, imp.model_config.to_dict())
 
-  step = checkpoints.load(os.path.join(stage_dir, "3"))
-  assert step.kind == checkpoints.TRAIN_STEP and step.tokenizer_dir is None
+  step = loading.load(os.path.join(stage_dir, "3"))
+  assert step.kind == loading.TRAIN_STEP and step.tokenizer_dir is None
   assert step.report == {"missing": [], "unexpected": [], "initialised": []}
   assert "gnn" not in step.params and step.model_config == imp.model_config
   fx.assert_same_params(step.params, imp.params)
 
-  newest = checkpoints.load(stage_dir, tokenizer_dir=imp.tokenizer_dir)
+  newest = loading.load(stage_dir, tokenizer_dir=imp.tokenizer_dir)
   assert newest.path == os.path.join(stage_dir, "7") and newest.tokenizer_dir == imp.tokenizer_dir
   fx.assert_same_params(newest.params, later)
 
@@ -67,8 +67,8 @@ def test_missing_and_unexpected_parameters(hf, tmp_path):
   stage_dir = str(tmp_path / "stage1")
   _write_stage(stage_dir, {1: params}, imp.model_config.to_dict())
   with pytest.raises(importer.MissingTensorsError, match="projector/linear_1/bias"):
-    checkpoints.load(stage_dir)
-  loaded = checkpoints.load(stage_dir, allow_missing=True)
+    loading.load(stage_dir)
+  loaded = loading.load(stage_dir, allow_missing=True)
   assert loaded.report == {"missing": ["projector/linear_1/bias"],
                            "unexpected": ["llm/extra/scale"],
                            "initialised": ["projector/linear_1/bias"]}
@@ -79,24 +79,24 @@ def test_missing_and_unexpected_parameters(hf, tmp_path):
 def test_params_checkpoint_round_trip_and_replacement(hf, tmp_path):
   directory, imp = hf
   out = str(tmp_path / "params")
-  checkpoints.save_params(out, dict(imp.params, gnn={"w": jnp.ones(2)}), imp.model_config,
+  loading.save_params(out, dict(imp.params, gnn={"w": jnp.ones(2)}), imp.model_config,
                                tokenizer_dir=imp.tokenizer_dir)
-  loaded = checkpoints.load(out)
-  assert loaded.kind == checkpoints.PARAMS and loaded.model_config == imp.model_config
-  assert loaded.tokenizer_dir == os.path.join(out, checkpoints.TOKENIZER_SUBDIR)
+  loaded = loading.load(out)
+  assert loaded.kind == loading.PARAMS and loaded.model_config == imp.model_config
+  assert loaded.tokenizer_dir == os.path.join(out, loading.TOKENIZER_SUBDIR)
   assert loaded.report["missing"] == loaded.report["unexpected"] == []
   fx.assert_same_params(loaded.params, imp.params)
 
   later = jax.tree.map(lambda x: x * 2, imp.params)
-  checkpoints.save_params(out, later, imp.model_config.to_dict())  # replaces it whole
-  fx.assert_same_params(checkpoints.load(out).params, later)
+  loading.save_params(out, later, imp.model_config.to_dict())  # replaces it whole
+  fx.assert_same_params(loading.load(out).params, later)
   assert sorted(os.listdir(tmp_path)) == ["params"]
 
-  from_hf = checkpoints.load(directory)
-  assert from_hf.kind == checkpoints.HF and from_hf.tokenizer_dir == directory
+  from_hf = loading.load(directory)
+  assert from_hf.kind == loading.HF and from_hf.tokenizer_dir == directory
   fx.assert_same_params(from_hf.params, imp.params)
   with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
-    checkpoints.load(str(tmp_path))
+    loading.load(str(tmp_path))
 
 
 def test_export_from_workdir(hf, tmp_path):
@@ -111,7 +111,7 @@ def test_export_from_workdir(hf, tmp_path):
   workdir = tmp_path / "run"
   _write_stage(str(workdir / "checkpoints" / "finetune"), {4: imp.params},
                imp.model_config.to_dict())
-  result = checkpoints.export_from_workdir(config, workdir)
+  result = loading.export_from_workdir(config, workdir)
   assert result["out_dir"] == str(workdir / "export" / "llava") and result["layout"] == "llava"
   again = importer.import_model(result["out_dir"])
   fx.assert_same_params(again.params, imp.params)
@@ -125,13 +125,13 @@ def test_one_checksum_for_every_checkpoint_kind(hf, tmp_path):
   stage_dir = str(tmp_path / "checkpoints" / "stage2")
   _write_stage(stage_dir, {5: imp.params}, imp.model_config.to_dict())  # with a gnn
   best = str(tmp_path / "checkpoints" / "finetune_best")
-  checkpoints.save_params(best, imp.params, imp.model_config, tokenizer_dir=imp.tokenizer_dir)
+  loading.save_params(best, imp.params, imp.model_config, tokenizer_dir=imp.tokenizer_dir)
   step_info = inspection.read_checkpoint(stage_dir)
-  assert step_info["kind"] == checkpoints.STAGE and step_info["path"].endswith("stage2/5")
+  assert step_info["kind"] == loading.STAGE and step_info["path"].endswith("stage2/5")
   best_info = inspection.read_checkpoint(best)
-  assert (best_info["kind"], best_info["step"]) == (checkpoints.PARAMS, None)
+  assert (best_info["kind"], best_info["step"]) == (loading.PARAMS, None)
   assert step_info["checksum"] == best_info["checksum"] == expected
-  assert parameter_checksum(checkpoints.load(best).params) == expected
+  assert parameter_checksum(loading.load(best).params) == expected
   out = subprocess.run([sys.executable, "tools/inspect_checkpoint.py", f"--checkpoint={best}"],
                        capture_output=True, text=True, cwd=ROOT, check=True,
                        env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
@@ -151,7 +151,7 @@ def test_export_tool_finds_the_run_tokenizer(hf, tmp_path, monkeypatch):
   _write_stage(str(stage_dir), {2: imp.params}, imp.model_config.to_dict())
   (workdir / "config.json").write_text(config.to_json_best_effort())
   monkeypatch.chdir(tmp_path)
-  assert checkpoints.load(str(stage_dir)).tokenizer_dir == "data/tokenizer"
+  assert loading.load(str(stage_dir)).tokenizer_dir == "data/tokenizer"
   out = tmp_path / "export"
   subprocess.run([sys.executable, os.path.join(ROOT, "tools/export_hf.py"),
                   f"--checkpoint={stage_dir}", f"--out={out}"], capture_output=True,

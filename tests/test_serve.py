@@ -19,9 +19,10 @@ import jax
 import PIL.Image
 import pytest
 
-from exgra_jax import configuration
+from exgra_jax import run_config
 from exgra_jax.data.records import Turn
-from exgra_jax.eval import chat_client, judge, prompts, single_question
+from exgra_jax.llm_clients import chat_client, judge
+from exgra_jax.inference import prompts, single_question
 from exgra_jax.hf import exporter
 from exgra_jax.models import llava
 from exgra_jax.models.config import LlavaConfig
@@ -29,7 +30,7 @@ from exgra_jax.models.llava import LlavaModel
 from exgra_jax.serving import engine as engine_lib
 from exgra_jax.serving import http_api, slots
 from exgra_jax.serving.requests import Conversation, Limits
-from exgra_jax.weights import checkpoints
+from exgra_jax.weights import loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_TOKENS = 8
@@ -38,11 +39,11 @@ MAX_TOKENS = 8
 @pytest.fixture(scope="module")
 def model_dir(demo_world, tmp_path_factory) -> str:
   """A params checkpoint of a tiny random model with the demo tokenizer."""
-  config = configuration.load(os.path.join(REPO, "configs", "demo.py"), [])
+  config = run_config.load(os.path.join(REPO, "configs", "demo.py"), [])
   model = LlavaModel(LlavaConfig.from_config(config.model))
   params = nn.unbox(llava.init_boxed_params(model.cfg, jax.random.key(0)))
   directory = str(tmp_path_factory.mktemp("serve") / "tiny")
-  checkpoints.save_params(directory, params, config.model.to_dict(),
+  loading.save_params(directory, params, config.model.to_dict(),
                           tokenizer_dir=os.path.join(demo_world, "tokenizer"))
   return directory
 
@@ -455,7 +456,7 @@ def test_serve_command_line(model_dir, demo_world):
 def test_serves_a_hugging_face_export_like_its_checkpoint(server, model_dir, demo_world,
                                                           tmp_path):
   base, _, _ = server
-  loaded = checkpoints.load(model_dir)
+  loaded = loading.load(model_dir)
   exporter.export(loaded.params, loaded.model_config, str(tmp_path / "hf"),
                   tokenizer_dir=loaded.tokenizer_dir)
   served = engine_lib.load_model(str(tmp_path / "hf"), template="train")

@@ -15,7 +15,7 @@ import pytest
 
 import data_fixtures
 from exgra_jax.data import demo_tokenizer
-from exgra_jax.eval import generate
+from exgra_jax.inference import generate
 from exgra_jax.serving.answer import AnswerText
 
 _TEXTS = ["the scan shows a lung, left side", "yes\n###", "no ### Human:", "Assistant: 3 µm",

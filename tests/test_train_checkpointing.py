@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from exgra_jax.train import checkpointing, state
+from exgra_jax.train import stage_checkpoints, state
 
 
 def _delete_state_metadata(step_dir: str) -> None:
@@ -39,18 +39,18 @@ def _state(step: int) -> state.TrainState:
       step=jnp.asarray(step, jnp.int32))
 
 
-def _saved(directory: str, steps=(2, 4, 6)) -> checkpointing.StageCheckpointer:
-  ckpt = checkpointing.StageCheckpointer(directory, every=2, keep=5, async_save=False)
+def _saved(directory: str, steps=(2, 4, 6)) -> stage_checkpoints.StageCheckpointer:
+  ckpt = stage_checkpoints.StageCheckpointer(directory, every=2, keep=5, async_save=False)
   for s in steps:
     ckpt.save(s, _state(s), {"position": s}, {"name": "tiny"}, validation={"best_step": s})
   ckpt.wait()
   ckpt.close()
-  return checkpointing.StageCheckpointer(directory, every=2, keep=5, async_save=False)
+  return stage_checkpoints.StageCheckpointer(directory, every=2, keep=5, async_save=False)
 
 
 def _abstract():
   st = _state(0)
-  return checkpointing.abstract_with_shardings(st, jax.tree.map(lambda x: x.sharding, st))
+  return stage_checkpoints.abstract_with_shardings(st, jax.tree.map(lambda x: x.sharding, st))
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS)
@@ -59,7 +59,7 @@ def test_damaged_newest_step_is_moved_aside_and_an_older_one_restores(tmp_path, 
   directory = str(tmp_path / "stage2")
   _saved(directory).close()
   corrupt(os.path.join(directory, "6"))
-  ckpt = checkpointing.StageCheckpointer(directory, every=2, keep=5, async_save=False)
+  ckpt = stage_checkpoints.StageCheckpointer(directory, every=2, keep=5, async_save=False)
   restored = ckpt.restore_newest(_abstract())
   assert restored.step == 4 and int(restored.state.step) == 4
   assert restored.data == {"position": 4} and restored.model_config == {"name": "tiny"}
@@ -81,8 +81,8 @@ def test_no_step_restores_is_one_error_naming_the_directory(tmp_path):
   _saved(directory, steps=(2, 4)).close()
   for step, corrupt in zip((2, 4), CORRUPTIONS[1:]):
     corrupt(os.path.join(directory, str(step)))
-  ckpt = checkpointing.StageCheckpointer(directory, every=2, keep=5, async_save=False)
-  with pytest.raises(checkpointing.NoRestorableCheckpoint,
+  ckpt = stage_checkpoints.StageCheckpointer(directory, every=2, keep=5, async_save=False)
+  with pytest.raises(stage_checkpoints.NoRestorableCheckpoint,
                      match=rf"(?s)no checkpoint in {directory} can be restored.*"
                            rf"{directory}/4: UnicodeDecodeError.*{directory}/2: "):
     ckpt.restore_newest(_abstract())
@@ -92,7 +92,7 @@ def test_no_step_restores_is_one_error_naming_the_directory(tmp_path):
 
 
 def test_no_checkpoint_is_none(tmp_path):
-  ckpt = checkpointing.StageCheckpointer(str(tmp_path / "s"), every=1, keep=1,
+  ckpt = stage_checkpoints.StageCheckpointer(str(tmp_path / "s"), every=1, keep=1,
                                          async_save=False)
   assert ckpt.restore_newest(_abstract()) is None
   ckpt.close()

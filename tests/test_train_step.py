@@ -14,7 +14,7 @@ import pytest
 from configs import base
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.train import checkpointing, mesh as mesh_lib, optimizer, sharding, state, step
+from exgra_jax.train import mesh as mesh_lib, optimizer, sharding, stage_checkpoints, state, step
 from exgra_jax.weights import inspection
 from exgra_jax.weights.checksum import parameter_checksum
 
@@ -269,14 +269,14 @@ def test_checkpoint_round_trip_keeps_newest(setup, tmp_path):
   tx, _ = optimizer.build_optimizer(params, config.optim, _stage("all_but_vision"), 10)
   st = state.create_train_state(params, tx, 3)
   mesh = mesh_lib.build_mesh(config.mesh)
-  ckpt = checkpointing.StageCheckpointer(str(tmp_path), every=2, keep=2, async_save=True)
+  ckpt = stage_checkpoints.StageCheckpointer(str(tmp_path), every=2, keep=2, async_save=True)
   for s in range(1, 6):
     ckpt.save(s, st.replace(step=jnp.asarray(s, jnp.int32)), {"position": s},
               config.model.to_dict())
   ckpt.wait()
   assert ckpt.latest_step() == 4
   assert ckpt.manager.all_steps() == [2, 4]
-  abstract = checkpointing.abstract_with_shardings(
+  abstract = stage_checkpoints.abstract_with_shardings(
       st, jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), st))
   restored, data, model_config = ckpt.restore(4, abstract)
   ckpt.close()
@@ -291,7 +291,7 @@ def test_inspect_checkpoint_reports_step_shapes_and_checksum(setup, tmp_path):
   params = {k: v for k, v in params.items() if k != "gnn"}
   tx, _ = optimizer.build_optimizer(params, config.optim, _stage("all_but_vision"), 10)
   st = state.create_train_state(params, tx, 0).replace(step=jnp.asarray(7, jnp.int32))
-  ckpt = checkpointing.StageCheckpointer(str(tmp_path), every=1, keep=1, async_save=False)
+  ckpt = stage_checkpoints.StageCheckpointer(str(tmp_path), every=1, keep=1, async_save=False)
   ckpt.save(7, st, {}, config.model.to_dict())
   ckpt.close()
   info = inspection.read_checkpoint(str(tmp_path / "7"))
@@ -314,7 +314,7 @@ def test_inspect_checkpoint_reports_step_shapes_and_checksum(setup, tmp_path):
 
 def test_sigterm_sets_the_preemption_flag_instead_of_killing():
   import signal
-  flag = checkpointing.PreemptionFlag()
+  flag = stage_checkpoints.PreemptionFlag()
   try:
     assert not flag.requested
     os.kill(os.getpid(), signal.SIGTERM)
@@ -336,12 +336,12 @@ def test_resume_from_checkpoint_is_bit_exact(setup, tmp_path):
   resumed = state.create_train_state(params, tx, 0)
   for _ in range(6):
     resumed, _ = train_step(resumed, batch)
-  ckpt = checkpointing.StageCheckpointer(str(tmp_path), every=1, keep=1, async_save=True)
+  ckpt = stage_checkpoints.StageCheckpointer(str(tmp_path), every=1, keep=1, async_save=True)
   ckpt.save(6, resumed, {"consumed": 24}, config.model.to_dict())
   ckpt.wait()
   fresh = state.create_train_state(params, tx, 0)
   mesh = mesh_lib.build_mesh(config.mesh)
-  abstract = checkpointing.abstract_with_shardings(
+  abstract = stage_checkpoints.abstract_with_shardings(
       fresh, jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), fresh))
   resumed, data, _ = ckpt.restore(ckpt.latest_step(), abstract)
   ckpt.close()

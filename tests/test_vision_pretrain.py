@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from exgra_jax import configuration
+from exgra_jax import run_config
 from exgra_jax.models import llava
 from exgra_jax.models.config import LlavaConfig
 from exgra_jax.train import vision_pretrain
-from exgra_jax.weights import checkpoints
+from exgra_jax.weights import loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def test_loss_counts_identical_captions_as_positives():
 
 
 def test_pretraining_learns_and_fits_the_model(demo_world):
-  config = configuration.load(os.path.join(REPO, "configs", "demo.py:small"),
+  config = run_config.load(os.path.join(REPO, "configs", "demo.py:small"),
                               [f"data.root={demo_world}", "vision_pretrain.steps=40",
                                "vision_pretrain.global_batch=32", "train.log_every=10"])
   vision, summary = vision_pretrain.pretrain(config)
@@ -57,19 +57,19 @@ def test_stage1_starts_from_the_pretrained_tower_and_keeps_it_frozen(demo_world,
   assert out.returncode == 0, out.stderr[-3000:]
   pretrained = workdir / "checkpoints" / "vision_pretrain"
   assert f"stage stage1 starts from {pretrained}" in out.stderr
-  before = checkpoints.load(str(pretrained)).params
-  after = checkpoints.load(str(workdir / "checkpoints" / "stage1")).params
+  before = loading.load(str(pretrained)).params
+  after = loading.load(str(workdir / "checkpoints" / "stage1")).params
   for a, b in zip(jax.tree_util.tree_leaves(before["vision"]),
                   jax.tree_util.tree_leaves(after["vision"])):
     np.testing.assert_array_equal(a, b)
 
 
 def test_only_a_random_start_is_pretrained():
-  config = configuration.load(os.path.join(REPO, "configs", "demo.py"),
+  config = run_config.load(os.path.join(REPO, "configs", "demo.py"),
                               ["init.random=False", "init.hf_dir=/weights/llava"])
-  with pytest.raises(configuration.ConfigError, match="vision_pretrain.steps > 0 pre-trains"):
-    configuration.validate(config, num_devices=1)
-  config = configuration.load(os.path.join(REPO, "configs", "demo.py"),
+  with pytest.raises(run_config.ConfigError, match="vision_pretrain.steps > 0 pre-trains"):
+    run_config.validate(config, num_devices=1)
+  config = run_config.load(os.path.join(REPO, "configs", "demo.py"),
                               ["init.random=False", "init.hf_dir=/weights/llava",
                                "vision_pretrain.steps=0"])
-  configuration.validate(config, num_devices=1)
+  run_config.validate(config, num_devices=1)

@@ -22,8 +22,8 @@ import numpy as np  # noqa: E402
 from configs import base  # noqa: E402
 from exgra_jax.models.config import LlavaConfig, num_image_tokens  # noqa: E402
 from exgra_jax.models.llava import LlavaModel  # noqa: E402
-from exgra_jax.train import (checkpointing, distributed, mesh as mesh_lib, optimizer,  # noqa: E402
-                             sharded_state, sharding, step)
+from exgra_jax.train import (distributed, mesh as mesh_lib, optimizer,  # noqa: E402
+                             sharded_state, sharding, stage_checkpoints, step)
 
 
 def build(config):
@@ -68,7 +68,7 @@ def train(config, sizes, devices, model, batch, init, tx, schedule):
 
 
 def save(workdir, state, config):
-  ckpt = checkpointing.StageCheckpointer(workdir, every=1, keep=1, async_save=False)
+  ckpt = stage_checkpoints.StageCheckpointer(workdir, every=1, keep=1, async_save=False)
   ckpt.save(2, state, {}, config.model.to_dict())
   ckpt.wait()
   return ckpt
@@ -84,7 +84,7 @@ def single(workdir: str) -> None:
   mesh1 = mesh_lib.build_mesh(config.mesh, jax.devices()[:1])
   _, _, init, tx, _ = parts
   abstract, shardings1 = sharded_state.state_shardings(init, tx, mesh1, config.logical_axis_rules)
-  restored, _, _ = ckpt.restore(2, checkpointing.abstract_with_shardings(abstract, shardings1))
+  restored, _, _ = ckpt.restore(2, stage_checkpoints.abstract_with_shardings(abstract, shardings1))
   ckpt.close()
   max_diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                  for a, b in zip(jax.tree_util.tree_leaves(restored.params),

@@ -9,14 +9,14 @@ tokenizer), or an HF directory. `llava` loads in transformers' LlavaForCondition
 custom code (connector none / sci, projector mlp2x_gelu); `release` is the LLaVA-Med
 layout and holds every connector. A LoRA train checkpoint exports with its adapters
 merged; `--adapter_only` writes them as a PEFT adapter (for `peft.PeftModel` over the
-export of the base) instead. See docs/hf.md. Logic: exgra_jax/weights/checkpoints.py,
+export of the base) instead. See docs/hf.md. Logic: exgra_jax/weights/loading.py,
 exgra_jax/hf/exporter.py and exgra_jax/hf/peft_adapter.py.
 """
 import json
 
 from absl import app, flags
 
-from exgra_jax import configuration, console
+from exgra_jax import console, run_config
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint to export", required=True)
 _OUT = flags.DEFINE_string("out", None, "HF directory to write (replaced whole)", required=True)
@@ -35,31 +35,31 @@ def main(argv):
   console.setup(flags.FLAGS.verbosity)
   from exgra_jax.hf import exporter, importer, peft_adapter  # pylint: disable=g-import-not-at-top
   from exgra_jax.models import adapters  # pylint: disable=g-import-not-at-top
-  from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top
+  from exgra_jax.weights import loading  # pylint: disable=g-import-not-at-top
   problems = [p for p in (
-      configuration.model_problem("--checkpoint", _CHECKPOINT.value),
-      configuration.url_problem("--out", _OUT.value),
-      _TOKENIZER.value and configuration.path_problem("--tokenizer", _TOKENIZER.value, "dir"))
+      run_config.model_problem("--checkpoint", _CHECKPOINT.value),
+      run_config.url_problem("--out", _OUT.value),
+      _TOKENIZER.value and run_config.path_problem("--tokenizer", _TOKENIZER.value, "dir"))
       if p]
   if problems:
-    configuration.exit_usage("\n".join(problems))
+    run_config.exit_usage("\n".join(problems))
   try:
-    loaded = checkpoints.load(_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value,
+    loaded = loading.load(_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value,
                               keep_adapters=_ADAPTER_ONLY.value)
   except importer.USER_ERRORS as e:  # an HF directory that does not import: the fix
-    configuration.exit_usage(str(e))
+    run_config.exit_usage(str(e))
   if _ADAPTER_ONLY.value:
     if not adapters.adapter_paths(loaded.params):
-      configuration.exit_usage(f"{_CHECKPOINT.value} holds no LoRA adapters (--adapter_only "
+      run_config.exit_usage(f"{_CHECKPOINT.value} holds no LoRA adapters (--adapter_only "
                                "needs a train checkpoint of a stage with lora.rank > 0)")
-    lora = checkpoints.run_lora_settings(loaded.path)
+    lora = loading.run_lora_settings(loaded.path)
     result = peft_adapter.write_peft_adapter(loaded.params, loaded.model_config.to_dict(),
                                              _OUT.value, rank=lora.rank, alpha=lora.alpha,
                                              dropout=lora.dropout)
     print(json.dumps(result, indent=2))
     return
   if not loaded.tokenizer_dir:
-    configuration.exit_usage(f"{_CHECKPOINT.value}: no tokenizer found with it (no saved "
+    run_config.exit_usage(f"{_CHECKPOINT.value}: no tokenizer found with it (no saved "
                              "tokenizer/, no run config.json): pass --tokenizer=DIR")
   result = exporter.export(loaded.params, loaded.model_config, _OUT.value,
                            tokenizer_dir=loaded.tokenizer_dir, layout=_LAYOUT.value,

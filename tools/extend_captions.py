@@ -3,15 +3,15 @@
 python tools/extend_captions.py --records=in.json --output=out.json \
     --url=http://host:8000/v1 --model=NAME [--key_env=OPENAI_API_KEY] [--concurrency=4]
 Resumable (rerun the same command); failures are listed in OUTPUT.failures.jsonl and
-make the exit status 1. Logic: exgra_jax/eval/caption_extension.py.
+make the exit status 1. Logic: exgra_jax/llm_clients/caption_extension.py.
 """
 import os
 
 from absl import app, flags
 
 from exgra_jax import console
-from exgra_jax.eval import caption_extension
-from exgra_jax.eval.chat_client import ChatClient
+from exgra_jax.llm_clients import caption_extension
+from exgra_jax.llm_clients.chat_client import ChatClient
 from exgra_jax.eval.vqa_metrics import read_json_or_jsonl
 
 _RECORDS = flags.DEFINE_string("records", None, "input record file (JSON/JSONL)", required=True)

@@ -7,14 +7,14 @@ python tools/import_hf.py --hf_dir=/weights/llama-7b --clip_dir=/weights/clip-vi
 python tools/import_hf.py --hf_dir=/weights/exgra-med-dci --clip_dir=... --connector=dci --out=...
 
 Layouts, name maps and safety rules: docs/hf.md. Logic: exgra_jax/hf/importer.py and
-exgra_jax/weights/checkpoints.py (the output loads with `checkpoints.load`).
+exgra_jax/weights/loading.py (the output loads with `loading.load`).
 """
 import json
 import tempfile
 
 from absl import app, flags
 
-from exgra_jax import configuration, console
+from exgra_jax import console, run_config
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF directory (llava, release or plain LLaMA)",
                               required=True)
@@ -41,14 +41,14 @@ def main(argv):
   del argv
   console.setup(flags.FLAGS.verbosity)
   problems = [p for p in (
-      configuration.path_problem("--hf_dir", _HF_DIR.value, "dir", holding="config.json"),
-      _CLIP_DIR.value and configuration.path_problem("--clip_dir", _CLIP_DIR.value, "dir",
+      run_config.path_problem("--hf_dir", _HF_DIR.value, "dir", holding="config.json"),
+      _CLIP_DIR.value and run_config.path_problem("--clip_dir", _CLIP_DIR.value, "dir",
                                                      holding="config.json")) if p]
   if problems:
-    configuration.exit_usage("\n".join(problems) + "\n(a Hugging Face model directory, as "
+    run_config.exit_usage("\n".join(problems) + "\n(a Hugging Face model directory, as "
                              "`hf download REPO --local-dir DIR` writes it)")
   from exgra_jax.hf import importer  # pylint: disable=g-import-not-at-top
-  from exgra_jax.weights import checkpoints  # pylint: disable=g-import-not-at-top
+  from exgra_jax.weights import loading  # pylint: disable=g-import-not-at-top
   overrides = {key: value for key, value in (
       ("connector", _CONNECTOR.value), ("projector", _PROJECTOR.value),
       ("image_tokens", _IMAGE_TOKENS.value),
@@ -62,8 +62,8 @@ def main(argv):
           add_tokens=_ADD_TOKENS.value, tokenizer_out=tokenizer_out, overrides=overrides,
           allow_missing=_ALLOW_MISSING.value)
     except importer.USER_ERRORS as e:  # a partial download, an unsupported model: the fix
-      configuration.exit_usage(str(e))
-    checkpoints.save_params(_OUT.value, imported.params, imported.model_config,
+      run_config.exit_usage(str(e))
+    loading.save_params(_OUT.value, imported.params, imported.model_config,
                             tokenizer_dir=imported.tokenizer_dir)
   print(json.dumps({"out": _OUT.value, "layout": imported.layout, "report": imported.report,
                     "model": imported.model_config.to_dict()}, indent=2))

@@ -8,7 +8,7 @@ Logic: exgra_jax/weights/inspection.py.
 """
 from absl import app, flags
 
-from exgra_jax import configuration, console
+from exgra_jax import console, run_config
 from exgra_jax.weights import inspection
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "train step, stage or params checkpoint",
@@ -18,9 +18,9 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "train step, stage or para
 def main(argv):
   del argv
   console.setup(flags.FLAGS.verbosity)
-  problem = configuration.model_problem("--checkpoint", _CHECKPOINT.value)
+  problem = run_config.model_problem("--checkpoint", _CHECKPOINT.value)
   if problem:
-    configuration.exit_usage(problem)
+    run_config.exit_usage(problem)
   info = inspection.read_checkpoint(_CHECKPOINT.value)
   print(f"{info['kind']} {info['path']}")
   if info["step"] is not None:

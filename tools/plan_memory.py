@@ -29,10 +29,10 @@ import sys
 
 from absl import app, flags
 
-from exgra_jax import configuration
+from exgra_jax import run_config
 from exgra_jax.train import gpu_flags, gpu_targets
 
-_CONFIG = configuration.define_config_flag()
+_CONFIG = run_config.define_config_flag()
 _STAGE = flags.DEFINE_string("stage", "stage2", "stage whose step is planned")
 _DEVICES = flags.DEFINE_integer("devices", 8, "fake CPU devices (no --topology or --gpu)")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "TPU slice to compile for, e.g. v5p:4x4x4, "
@@ -153,4 +153,4 @@ if __name__ == "__main__":
     count = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), "8")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={count}")
-  app.run(main, flags_parser=configuration.parse_flags)
+  app.run(main, flags_parser=run_config.parse_flags)

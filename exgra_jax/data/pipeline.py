@@ -29,8 +29,8 @@ from grain import multiprocessing as grain_multiprocessing
 import jax
 import numpy as np
 from absl import logging
-from etils import epath
 
+from exgra_jax import run_paths
 from exgra_jax.data import bad_records as bad
 from exgra_jax.data import images, records, text
 from exgra_jax.data.records import Turn
@@ -376,38 +376,20 @@ class InputPipeline:
       self._iterator = None
 
 
-def resolve_path(root: str, path: str) -> epath.Path:
-  """A configured data path: absolute as given, else relative to `config.data.root`."""
-  path = epath.Path(path)
-  return path if path.is_absolute() or not root else epath.Path(root) / path
-
-
-def tokenizer_dir(config) -> str:
-  """`data.tokenizer_dir` (relative to data.root), else the tokenizer of the imported weights
-  (`init.hf_dir`, then `init.llm_dir`); ValueError when none is configured."""
-  data, init = config.data, config.init
-  if data.tokenizer_dir:
-    return str(resolve_path(data.root, data.tokenizer_dir))
-  if init.hf_dir or init.llm_dir:
-    return init.hf_dir or init.llm_dir
-  raise ValueError("no tokenizer: set config.data.tokenizer_dir (or config.init.hf_dir / "
-                   "config.init.llm_dir, whose tokenizer is used)")
-
-
 def stage_source(config, stage: str, log: bad.BadRecordLog):
   """The source of `config.<stage>`: ArrayRecord shards when `records` names a folder of
   `*.array_record` files, else the JSON/JSONL records (subset applied) + image folder."""
   stage_cfg, data = config[stage], config.data
-  records_path = resolve_path(data.root, stage_cfg.records)
+  records_path = run_paths.resolve_path(data.root, stage_cfg.records)
   if records_path.is_dir():
     shards = sorted(str(p) for p in records_path.glob("*.array_record"))
     return ArrayRecordImageSource(shards)
   recs, _ = records.load_records(records_path, log)
   if stage_cfg.subset_ids:
-    recs = records.select_ids(recs, resolve_path(data.root, stage_cfg.subset_ids))
+    recs = records.select_ids(recs, run_paths.resolve_path(data.root, stage_cfg.subset_ids))
   else:
     recs = records.select_fraction(recs, stage_cfg.subset_fraction)
-  return RecordImageSource(recs, resolve_path(data.root, stage_cfg.image_root))
+  return RecordImageSource(recs, run_paths.resolve_path(data.root, stage_cfg.image_root))
 
 
 def pipeline_from_config(config, stage: str, *, num_image_tokens: int, batch_size: int,
@@ -419,7 +401,7 @@ def pipeline_from_config(config, stage: str, *, num_image_tokens: int, batch_siz
   """
   data = config.data
   log = bad.BadRecordLog()
-  spec = ExampleSpec(tokenizer_dir=tokenizer_dir(config),
+  spec = ExampleSpec(tokenizer_dir=run_paths.tokenizer_dir(config),
                      image_size=config.model.vision.image_size,
                      num_image_tokens=num_image_tokens, max_length=data.max_length,
                      text_max_length=data.text_max_length, label_mode=data.label_mode,

@@ -1,7 +1,7 @@
 """Training template, `<image>` expansion, tokenisation and label masks (docs/data.md), and
 the alignment texts of f_S / f_L (docs/align.md, `alignment_text`).
 
-(The inference prompts of docs/eval.md live in `eval/prompts.py`.)
+(The inference prompts of docs/eval.md live in `inference/prompts.py`.)
 
 Training template: the system line + "\\n\\n", then every turn as "### Human: ...\\n" or
 "### Assistant: ...\\n", then a final "### " (the stop signal the model learns to emit;
@@ -117,7 +117,7 @@ def chat_template(image_tokens: str = DEFAULT_IMAGE_TOKENS) -> str:
   a message joined by "\n", an image (an image part, or `<image>` in a text message) as
   its placeholder with one patch token (`<im_start><im_patch><im_end>` or `<image>`), which
   the exported LlavaProcessor expands to N patch tokens; `add_generation_prompt` opens the
-  assistant's turn as the `train` inference prompt does (eval/prompts.py). So `[image,
+  assistant's turn as the `train` inference prompt does (inference/prompts.py). So `[image,
   question]` gives the prompt of `build_prompt("<image>\nquestion", "train", N)`.
   """
   roles = {"user": ROLE_NAMES["human"], "assistant": ROLE_NAMES["gpt"]}

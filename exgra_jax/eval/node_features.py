@@ -6,7 +6,7 @@ masked, and how positions are averaged into f_S and f_L (docs/align.md). Dump th
 `merge_sentence_id(_long)`, attention masks and text features for some records and
 compare them with `node_features(model_dir, records, text_mode="release")`.
 
-Why in `eval/`: the entry point loads a model directory (weights/checkpoints.py, which
+Why in `eval/`: the entry point loads a model directory (weights/loading.py, which
 imports HF directories through hf/), and `align/` imports neither `models/` nor the weight
 loaders. `eval/` is the lowest layer that sees the loaders and the ground packages.
 
@@ -38,7 +38,7 @@ from exgra_jax.data import pipeline, text
 from exgra_jax.eval import report
 from exgra_jax.hf.placement import typed_config
 from exgra_jax.models.llava import LlavaModel, image_node_features
-from exgra_jax.weights import checkpoints
+from exgra_jax.weights import loading
 
 RELEASE_MAX_LENGTH = 2048  # the release's tokenizer.model_max_length
 
@@ -60,7 +60,7 @@ def node_features(model_dir: str, records: Sequence[Mapping[str, Any]], *,
   """f_S, f_L (and f_I) of `records` with the model in `model_dir`.
 
   Args:
-    model_dir: anything `checkpoints.load` reads: an HF directory (LLaVA, release,
+    model_dir: anything `loading.load` reads: an HF directory (LLaVA, release,
       plain LLaMA), a train step or stage directory, a params-only checkpoint. Without
       pixels only the LLM is loaded, so a plain LLaMA needs no CLIP directory.
     records: LLaVA-Med records (`conversations`, optionally `conversations_long`; without
@@ -72,7 +72,7 @@ def node_features(model_dir: str, records: Sequence[Mapping[str, Any]], *,
     max_length: tokens kept per text (training: `data.text_max_length`).
     group_size: release padding groups of consecutive records (0 = all records, one
       release per-device batch); `default` does not depend on it.
-    clip_dir, tokenizer_dir: as `checkpoints.load` takes them (a train checkpoint
+    clip_dir, tokenizer_dir: as `loading.load` takes them (a train checkpoint
       holds no tokenizer).
   Returns:
     {"short_ids", "short_mask", "long_ids", "long_mask": [B, T] int32,
@@ -83,9 +83,9 @@ def node_features(model_dir: str, records: Sequence[Mapping[str, Any]], *,
   images = image_features if image_features is not None else pixel_values
   if images is not None and len(images) != len(records):
     raise ValueError(f"{len(images)} images for {len(records)} records")
-  loaded = checkpoints.load(model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir,
+  loaded = loading.load(model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir,
                                  text_only=pixel_values is None)
-  report.require_complete_weights(loaded.report)
+  loading.require_complete_weights(loaded.report)
   if loaded.tokenizer_dir is None:
     raise ValueError(f"{model_dir} holds no tokenizer: pass tokenizer_dir")
   model = LlavaModel(typed_config(loaded.model_config))

@@ -17,26 +17,9 @@ from typing import Any
 
 from exgra_jax import temp_paths
 from exgra_jax.eval.vqa_metrics import METRIC_DEFINITIONS, METRICS_VERSION
+from exgra_jax.weights.loading import require_complete_weights
 
 _CHUNK = 1 << 20
-
-
-class IncompleteWeights(RuntimeError):
-  """The loader reported parameters it could not fill: the model must not be evaluated."""
-
-
-def require_complete_weights(load_report: Mapping[str, Any]) -> None:
-  """Raises IncompleteWeights when the loader's report lists missing parameters.
-
-  `load_report` is the loader's `{"missing": [names], "unexpected": [names]}`; unexpected
-  names are tolerated (the release's checkpoints carry optimizer leftovers), missing are not.
-  """
-  if "missing" not in load_report:
-    raise ValueError("load report must say which parameters are missing ('missing' key)")
-  missing = list(load_report["missing"])
-  if missing:
-    raise IncompleteWeights(f"{len(missing)} parameters did not load, refusing to evaluate: "
-                            f"{missing[:8]}")
 
 
 def sha256_path(path: str) -> str:

@@ -18,12 +18,14 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from exgra_jax.data import pipeline, text
+from exgra_jax import run_paths
+from exgra_jax.data import text
 from exgra_jax.data import records as records_lib
-from exgra_jax.eval import answers, generate, prompts, report, single_question, vqa_metrics
+from exgra_jax.eval import answers, report, vqa_metrics
+from exgra_jax.inference import generate, prompts, single_question
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.weights import checkpoints
+from exgra_jax.weights import loading
 from exgra_jax.weights.checksum import parameter_checksum
 
 
@@ -46,7 +48,7 @@ def evaluate_loaded(model: LlavaModel, params, tokenizer, inputs: VqaInputs,
   `tokenizer` is a transformers tokenizer holding the model's image tokens (data/text.py);
   `load_pixels(item)` returns the item's CLIP-preprocessed image [S, S, 3].
   """
-  report.require_complete_weights(load_report)
+  loading.require_complete_weights(load_report)
   by_id = {str(item.get("id")): item for item in inputs.items}
   if len(by_id) != len(inputs.items):
     raise ValueError("VQA item ids must be unique")
@@ -80,12 +82,12 @@ def evaluate_loaded(model: LlavaModel, params, tokenizer, inputs: VqaInputs,
 def vqa_inputs(config: ml_collections.ConfigDict, records: str,
                candidates: str = "") -> VqaInputs:
   """A VQA split from config paths (relative to `data.root`), with its candidate answers."""
-  records_path = str(pipeline.resolve_path(config.data.root, records))
+  records_path = str(run_paths.resolve_path(config.data.root, records))
   items = vqa_metrics.read_json_or_jsonl(records_path)
   files = {"records": records_path}
   candidate_list = None
   if candidates:
-    candidates_path = str(pipeline.resolve_path(config.data.root, candidates))
+    candidates_path = str(run_paths.resolve_path(config.data.root, candidates))
     with open(candidates_path, encoding="utf-8") as f:
       candidate_list = vqa_metrics.parse_candidates(json.load(f))
     files["candidates"] = candidates_path
@@ -101,14 +103,14 @@ def evaluate_split(config: ml_collections.ConfigDict, model: LlavaModel, params,
   Images resolve under `image_root` (relative to data.root), kept inside it.
   """
   inputs = vqa_inputs(config, records, candidates)
-  root = pipeline.resolve_path(config.data.root, image_root)
+  root = run_paths.resolve_path(config.data.root, image_root)
   size = model.cfg.vision.image_size
 
   def load_pixels(item: Mapping[str, Any]) -> np.ndarray:
     relative = records_lib.safe_relative_path(str(item["image"]), str(item.get("id")))
     return single_question.load_pixels(str(root / relative), size)
 
-  tokenizer = text.load_tokenizer(pipeline.tokenizer_dir(config), model.cfg.image_tokens)
+  tokenizer = text.load_tokenizer(run_paths.tokenizer_dir(config), model.cfg.image_tokens)
   return evaluate_loaded(model, params, tokenizer, inputs, load_pixels,
                          settings=generate.GenerationSettings.from_config(config),
                          template=config.eval.template, num_image_tokens=num_image_tokens(
@@ -127,20 +129,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   if not records:
     raise ValueError("nothing to evaluate: set config.eval.records or "
                      "config.finetune.test_records")
-  checkpoint = checkpoint or str(default_checkpoint(config, workdir))
-  loaded = checkpoints.load(checkpoint, tokenizer_dir=pipeline.tokenizer_dir(config))
+  run = run_paths.RunDir(workdir)
+  checkpoint = checkpoint or str(run.answering_checkpoint(config.stages))
+  loaded = loading.load(checkpoint, tokenizer_dir=run_paths.tokenizer_dir(config))
   model = LlavaModel(LlavaConfig.from_config(loaded.model_config))
-  output_dir = str(workdir / "eval" / epath.Path(records).stem)
+  output_dir = str(run.eval(epath.Path(records).stem))
   metrics = evaluate_split(config, model, loaded.params, records=records,
                            image_root=config.finetune.image_root,
                            candidates=config.finetune.candidates, output_dir=output_dir,
                            checkpoint=checkpoint, load_report=loaded.report)
   return {**metrics, "checkpoint": checkpoint, "output_dir": output_dir}
-
-
-def default_checkpoint(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
-  """The fine-tune's best-validation params if any, else the last stage's checkpoints."""
-  best = workdir / "checkpoints" / "finetune_best"
-  if "finetune" in config.stages and best.exists():
-    return best
-  return workdir / "checkpoints" / config.stages[-1]

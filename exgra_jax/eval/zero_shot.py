@@ -21,7 +21,8 @@ import numpy as np
 
 from exgra_jax import temp_paths
 from exgra_jax.data.records import IMAGE_TOKEN
-from exgra_jax.eval import answers, generate, prompts
+from exgra_jax.eval import answers
+from exgra_jax.inference import generate, prompts
 from exgra_jax.models.llava import LlavaModel
 
 INSTRUCTION = (" Only return what you think is the correct answer from the candidate "

@@ -1,6 +1,6 @@
 """Where loaded parameters go: the model's abstract tree, target shardings, placement.
 
-Shared by the HF importer and `weights/checkpoints.py`. Nothing here allocates the
+Shared by the HF importer and `weights/loading.py`. Nothing here allocates the
 model: the expected tree comes from `jax.eval_shape` of `LlavaModel.init` (with the
 logical axis names that `models/partitioning.py` turns into NamedShardings), a host array is
 placed with `jax.make_array_from_callback` (each device gets only its shard, on any

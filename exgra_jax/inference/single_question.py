@@ -13,13 +13,14 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from exgra_jax.data import images, pipeline, text
+from exgra_jax import run_paths
+from exgra_jax.data import images, text
 from exgra_jax.data.records import IMAGE_TOKEN
-from exgra_jax.eval import generate, prompts, report
+from exgra_jax.inference import generate, prompts
 from exgra_jax.models import adapters
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.weights import checkpoints
+from exgra_jax.weights import loading
 
 
 def load_pixels(path: str, image_size: int) -> np.ndarray:
@@ -47,14 +48,14 @@ def answer_question(model: LlavaModel, params, tokenizer, image_path: str, quest
 
 def load_for_generation(model_dir: str, *, tokenizer_dir: str | None = None,
                         clip_dir: str | None = None, quantize: str = ""):
-  """(model, params, tokenizer) of anything `weights.checkpoints.load` reads (train /
+  """(model, params, tokenizer) of anything `weights.loading.load` reads (train /
   params-only checkpoint, HF directory). Refuses incomplete weights and a missing tokenizer.
 
   quantize: "" (as stored) | int8 | int4: the LLM's projections weight-only quantized
   (models/adapters.py); the model then answers through qwix's quantized matmuls.
   """
-  loaded = checkpoints.load(model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir)
-  report.require_complete_weights(loaded.report)
+  loaded = loading.load(model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir)
+  loading.require_complete_weights(loaded.report)
   if not loaded.tokenizer_dir:
     raise ValueError(f"{model_dir} holds no tokenizer: pass --tokenizer=DIR")
   model, params = LlavaModel(LlavaConfig.from_config(loaded.model_config)), loaded.params
@@ -79,14 +80,14 @@ def answer_from_checkpoint(model_dir: str, image: str, question: str, *,
 
 def answer_from_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, *,
                         image: str | None, question: str | None) -> dict[str, Any]:
-  """`main --mode=predict`: the run's best (else newest) checkpoint answers one question,
-  with config.eval's template and decoding."""
-  from exgra_jax.eval import vqa  # pylint: disable=g-import-not-at-top  (vqa imports this module)
+  """`main --mode=predict`: `answer_from_checkpoint` on the run's answering checkpoint
+  (`RunDir.answering_checkpoint`: the best, else the newest), with config.eval's template
+  and decoding."""
   if not image or not question:
     raise ValueError("--mode=predict needs --image and --question")
-  checkpoint = str(vqa.default_checkpoint(config, workdir))
+  checkpoint = str(run_paths.RunDir(workdir).answering_checkpoint(config.stages))
   answer = answer_from_checkpoint(checkpoint, image, question, template=config.eval.template,
                                   max_new_tokens=config.eval.max_new_tokens,
                                   temperature=config.eval.temperature, stop=config.eval.stop,
-                                  tokenizer_dir=pipeline.tokenizer_dir(config))
+                                  tokenizer_dir=run_paths.tokenizer_dir(config))
   return {"checkpoint": checkpoint, "image": image, "question": question, "answer": answer}

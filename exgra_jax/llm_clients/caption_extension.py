@@ -22,7 +22,7 @@ from typing import Any
 
 import tqdm
 
-from exgra_jax.eval.chat_client import ChatClient, ChatError
+from exgra_jax.llm_clients.chat_client import ChatClient, ChatError
 from exgra_jax.eval.jsonl_store import JsonlStore
 
 SYSTEM_PROMPT = (

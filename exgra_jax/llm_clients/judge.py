@@ -21,7 +21,7 @@ from typing import Any
 
 import ml_collections
 
-from exgra_jax.eval.chat_client import ChatClient, ChatError
+from exgra_jax.llm_clients.chat_client import ChatClient, ChatError
 from exgra_jax.eval.jsonl_store import JsonlStore
 
 DOMAINS = ("chest_xray", "mri", "histology", "gross", "ct_scan")

@@ -129,7 +129,7 @@ class LlavaConfig:
     if v.hidden_size % v.num_heads:
       out.append(f"vision.hidden_size={v.hidden_size} does not divide into "
                  f"num_heads={v.num_heads}")
-    if not -v.num_layers <= v.select_layer <= v.num_layers:
+    if not -(v.num_layers + 1) <= v.select_layer <= v.num_layers:  # a Python index of them
       out.append(f"vision.select_layer={v.select_layer} outside the "
                  f"{v.num_layers + 1} hidden states")
     if v.feature_select not in FEATURE_SELECTS:

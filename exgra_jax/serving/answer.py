@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from exgra_jax.eval import generate
+from exgra_jax.inference import generate
 
 _RELEASE_STOP = "###"
 _LEADING_TAGS = ("###", "Assistant:", "Response:")

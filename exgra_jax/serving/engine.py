@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from exgra_jax.data import images, text
-from exgra_jax.eval import prompts, single_question
+from exgra_jax.inference import prompts, single_question
 from exgra_jax.models.config import num_image_tokens
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.serving import slots
@@ -70,7 +70,7 @@ def load_model(model_dir: str, *, tokenizer_dir: str | None = None,
                clip_dir: str | None = None, name: str | None = None,
                template: str = "simple", default_max_tokens: int = 512,
                max_context: int | None = None) -> ServedModel:
-  """Anything `weights.checkpoints.load` reads; refuses incomplete weights."""
+  """Anything `weights.loading.load` reads; refuses incomplete weights."""
   if template not in prompts.CHAT_TEMPLATES:
     raise ValueError(f"template must be one of {prompts.CHAT_TEMPLATES}, got {template!r}")
   model, params, tokenizer = single_question.load_for_generation(

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exgra_jax.eval import generate
+from exgra_jax.inference import generate
 from exgra_jax.models.config import num_image_tokens
 from exgra_jax.models.llama import init_cache
 from exgra_jax.models.llava import LlavaModel

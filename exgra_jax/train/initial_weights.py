@@ -23,10 +23,10 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from exgra_jax import run_paths
 from exgra_jax.models import adapters
 
 MAY_BE_FRESH = ("projector", "gnn")
-VISION_PRETRAIN_CHECKPOINT = "vision_pretrain"  # workdir/checkpoints/<this>
 
 
 class InitialWeightsError(ValueError):
@@ -43,7 +43,7 @@ def source_for(config: ml_collections.ConfigDict, stage_name: str, workdir: epat
     return "checkpoint", stage.init_from
   index = list(config.stages).index(stage_name)
   if index > 0:
-    return "previous_stage", str(workdir / "checkpoints" / config.stages[index - 1])
+    return "previous_stage", str(run_paths.RunDir(workdir).stage(config.stages[index - 1]))
   if config.init.checkpoint:
     return "checkpoint", config.init.checkpoint
   if config.init.hf_dir:
@@ -54,7 +54,7 @@ def source_for(config: ml_collections.ConfigDict, stage_name: str, workdir: epat
                                 "config.init.clip_dir (the CLIP vision tower)")
     return "hf", config.init.llm_dir
   if config.init.random and config.vision_pretrain.steps:
-    return "vision_pretrain", str(workdir / "checkpoints" / VISION_PRETRAIN_CHECKPOINT)
+    return "vision_pretrain", str(run_paths.RunDir(workdir).stage(run_paths.VISION_PRETRAIN))
   if config.init.random:
     return "random", ""
   raise InitialWeightsError(

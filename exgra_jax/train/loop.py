@@ -29,6 +29,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from exgra_jax import run_paths
 from exgra_jax.align import imle
 from exgra_jax.align import loss as align_loss
 from exgra_jax.data import pipeline as pipeline_lib
@@ -39,10 +40,11 @@ from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models import llava
 from exgra_jax.models import adapters
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.train import (alignment_sharding, checkpointing, initial_weights, metrics,
-                             optimizer, sharded_state, sharding, step, vision_pretrain)
+from exgra_jax.train import (alignment_sharding, initial_weights, metrics, optimizer,
+                             sharded_state, sharding, stage_checkpoints, step,
+                             vision_pretrain)
 from exgra_jax.train import mesh as mesh_lib
-from exgra_jax.weights import checkpoints
+from exgra_jax.weights import loading
 from exgra_jax.weights.checksum import parameter_checksum
 
 
@@ -127,9 +129,9 @@ def build_stage(config: ml_collections.ConfigDict, name: str, mesh: jax.sharding
                total_steps=total, steps_per_epoch=per_epoch, step_fn=step_fn, mesh=mesh)
 
 
-def _checkpointer(config, workdir: epath.Path, name: str) -> checkpointing.StageCheckpointer:
-  return checkpointing.StageCheckpointer(
-      str(workdir / "checkpoints" / name), every=config.train.checkpoint_every,
+def _checkpointer(config, workdir: epath.Path, name: str) -> stage_checkpoints.StageCheckpointer:
+  return stage_checkpoints.StageCheckpointer(
+      str(run_paths.RunDir(workdir).stage(name)), every=config.train.checkpoint_every,
       keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint)
 
 
@@ -163,7 +165,7 @@ def load_weights(config, path: str, mesh) -> Any:
   # What an HF directory does not decide (layer scanning, dtypes, the projector of a plain
   # LLaMA start, a release checkpoint's connector) comes from config.model.
   overrides = {key: config.model[key] for key in hf_configs.OVERRIDABLE}
-  loaded = checkpoints.load(path, tokenizer_dir=pipeline_lib.tokenizer_dir(config), mesh=mesh,
+  loaded = loading.load(path, tokenizer_dir=run_paths.tokenizer_dir(config), mesh=mesh,
                             rules=config.logical_axis_rules,
                             clip_dir=config.init.clip_dir or None, overrides=overrides)
   # The data pipeline writes images in config.model's style: it must be the weights' own.
@@ -191,14 +193,14 @@ def _write_summaries(writer, at: int, pending: list[dict], extra: dict[str, floa
 
 
 def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: epath.Path,
-              mesh, previous, preemption: checkpointing.PreemptionFlag
+              mesh, previous, preemption: stage_checkpoints.PreemptionFlag
               ) -> dict[str, Any]:
   """Trains one stage to its last step (or until pre-empted); returns its summary."""
   ckpt = _checkpointer(config, workdir, stage.name)
   model_config = config.model.to_dict()
   validation = FinetuneValidation(config, stage, workdir)
   restored = ckpt.restore_newest(
-      checkpointing.abstract_with_shardings(stage.abstract_state, stage.shardings))
+      stage_checkpoints.abstract_with_shardings(stage.abstract_state, stage.shardings))
   if restored is not None:
     state = restored.state
     pipe.set_state(restored.data)
@@ -219,7 +221,7 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
   # The stage's time starts here: loading its weights (and the vision pre-training, which
   # runs in starting_state and logs its own time) is not part of it.
   started, first_step_done = time.perf_counter(), None
-  logdir = str(workdir / "tensorboard" / stage.name)
+  logdir = str(run_paths.RunDir(workdir).tensorboard(stage.name))
   writer = metrics.create_writer(logdir)
   hooks = metrics.progress_hooks(stage.total_steps, writer, logdir,
                                  metrics.parse_profile_steps(config.train.profile_steps))
@@ -255,7 +257,7 @@ def run_stage(config, stage: Stage, pipe: pipeline_lib.InputPipeline, workdir: e
       if val_metrics:
         writer.write_scalars(done, metrics.flat_scalars("val", val_metrics))
       final = done == stage.total_steps
-      stop = checkpointing.any_process(preemption.requested)
+      stop = stage_checkpoints.any_process(preemption.requested)
       ckpt.save(done, state, pipe.get_state(), model_config, validation=validation.to_json(),
                 force=final or stop)
       if stop:
@@ -300,7 +302,7 @@ class FinetuneValidation:
   """
 
   def __init__(self, config, stage: Stage, workdir: epath.Path):
-    self.config, self.stage, self.workdir = config, stage, workdir
+    self.config, self.stage, self.run = config, stage, run_paths.RunDir(workdir)
     self.every = config.train.eval_every or stage.steps_per_epoch
     self.best_score, self.best_step, self.history = None, None, []
 
@@ -312,8 +314,8 @@ class FinetuneValidation:
           self.config, LlavaModel(self.stage.model.cfg), self.stage.plain_params(params),
           records=records,
           image_root=self.stage.cfg.image_root, candidates=self.stage.cfg.candidates,
-          output_dir=str(self.workdir / "eval" / self.stage.name / name),
-          checkpoint=str(self.workdir / "checkpoints" / self.stage.name),
+          output_dir=str(self.run.eval(name, self.stage.name)),
+          checkpoint=str(self.run.stage(self.stage.name)),
           load_report={"missing": [], "unexpected": []})
 
   def to_json(self) -> dict[str, Any]:
@@ -329,7 +331,7 @@ class FinetuneValidation:
 
   @property
   def best_dir(self) -> epath.Path:
-    return self.workdir / "checkpoints" / f"{self.stage.name}_best"
+    return self.run.best(self.stage.name)
 
   def maybe_run(self, params, done: int) -> dict[str, Any] | None:
     """Validates at step `done` when due; returns the metrics (None when not due)."""
@@ -343,9 +345,9 @@ class FinetuneValidation:
                  "-" if score is None else f"{score:.4f}")
     if score is not None and (self.best_score is None or score > self.best_score):
       self.best_score, self.best_step = score, done
-      checkpoints.save_params(str(self.best_dir), self.stage.plain_params(params),
+      loading.save_params(str(self.best_dir), self.stage.plain_params(params),
                               self.config.model.to_dict(),
-                              tokenizer_dir=pipeline_lib.tokenizer_dir(self.config))
+                              tokenizer_dir=run_paths.tokenizer_dir(self.config))
     return result
 
   def finish(self, params) -> dict[str, Any]:
@@ -356,14 +358,14 @@ class FinetuneValidation:
                            "best_selection_score": self.best_score}
     if cfg.test_records:
       if cfg.val_records and self.best_dir.exists():
-        params = checkpoints.load(str(self.best_dir), mesh=self.stage.mesh,
+        params = loading.load(str(self.best_dir), mesh=self.stage.mesh,
                                   rules=self.config.logical_axis_rules).params
       out["test"] = self._evaluate(params, cfg.test_records, "test")
     return out
 
 
 def _train_stage(config, name: str, workdir: epath.Path, mesh, token_ids, previous,
-                 preemption: checkpointing.PreemptionFlag) -> dict[str, Any]:
+                 preemption: stage_checkpoints.PreemptionFlag) -> dict[str, Any]:
   """Builds stage `name` over its data and runs it."""
   per_process = config[name].global_batch // jax.process_count()
   pipe = pipeline_lib.pipeline_from_config(config, name,
@@ -385,10 +387,10 @@ def _train_stage(config, name: str, workdir: epath.Path, mesh, token_ids, previo
 def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:
   """Runs `config.stages` in order (see module doc); returns a summary per stage."""
   mesh = mesh_lib.build_mesh(config.mesh)
-  tokenizer = text.load_tokenizer(pipeline_lib.tokenizer_dir(config), config.model.image_tokens)
+  tokenizer = text.load_tokenizer(run_paths.tokenizer_dir(config), config.model.image_tokens)
   token_ids = new_token_ids(tokenizer, config.model.image_tokens)
   results, previous = {}, None
-  preemption = checkpointing.PreemptionFlag()  # SIGTERM from here on: checkpoint, exit 0
+  preemption = stage_checkpoints.PreemptionFlag()  # SIGTERM from here on: checkpoint, exit 0
   try:
     for name in config.stages:
       summary = _train_stage(config, name, workdir, mesh, token_ids, previous, preemption)
@@ -399,5 +401,5 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, A
   finally:
     preemption.restore_handler()
   if config.export.after_training:
-    results["export"] = checkpoints.export_from_workdir(config, workdir)
+    results["export"] = loading.export_from_workdir(config, workdir)
   return results

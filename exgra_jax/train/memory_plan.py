@@ -35,11 +35,11 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from exgra_jax.eval import generate
+from exgra_jax.inference import generate
 from exgra_jax.models import adapters, llava
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.train import checkpointing, gpu_flags, gpu_targets, loop, sharded_state, sharding
+from exgra_jax.train import gpu_flags, gpu_targets, loop, sharded_state, sharding, stage_checkpoints
 from exgra_jax.train import mesh as mesh_lib
 
 
@@ -185,7 +185,7 @@ def compile_step(config: ml_collections.ConfigDict, stage_name: str, samples_per
                          align=bool(stage.cfg.align))
   train_step = sharded_state.jit_train_step(stage.step_fn, stage.shardings, mesh,
                                             config.logical_axis_rules, batch)
-  state_arg = checkpointing.abstract_with_shardings(stage.abstract_state, stage.shardings)
+  state_arg = stage_checkpoints.abstract_with_shardings(stage.abstract_state, stage.shardings)
   gpu = mesh.devices.flat[0].platform == "gpu"
   with gpu_targets.compile_only_callbacks() if gpu else contextlib.nullcontext():
     compiled = train_step.lower(state_arg, batch).compile(

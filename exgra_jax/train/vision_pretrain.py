@@ -21,7 +21,7 @@ Objective: symmetric InfoNCE (CLIP) between
   duplicates; one-hot targets would push identical images apart);
 - a learned temperature (CLIP's init 1 / 0.07, logit scale capped at 100).
 
-The result is a params-only checkpoint (`checkpoints.save_params`) of the whole model: the
+The result is a params-only checkpoint (`loading.save_params`) of the whole model: the
 pre-trained tower, everything else drawn at random from `config.seed` as a random start
 would be. The first stage of the recipe starts from it (`initial_weights.source_for`), and
 a run started again finds it and does not pre-train twice. The text side and the heads
@@ -41,13 +41,13 @@ import numpy as np
 import optax
 from absl import logging
 
+from exgra_jax import run_paths
 from exgra_jax.data import images, records, text
-from exgra_jax.data import pipeline as pipeline_lib
 from exgra_jax.models import llava
 from exgra_jax.models.config import LlavaConfig
 from exgra_jax.models.connector import connector_features
 from exgra_jax.models.vit import ClipVisionTower
-from exgra_jax.weights import checkpoints
+from exgra_jax.weights import loading
 
 
 class ContrastiveModel(nn.Module):
@@ -91,13 +91,13 @@ def load_pairs(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarra
   tokens [N, T] int32, their mask [N, T] bool, caption ids [N] int32 (index of the distinct
   caption text). The caption is the record's last answer."""
   stage = config.stage1
-  recs, _ = records.load_records(pipeline_lib.resolve_path(config.data.root, stage.records))
-  image_root = pipeline_lib.resolve_path(config.data.root, stage.image_root)
+  recs, _ = records.load_records(run_paths.resolve_path(config.data.root, stage.records))
+  image_root = run_paths.resolve_path(config.data.root, stage.image_root)
   size = config.model.vision.image_size
   pixels = np.stack([images.clip_preprocess(
       images.decode_image((image_root / r.image).read_bytes()), size) for r in recs])
   captions = [[t.value for t in r.conversations if t.role == "gpt"][-1] for r in recs]
-  tok = text.load_tokenizer(pipeline_lib.tokenizer_dir(config), config.model.image_tokens)
+  tok = text.load_tokenizer(run_paths.tokenizer_dir(config), config.model.image_tokens)
   encoded = [text.encode(tok, c).ids[:config.data.text_max_length] for c in captions]
   length = max(len(ids) for ids in encoded)
   tokens = np.zeros((len(encoded), length), np.int32)
@@ -165,7 +165,7 @@ def ensure_checkpoint(config: ml_collections.ConfigDict, path: str) -> None:
   cfg = LlavaConfig.from_config(config.model)
   params = nn.unbox(llava.init_boxed_params(cfg, jax.random.PRNGKey(config.seed)))
   params = {**params, "vision": vision}
-  checkpoints.save_params(path, jax.device_get(params), config.model)
+  loading.save_params(path, jax.device_get(params), config.model)
   logging.info("vision pre-training: %s written (final loss %.4f, caption retrieval %.3f, "
                "%.0f s)", path, summary["loss"], summary["caption_retrieval"],
                summary["seconds"])

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from exgra_jax.weights import checkpoints
+from exgra_jax.weights import loading
 from exgra_jax.weights.checksum import parameter_checksum
 
 
@@ -32,13 +32,13 @@ def read_checkpoint(path: str) -> dict[str, Any]:
   """-> dict(kind, path, step, skipped, shapes, checksum, model_config); step and skipped
   are None for a params-only checkpoint."""
   path = os.path.abspath(path)
-  kind = checkpoints.checkpoint_kind(path)
-  if kind == checkpoints.HF:
+  kind = loading.checkpoint_kind(path)
+  if kind == loading.HF:
     raise ValueError(f"{path} is a Hugging Face directory, not an exgra-jax checkpoint: "
                      "import it with tools/import_hf.py first")
-  path = checkpoints.resolve_step(path, kind)
+  path = loading.resolve_step(path, kind)
   step = skipped = None
-  if kind == checkpoints.PARAMS:
+  if kind == loading.PARAMS:
     params = _restore_numpy(os.path.join(path, "params"))
   else:
     state = _restore_numpy(os.path.join(path, "state"))

@@ -1,11 +1,11 @@
 """Model weights from any checkpoint a user brings: train step, stage, params-only, HF.
 
-    loaded = checkpoints.load(path, mesh=mesh, rules=config.logical_axis_rules)
-    report.require_complete_weights(loaded.report)   # eval refuses missing weights
+    loaded = loading.load(path, mesh=mesh, rules=config.logical_axis_rules)
+    require_complete_weights(loaded.report)   # inference and eval refuse missing weights
 
 `path` may be:
 - a train checkpoint step `workdir/checkpoints/<stage>/<step>/` (items `state`,
-  `model_config`; train/checkpointing.py): only `state.params` is restored, as a raw
+  `model_config`; train/stage_checkpoints.py): only `state.params` is restored, as a raw
   pytree without the optimizer's structure (partial restore: the optimizer moments are
   never read), the stage-2 `gnn` collection is dropped; its tokenizer is the run's
   (`data.tokenizer_dir` of `workdir/config.json`, which main.py writes); LoRA adapters
@@ -40,7 +40,7 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from exgra_jax.data import pipeline
+from exgra_jax import run_paths
 from exgra_jax.hf import exporter, importer, placement
 from exgra_jax.hf.weights_io import replace_directory
 from exgra_jax.models import adapters
@@ -48,7 +48,6 @@ from exgra_jax.weights.checksum import NOT_MODEL_WEIGHTS
 
 TRAIN_STEP, STAGE, PARAMS, HF = "train_step", "stage", "params", "hf"
 TOKENIZER_SUBDIR = "tokenizer"
-RUN_CONFIG = "config.json"  # the resolved config main.py writes into the workdir
 
 
 @dataclasses.dataclass
@@ -104,7 +103,25 @@ def resolve_step(path: str, kind: str) -> str:
 
 def _run_config_path(step_dir: str) -> str:
   """`workdir/config.json` of a train step `workdir/checkpoints/<stage>/<step>`."""
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(step_dir))), RUN_CONFIG)
+  return str(run_paths.RunDir.of_train_step(step_dir).config_json)
+
+
+class IncompleteWeights(RuntimeError):
+  """The loader reported parameters it could not fill: the model must not be evaluated."""
+
+
+def require_complete_weights(load_report: Mapping[str, Any]) -> None:
+  """Raises IncompleteWeights when the loader's report lists missing parameters.
+
+  `load_report` is the loader's `{"missing": [names], "unexpected": [names]}`; unexpected
+  names are tolerated (the release's checkpoints carry optimizer leftovers), missing are not.
+  """
+  if "missing" not in load_report:
+    raise ValueError("load report must say which parameters are missing ('missing' key)")
+  missing = list(load_report["missing"])
+  if missing:
+    raise IncompleteWeights(f"{len(missing)} parameters did not load, refusing to evaluate: "
+                            f"{missing[:8]}")
 
 
 def run_tokenizer_dir(step_dir: str) -> str | None:
@@ -117,7 +134,7 @@ def run_tokenizer_dir(step_dir: str) -> str | None:
   try:
     with open(config_path) as f:
       config = ml_collections.ConfigDict(json.load(f))
-    found = pipeline.tokenizer_dir(config)
+    found = run_paths.tokenizer_dir(config)
   except (ValueError, KeyError, AttributeError) as e:
     raise ValueError(f"{config_path}: cannot tell the run's tokenizer: {e}") from None
   if not os.path.isdir(found):
@@ -268,15 +285,15 @@ def export_from_workdir(config: ml_collections.ConfigDict, workdir: str | epath.
                         ) -> dict[str, Any]:
   """Exports the newest checkpoint of the last stage of `config.stages` (--mode=export).
 
-  Reads `workdir/checkpoints/<stage>/<newest step>`, writes `workdir/export/<layout>` with
+  Reads the newest step of `RunDir.export_source`, writes `RunDir.export(layout)` with
   `config.export.layout` / `shard_size_gb` and the run's tokenizer
-  (`pipeline.tokenizer_dir(config)`).
+  (`run_paths.tokenizer_dir(config)`).
   """
-  workdir = os.fspath(workdir)
-  loaded = load(os.path.join(workdir, "checkpoints", config.stages[-1]),
-                tokenizer_dir=pipeline.tokenizer_dir(config))
+  run = run_paths.RunDir(workdir)
+  loaded = load(str(run.export_source(config.stages)),
+                tokenizer_dir=run_paths.tokenizer_dir(config))
   layout = config.export.layout
   return exporter.export(loaded.params, loaded.model_config,
-                         os.path.join(workdir, "export", layout),
+                         str(run.export(layout)),
                          tokenizer_dir=loaded.tokenizer_dir, layout=layout,
                          shard_size_gb=config.export.shard_size_gb)

@@ -1,4 +1,4 @@
-"""Bookkeeping of the data-efficiency experiment (tools/run_data_efficiency.py).
+"""Bookkeeping of the data-efficiency experiment (experiments/data_efficiency/run.py).
 
 The experiment crosses stage-2 arms (LM only, LM + multi-graph alignment with the exact
 solver, and with a deliberately weakened one) with stage-2 data fractions and seeds; every
@@ -39,7 +39,7 @@ from exgra_jax.eval import vqa_metrics
 ARMS = {"lm": "LM only", "align": "LM + multi-graph alignment",
         "align_weak": "LM + alignment, weakened solver",
         "lm_long": "LM only, 100 %'s steps", "align_long": "LM + alignment, 100 %'s steps"}
-# Per arm: the stage-2 config overrides that make it (tools/run_data_efficiency.py).
+# Per arm: the stage-2 config overrides that make it (experiments/data_efficiency/run.py).
 # align_weak: one round of the solver's iterated local search instead of up to 100 (the
 # Hungarian seed and one descent remain), to see whether solver quality matters.
 ARM_OVERRIDES = {"lm": ("stage2.align=False",), "align": ("stage2.align=True",),

@@ -3,8 +3,8 @@ solver, and a deliberately weakened one), at several fractions of the stage-2 da
 same epochs, and with the same steps as at 100 %: the `*_long` arms), over seeds, each run
 ending with a VQA fine-tune and a test evaluation (docs/data_efficiency.md). Not part of CI.
 
-    nice -n 10 .venv/bin/python -m tools.run_data_efficiency --out=results/data_efficiency
-    .venv/bin/python -m tools.run_data_efficiency --dry_run        # print the commands
+    nice -n 10 .venv/bin/python -m experiments.data_efficiency.run --out=results/data_efficiency
+    .venv/bin/python -m experiments.data_efficiency.run --dry_run        # print the commands
 
 Per seed: the contrastive pre-training of the tower and stage 1 (projector only; neither
 depends on the arm or the fraction) run once in `<workdir>/seed<S>/stage1`; each (fraction,
@@ -32,8 +32,9 @@ import time
 
 from absl import app, flags, logging
 
-from exgra_jax.eval import data_efficiency as de
+from experiments.data_efficiency import analysis as de
 from exgra_jax.eval import vqa_metrics
+from exgra_jax.run_paths import RunDir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,7 +133,7 @@ def plan(world_root: str) -> list[Job]:
         epochs = _STAGE2_EPOCHS.value / (fraction if arm in de.FULL_DATA_STEPS else 1.0)
         work = arm_dir(seed, fraction, arm)
         jobs.append(Job("stage2", work, _common(work, seed, "stage2", world_root) + [
-            f"--config.stage2.init_from={os.path.join(stage1_dir, 'checkpoints', 'stage1')}",
+            f"--config.stage2.init_from={RunDir(stage1_dir).stage('stage1')}",
             *[_override(o) for o in de.ARM_OVERRIDES[arm]],
             f"--config.stage2.subset_fraction={fraction}",
             f"--config.stage2.epochs={epochs:g}"] + extra))
@@ -140,7 +141,7 @@ def plan(world_root: str) -> list[Job]:
           jobs.append(Job("stage2_eval", work,
                           _common(work, seed, "stage2", world_root, mode="eval") + extra))
         jobs.append(Job("finetune", work, _common(work, seed, "finetune", world_root) + [
-            f"--config.finetune.init_from={os.path.join(work, 'checkpoints', 'stage2')}",
+            f"--config.finetune.init_from={RunDir(work).stage('stage2')}",
             f"--config.finetune.epochs={_FINETUNE_EPOCHS.value}"] + extra))
   return jobs
 
@@ -187,14 +188,14 @@ def run(job: Job) -> dict:
       logging.warning("%s in %s was complete without a kept summary: running it again",
                       job.stage, job.workdir)
       for name in (job.stage, f"{job.stage}_best"):
-        shutil.rmtree(os.path.join(job.workdir, "checkpoints", name), ignore_errors=True)
+        shutil.rmtree(RunDir(job.workdir).stage(name), ignore_errors=True)
       continue
     if summary.get("status") != "complete":
       raise RuntimeError(f"{job.stage} in {job.workdir} ended with status "
                          f"{summary.get('status')!r}; run the experiment again to resume")
     break
   record = {"stage": job.stage, "wall_s": wall, "command": job.argv, "summary": summary}
-  shutil.copyfile(os.path.join(job.workdir, "config.json"),
+  shutil.copyfile(RunDir(job.workdir).config_json,
                   os.path.join(job.workdir, f"{job.stage}_config.json"))
   tmp = job.summary_path + ".tmp"
   with open(tmp, "w") as f:
@@ -212,7 +213,7 @@ def test_kind_scores(work: str) -> dict[str, float]:
   references = vqa_metrics.read_json_or_jsonl(
       os.path.join(config["data"]["root"], config["finetune"]["test_records"]))
   answers = vqa_metrics.read_json_or_jsonl(
-      os.path.join(work, "eval", "finetune", "test", "answers.jsonl"))
+      os.path.join(RunDir(work).eval("test", "finetune"), "answers.jsonl"))
   return de.kind_scores(references, answers)
 
 

@@ -1,0 +1,1 @@
+"""Experiments built on the library (not part of the `exgra_jax` package)."""

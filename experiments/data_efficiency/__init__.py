@@ -1,0 +1,1 @@
+"""The data-efficiency experiment: runner (`run.py`), bookkeeping and chart (`analysis.py`)."""
