@@ -182,9 +182,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.stop = "###"               # stop string
   c.eval.batch_size = 8             # prompts decoded together
   c.eval.records = ""               # records for --mode=eval ("" = finetune.test_records)
-  c.eval.judge_url = ""             # OpenAI-compatible endpoint of the chatbot judge
-  c.eval.judge_model = ""           # judge model name
-  c.eval.judge_key_env = "OPENAI_API_KEY"  # environment variable holding the judge key
 
   # --- export to Hugging Face format ---------------------------------------------------
   c.export = ml_collections.ConfigDict()

@@ -15,21 +15,16 @@ import sys
 from absl import app
 from absl import flags
 
-from exgra_jax import console, run_config
+from exgra_jax import console, model_flags, run_config
 from exgra_jax.inference import prompts
 from exgra_jax.serving import engine as engine_lib
 from exgra_jax.serving.requests import Conversation, Limits, RequestError
 
-_MODEL = flags.DEFINE_string("model", None, "Checkpoint or HF directory.")
 _IMAGE = flags.DEFINE_string("image", None, "Image file to start with (PNG, JPEG, DICOM, ...).")
-_TEMPLATE = flags.DEFINE_enum("template", "simple", list(prompts.CHAT_TEMPLATES),
-                              "Conversation template (`train` for the demo's tiny model).")
+_TEMPLATE = model_flags.define_template(prompts.CHAT_TEMPLATES)
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 512, "Longest answer (tokens).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with --temperature > 0).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None,
-                                 "Tokenizer directory (for train checkpoints, which hold none).")
-_CLIP_DIR = flags.DEFINE_string("clip_dir", None, "CLIP directory (release-layout HF dirs).")
 
 HELP = "commands: /image PATH (new image, new conversation), /reset, /quit"
 
@@ -53,14 +48,11 @@ def main(argv):
   if len(argv) > 1:
     run_config.exit_usage(run_config.stray_arguments(argv[1:]))
   console.setup(flags.FLAGS.verbosity)
-  problems = [p for p in (run_config.model_problem("--model", _MODEL.value),
-                          _IMAGE.value and run_config.path_problem("--image", _IMAGE.value))
-              if p]
+  problems = model_flags.problems(_IMAGE.value)
   if problems:
     run_config.exit_usage("\n".join(problems))
-  served = engine_lib.load_model(_MODEL.value, tokenizer_dir=_TOKENIZER.value,
-                                 clip_dir=_CLIP_DIR.value, template=_TEMPLATE.value,
-                                 default_max_tokens=_MAX_TOKENS.value)
+  served = engine_lib.load_model(model_flags.MODEL.value, **model_flags.loader_args(),
+                                 template=_TEMPLATE.value, default_max_tokens=_MAX_TOKENS.value)
   conversation = Conversation(read_image(_IMAGE.value) if _IMAGE.value else None)
   settings = dict(temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
   engine = engine_lib.Engine(served, 1)

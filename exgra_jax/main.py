@@ -76,19 +76,15 @@ def checkpoint_problem(config, workdir: epath.Path) -> str | None:
             "model, tools/export_hf.py exports any checkpoint)")
   if _MODE.value == "train":
     return None
-  from exgra_jax.weights import loading  # pylint: disable=g-import-not-at-top
   if _CHECKPOINT.value:
-    if url := run_config.url_problem("--checkpoint", _CHECKPOINT.value):
-      return url
-    if not epath.Path(_CHECKPOINT.value).exists():
-      return (f"--checkpoint={_CHECKPOINT.value} does not exist: pass a train checkpoint, a "
-              "params checkpoint of tools/import_hf.py or a Hugging Face directory")
-    return loading.not_a_checkpoint(_CHECKPOINT.value)
+    problem = run_config.model_problem("--checkpoint", _CHECKPOINT.value)
+    return problem and (f"{problem} (pass a train checkpoint, a params checkpoint of "
+                        "tools/import_hf.py or a Hugging Face directory)")
   run = run_paths.RunDir(workdir)
   path = (run.export_source(config.stages) if _MODE.value == "export"
           else run.answering_checkpoint(config.stages))
   if path.exists():
-    return loading.not_a_checkpoint(str(path))
+    return run_config.model_problem("--workdir", str(path))
   return (f"--mode={_MODE.value}: no checkpoint of stage {config.stages[-1]!r} in {workdir} "
           f"({path} does not exist): train first with --mode=train and the same --config "
           "and --workdir" + (", or pass --checkpoint=DIR (a train or params checkpoint, or a "

@@ -29,7 +29,7 @@ from exgra_jax.models import config as model_config
 
 # The allowed values of the choice settings, each asked of the module that owns it where
 # that module is light to import (the alignment's and the data's are repeated here: their
-# owners import jax; tests/test_configuration.py checks the copies against them).
+# owners import jax; tests/test_configuration_owners.py checks the copies against them).
 CHOICES = {
     "model.connector": model_config.CONNECTORS,
     "model.dtype": model_config.DTYPES,

@@ -19,13 +19,12 @@ import sys
 from absl import app
 from absl import flags
 
-from exgra_jax import console, run_config
+from exgra_jax import console, model_flags, run_config
 from exgra_jax.inference import prompts
 from exgra_jax.serving import engine as engine_lib
 from exgra_jax.serving import http_api
 from exgra_jax.serving.requests import Limits
 
-_MODEL = flags.DEFINE_string("model", None, "Checkpoint or HF directory.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0 = every interface).")
 _PORT = flags.DEFINE_integer("port", 8000, "TCP port (0 = any free port).")
 _IMAGE_ROOT = flags.DEFINE_string("image_root", None,
@@ -35,9 +34,7 @@ _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Most requests decoded togeth
 _DECODE_STEPS = flags.DEFINE_integer(
     "decode_steps", 1, "Decode steps per host round trip: 1 = requests stream, join and "
     "leave at every token; N > 1 = every N tokens, with N times fewer synchronisations.")
-_TEMPLATE = flags.DEFINE_enum("template", "simple", list(prompts.CHAT_TEMPLATES),
-                              "Conversation template (docs/eval.md; `train` for models that know "
-                              "only the training template, e.g. the demo's tiny model).")
+_TEMPLATE = model_flags.define_template(prompts.CHAT_TEMPLATES)
 _MAX_CONTEXT = flags.DEFINE_integer(
     "max_context", None, "Prompt + answer tokens per request (default: the model's context): "
     "the KV cache's length, which every decode step reads, and the longest prompt bucket.")
@@ -46,9 +43,6 @@ _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 512,
 _MAX_IMAGE_MB = flags.DEFINE_float("max_image_mb", 20.0, "Largest image file (MiB).")
 _MAX_IMAGE_PIXELS = flags.DEFINE_integer("max_image_pixels", 40_000_000,
                                          "Largest image (width x height).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None,
-                                 "Tokenizer directory (for train checkpoints, which hold none).")
-_CLIP_DIR = flags.DEFINE_string("clip_dir", None, "CLIP directory (release-layout HF dirs).")
 _NAME = flags.DEFINE_string("name", None, "Model name in the API (default: --model's basename).")
 
 
@@ -76,21 +70,18 @@ def main(argv):
   if len(argv) > 1:
     run_config.exit_usage(run_config.stray_arguments(argv[1:]))
   console.setup(flags.FLAGS.verbosity)
-  problems = [p for p in (run_config.model_problem("--model", _MODEL.value),
-                          bind_problem(_HOST.value, _PORT.value),
-                          _IMAGE_ROOT.value and run_config.path_problem(
-                              "--image_root", _IMAGE_ROOT.value, "dir"),
-                          _MAX_BATCH.value < 1 and f"--max_batch={_MAX_BATCH.value} must be >= 1",
-                          _DECODE_STEPS.value < 1
-                          and f"--decode_steps={_DECODE_STEPS.value} must be >= 1",
-                          _MAX_CONTEXT.value is not None and _MAX_CONTEXT.value < 2
-                          and f"--max_context={_MAX_CONTEXT.value} must be >= 2")
-              if p]
+  problems = model_flags.problems() + [p for p in (
+      bind_problem(_HOST.value, _PORT.value),
+      _IMAGE_ROOT.value and run_config.path_problem("--image_root", _IMAGE_ROOT.value, "dir"),
+      _MAX_BATCH.value < 1 and f"--max_batch={_MAX_BATCH.value} must be >= 1",
+      _DECODE_STEPS.value < 1 and f"--decode_steps={_DECODE_STEPS.value} must be >= 1",
+      _MAX_CONTEXT.value is not None and _MAX_CONTEXT.value < 2
+      and f"--max_context={_MAX_CONTEXT.value} must be >= 2") if p]
   if problems:
     run_config.exit_usage("\n".join(problems))
-  served = engine_lib.load_model(_MODEL.value, tokenizer_dir=_TOKENIZER.value,
-                                 clip_dir=_CLIP_DIR.value, name=_NAME.value,
-                                 template=_TEMPLATE.value, default_max_tokens=_MAX_TOKENS.value,
+  served = engine_lib.load_model(model_flags.MODEL.value, **model_flags.loader_args(),
+                                 name=_NAME.value, template=_TEMPLATE.value,
+                                 default_max_tokens=_MAX_TOKENS.value,
                                  max_context=_MAX_CONTEXT.value)
   # The engine thread waits for the device and then needs the interpreter back at once,
   # while handler threads decode images and parse JSON: with the default 5 ms switch

@@ -89,3 +89,25 @@ def test_predict_refuses_a_checkpoint_without_tokenizer(run, tmp_path):
        f"--image={os.path.join(demo_world, 'images', 'MR_small.dcm')}", "--question=What?"],
       cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
   assert cli.returncode != 0 and "--tokenizer" in cli.stderr
+
+
+def test_zero_shot_tool_answers_the_demo_omnimed_items(run, tmp_path):
+  demo_world, workdir, model, params = run
+  with open(os.path.join(demo_world, "omnimed", "demo_world.json")) as f:
+    items = json.load(f)[:3]
+  (tmp_path / "items.json").write_text(json.dumps(items))
+  cli = subprocess.run(
+      [sys.executable, "tools/zero_shot.py",
+       f"--model={workdir / 'checkpoints' / 'finetune_best'}", f"--items={tmp_path}/items.json",
+       f"--image_root={demo_world}", f"--out={tmp_path}/out", "--template=train",
+       "--max_new_tokens=4", "--batch_size=2"],
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  assert cli.returncode == 0, cli.stderr[-3000:]
+  accuracy = json.loads(cli.stdout[cli.stdout.index("{"):])
+  with open(tmp_path / "out" / "answers.jsonl") as f:
+    answers = {r["question_id"]: r["text"] for r in map(json.loads, f)}
+  assert sorted(answers) == sorted(i["question_id"] for i in items)
+  from exgra_jax.eval import zero_shot  # pylint: disable=g-import-not-at-top
+  assert accuracy == zero_shot.accuracy_per_dataset(items, answers)
+  with open(tmp_path / "out" / "zero_shot_accuracy.json") as f:
+    assert json.load(f) == accuracy

@@ -1,11 +1,16 @@
 """Chat client, judge and caption extension against a real HTTP server on loopback."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from exgra_jax.llm_clients import caption_extension, judge
 from exgra_jax.llm_clients.chat_client import ChatClient, ChatError
 from eval_chat_server import chat_server
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _client(url, **kw):
@@ -122,3 +127,23 @@ def test_extension_rejects_bad_input(tmp_path):
                                      str(tmp_path / "o.json"), progress=False)
   with pytest.raises(caption_extension.InvalidRevision, match="paragraph"):
     caption_extension.parse_revision('{"revision": "a\\nb"}', "x" * 10)
+
+
+def test_judge_tool_runs_the_protocol_from_files(tmp_path):
+  """tools/judge.py as a user runs it: answer files in, relative scores out, exit 1 while a
+  question could not be rated."""
+  files = {"questions": _questions(),
+           "references": [{"question_id": "1", "text": "R1"}, {"question_id": "2", "text": "R2"}],
+           "answers": [{"question_id": "1", "text": "A1"}, {"question_id": "2", "text": "A2"}]}
+  for name, rows in files.items():
+    (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  with chat_server(lambda body: (200, "9 6\nfine", 0)) as (url, requests):
+    out = subprocess.run(
+        [sys.executable, "tools/judge.py", *(f"--{n}={tmp_path}/{n}.jsonl" for n in files),
+         f"--reviews={tmp_path}/reviews.jsonl", f"--url={url}", "--model=m"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads(out.stdout[out.stdout.index("{"):])
+  assert summary["overall"] == {"relative_score": 100 * 6 / 9, "reference_mean": 9.0,
+                                "model_mean": 6.0, "count": 2}
+  assert len(requests) == 2 and summary["failed"] == []

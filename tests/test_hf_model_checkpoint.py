@@ -1,4 +1,4 @@
-"""`weights/checkpoints`: params from a train checkpoint (no optimizer structure needed,
+"""`weights/loading`: params from a train checkpoint (no optimizer structure needed,
 `gnn` dropped), a stage directory (newest step), a params-only checkpoint and an HF
 directory, with the missing / unexpected report; `loading.export_from_workdir`."""
 import os

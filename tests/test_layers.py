@@ -16,7 +16,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
                        "exgra_jax")
 RANK = {"models": 0, "align": 0, "data": 0, "run_paths": 0, "temp_paths": 0, "console": 0,
         "hf": 1, "weights": 2, "inference": 3, "eval": 4, "train": 5, "llm_clients": 5,
-        "run_config": 6, "main": 6, "predict": 6, "serving": 6, "serve": 6, "chat": 6}
+        "run_config": 6, "model_flags": 7, "main": 7, "predict": 7, "serving": 7, "serve": 7,
+        "chat": 7}
 GROUND = ("models", "align", "data")  # none imports another (helper modules are fine)
 
 

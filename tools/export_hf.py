@@ -33,7 +33,7 @@ _ADAPTER_ONLY = flags.DEFINE_bool("adapter_only", False, "write the LoRA adapter
 def main(argv):
   del argv
   console.setup(flags.FLAGS.verbosity)
-  from exgra_jax.hf import exporter, importer, peft_adapter  # pylint: disable=g-import-not-at-top
+  from exgra_jax.hf import importer, peft_adapter  # pylint: disable=g-import-not-at-top
   from exgra_jax.models import adapters  # pylint: disable=g-import-not-at-top
   from exgra_jax.weights import loading  # pylint: disable=g-import-not-at-top
   problems = [p for p in (
@@ -44,28 +44,27 @@ def main(argv):
   if problems:
     run_config.exit_usage("\n".join(problems))
   try:
-    loaded = loading.load(_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value,
-                              keep_adapters=_ADAPTER_ONLY.value)
-  except importer.USER_ERRORS as e:  # an HF directory that does not import: the fix
+    if _ADAPTER_ONLY.value:
+      print(json.dumps(_peft_adapter(loading, adapters, peft_adapter), indent=2))
+      return
+    result = loading.export_checkpoint(
+        _CHECKPOINT.value, _OUT.value, tokenizer_dir=_TOKENIZER.value, layout=_LAYOUT.value,
+        shard_size_gb=_SHARD.value, dtype=_DTYPE.value)
+  except (*importer.USER_ERRORS, loading.NoTokenizer) as e:  # the message says the fix
     run_config.exit_usage(str(e))
-  if _ADAPTER_ONLY.value:
-    if not adapters.adapter_paths(loaded.params):
-      run_config.exit_usage(f"{_CHECKPOINT.value} holds no LoRA adapters (--adapter_only "
-                               "needs a train checkpoint of a stage with lora.rank > 0)")
-    lora = loading.run_lora_settings(loaded.path)
-    result = peft_adapter.write_peft_adapter(loaded.params, loaded.model_config.to_dict(),
-                                             _OUT.value, rank=lora.rank, alpha=lora.alpha,
-                                             dropout=lora.dropout)
-    print(json.dumps(result, indent=2))
-    return
-  if not loaded.tokenizer_dir:
-    run_config.exit_usage(f"{_CHECKPOINT.value}: no tokenizer found with it (no saved "
-                             "tokenizer/, no run config.json): pass --tokenizer=DIR")
-  result = exporter.export(loaded.params, loaded.model_config, _OUT.value,
-                           tokenizer_dir=loaded.tokenizer_dir, layout=_LAYOUT.value,
-                           shard_size_gb=_SHARD.value, dtype=_DTYPE.value)
-  print(json.dumps({**result, "report": loaded.report}, indent=2))
+  print(json.dumps(result, indent=2))
 
+
+def _peft_adapter(loading, adapters, peft_adapter) -> dict:
+  """--adapter_only: the checkpoint's LoRA adapters as a PEFT adapter directory."""
+  loaded = loading.load(_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value, keep_adapters=True)
+  if not adapters.adapter_paths(loaded.params):
+    run_config.exit_usage(f"{_CHECKPOINT.value} holds no LoRA adapters (--adapter_only "
+                          "needs a train checkpoint of a stage with lora.rank > 0)")
+  lora = loading.run_lora_settings(loaded.path)
+  return peft_adapter.write_peft_adapter(loaded.params, loaded.model_config.to_dict(),
+                                         _OUT.value, rank=lora.rank, alpha=lora.alpha,
+                                         dropout=lora.dropout)
 
 if __name__ == "__main__":
   app.run(main)

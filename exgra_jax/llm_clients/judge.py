@@ -15,11 +15,8 @@ Reviews are appended to a jsonl as each is finished; a rerun skips reviewed ques
 from __future__ import annotations
 
 import collections
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import ml_collections
 
 from exgra_jax.llm_clients.chat_client import ChatClient, ChatError
 from exgra_jax.eval.jsonl_store import JsonlStore
@@ -38,12 +35,6 @@ RULE = ("We would like to request your feedback on the performance of two AI ass
         "please provide a comprehensive explanation of your evaluation, avoiding any "
         "potential bias and ensuring that the order in which the responses were presented "
         "does not affect your judgment.")
-
-
-def client_from_config(config: ml_collections.ConfigDict) -> ChatClient:
-  """The judge endpoint of config.eval; the key is read from the env var it names."""
-  return ChatClient(url=config.eval.judge_url, model=config.eval.judge_model,
-                    api_key=os.environ.get(config.eval.judge_key_env, ""))
 
 
 def question_domain(question: Mapping[str, Any]) -> str:

@@ -281,19 +281,33 @@ def save_params(directory: str, params: Mapping[str, Any],
   multihost_utils.sync_global_devices("exgra_jax.save_params.done")
 
 
+class NoTokenizer(ValueError):
+  """A checkpoint to export or answer with came with no tokenizer and none was given."""
+
+
+def export_checkpoint(path: str, out_dir: str, *, tokenizer_dir: str | None = None,
+                      layout: str = "llava", shard_size_gb: float = 5.0,
+                      dtype: str | None = None) -> dict[str, Any]:
+  """Any checkpoint `load` reads -> an HF directory `out_dir` (hf/exporter.py); the one
+  export of `tools/export_hf.py` and `--mode=export`. Its result carries the load report."""
+  loaded = load(path, tokenizer_dir=tokenizer_dir)
+  if not loaded.tokenizer_dir:
+    raise NoTokenizer(f"{path}: no tokenizer found with it (no saved tokenizer/, no run "
+                      "config.json): pass --tokenizer=DIR")
+  result = exporter.export(loaded.params, loaded.model_config, out_dir,
+                           tokenizer_dir=loaded.tokenizer_dir, layout=layout,
+                           shard_size_gb=shard_size_gb, dtype=dtype)
+  return {**result, "report": loaded.report}
+
+
 def export_from_workdir(config: ml_collections.ConfigDict, workdir: str | epath.Path
                         ) -> dict[str, Any]:
-  """Exports the newest checkpoint of the last stage of `config.stages` (--mode=export).
-
-  Reads the newest step of `RunDir.export_source`, writes `RunDir.export(layout)` with
-  `config.export.layout` / `shard_size_gb` and the run's tokenizer
-  (`run_paths.tokenizer_dir(config)`).
-  """
+  """--mode=export: `export_checkpoint` of the run's `RunDir.export_source` (the newest step
+  of the last stage) to `RunDir.export(config.export.layout)`, with the run's tokenizer."""
   run = run_paths.RunDir(workdir)
-  loaded = load(str(run.export_source(config.stages)),
-                tokenizer_dir=run_paths.tokenizer_dir(config))
   layout = config.export.layout
-  return exporter.export(loaded.params, loaded.model_config,
-                         str(run.export(layout)),
-                         tokenizer_dir=loaded.tokenizer_dir, layout=layout,
-                         shard_size_gb=config.export.shard_size_gb)
+  result = export_checkpoint(str(run.export_source(config.stages)), str(run.export(layout)),
+                             tokenizer_dir=run_paths.tokenizer_dir(config), layout=layout,
+                             shard_size_gb=config.export.shard_size_gb)
+  del result["report"]  # a run's own checkpoint: complete by construction
+  return result
