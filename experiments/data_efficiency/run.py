@@ -3,7 +3,8 @@ solver, and a deliberately weakened one), at several fractions of the stage-2 da
 same epochs, and with the same steps as at 100 %: the `*_long` arms), over seeds, each run
 ending with a VQA fine-tune and a test evaluation (docs/data_efficiency.md). Not part of CI.
 
-    nice -n 10 .venv/bin/python -m experiments.data_efficiency.run --out=results/data_efficiency
+    nice -n 10 .venv/bin/python -m experiments.data_efficiency.run \
+        --out=experiments/data_efficiency/results/first_run
     .venv/bin/python -m experiments.data_efficiency.run --dry_run        # print the commands
 
 Per seed: the contrastive pre-training of the tower and stage 1 (projector only; neither
@@ -38,7 +39,7 @@ from exgra_jax.run_paths import RunDir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_OUT = flags.DEFINE_string("out", "results/data_efficiency",
+_OUT = flags.DEFINE_string("out", "experiments/data_efficiency/results/first_run",
                            "where table.md, table.json and chart.png go")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/data_efficiency",
                                "run directories (checkpoints, logs, summaries); not committed")
