@@ -188,8 +188,9 @@ def run(job: Job) -> dict:
       # metrics (only the fine-tune's test), so run it again from its start.
       logging.warning("%s in %s was complete without a kept summary: running it again",
                       job.stage, job.workdir)
-      for name in (job.stage, f"{job.stage}_best"):
-        shutil.rmtree(RunDir(job.workdir).stage(name), ignore_errors=True)
+      run_dir = RunDir(job.workdir)
+      for path in (run_dir.stage(job.stage), run_dir.best(job.stage)):
+        shutil.rmtree(path, ignore_errors=True)
       continue
     if summary.get("status") != "complete":
       raise RuntimeError(f"{job.stage} in {job.workdir} ended with status "
