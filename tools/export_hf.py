@@ -33,8 +33,7 @@ _ADAPTER_ONLY = flags.DEFINE_bool("adapter_only", False, "write the LoRA adapter
 def main(argv):
   del argv
   console.setup(flags.FLAGS.verbosity)
-  from exgra_jax.hf import importer, peft_adapter  # pylint: disable=g-import-not-at-top
-  from exgra_jax.models import adapters  # pylint: disable=g-import-not-at-top
+  from exgra_jax.hf import importer  # pylint: disable=g-import-not-at-top
   from exgra_jax.weights import loading  # pylint: disable=g-import-not-at-top
   problems = [p for p in (
       run_config.model_problem("--checkpoint", _CHECKPOINT.value),
@@ -45,7 +44,7 @@ def main(argv):
     run_config.exit_usage("\n".join(problems))
   try:
     if _ADAPTER_ONLY.value:
-      print(json.dumps(_peft_adapter(loading, adapters, peft_adapter), indent=2))
+      print(json.dumps(_peft_adapter(), indent=2))
       return
     result = loading.export_checkpoint(
         _CHECKPOINT.value, _OUT.value, tokenizer_dir=_TOKENIZER.value, layout=_LAYOUT.value,
@@ -55,8 +54,11 @@ def main(argv):
   print(json.dumps(result, indent=2))
 
 
-def _peft_adapter(loading, adapters, peft_adapter) -> dict:
+def _peft_adapter() -> dict:
   """--adapter_only: the checkpoint's LoRA adapters as a PEFT adapter directory."""
+  from exgra_jax.hf import peft_adapter  # pylint: disable=g-import-not-at-top
+  from exgra_jax.models import adapters  # pylint: disable=g-import-not-at-top
+  from exgra_jax.weights import loading  # pylint: disable=g-import-not-at-top
   loaded = loading.load(_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value, keep_adapters=True)
   if not adapters.adapter_paths(loaded.params):
     run_config.exit_usage(f"{_CHECKPOINT.value} holds no LoRA adapters (--adapter_only "
@@ -65,6 +67,7 @@ def _peft_adapter(loading, adapters, peft_adapter) -> dict:
   return peft_adapter.write_peft_adapter(loaded.params, loaded.model_config.to_dict(),
                                          _OUT.value, rank=lora.rank, alpha=lora.alpha,
                                          dropout=lora.dropout)
+
 
 if __name__ == "__main__":
   app.run(main)
