@@ -1,4 +1,4 @@
-"""Weight-only quantized answering (`--quantize`, eval/single_question.load_for_generation):
+"""Weight-only quantized answering (`--quantize`, inference/single_question.load_for_generation):
 the answers of an int8 tiny model to the demo world's VQA test questions against its float32
 self's (the issue's >= 95 % target is for a trained model; see the test's docstring)."""
 import json
