@@ -27,7 +27,8 @@ import ml_collections
 from etils import epath
 
 from exgra_jax.data import pipeline
-from exgra_jax.eval import single_question, vqa, vqa_metrics
+from exgra_jax.eval import vqa, vqa_metrics
+from exgra_jax.inference import single_question
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "finished train run (config.json + checkpoints)",
