@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from exgra_jax.data import pipeline
+from exgra_jax import run_paths
 from exgra_jax.eval import vqa, vqa_metrics
 from exgra_jax.inference import single_question
 
@@ -67,7 +67,7 @@ def main(argv):
   for variant in FLAGS.variants:
     start = time.perf_counter()
     model, params, _ = single_question.load_for_generation(
-        checkpoint, tokenizer_dir=pipeline.tokenizer_dir(config),
+        checkpoint, tokenizer_dir=run_paths.tokenizer_dir(config),
         quantize="" if variant == "float" else variant)
     output_dir = os.path.join(out, variant)
     # load_for_generation has refused incomplete weights already.
