@@ -24,7 +24,6 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 import ml_collections
-from etils import epath
 
 from exgra_jax import run_paths
 from exgra_jax.eval import vqa, vqa_metrics
@@ -52,9 +51,9 @@ def weight_bytes(params) -> int:
 
 def main(argv):
   del argv
-  workdir = epath.Path(FLAGS.workdir)
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  checkpoint = FLAGS.checkpoint or str(vqa.default_checkpoint(config, workdir))
+  run = run_paths.RunDir(FLAGS.workdir)
+  config = ml_collections.ConfigDict(json.loads(run.config_json.read_text()))
+  checkpoint = FLAGS.checkpoint or str(run.answering_checkpoint(config.stages))
   out = FLAGS.out or tempfile.mkdtemp(prefix="bench_quantize_")
   records = str(vqa.vqa_inputs(config, config.finetune.test_records).data_files["records"])
   if FLAGS.limit:
