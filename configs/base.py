@@ -182,6 +182,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.stop = "###"               # stop string
   c.eval.batch_size = 8             # prompts decoded together
   c.eval.records = ""               # records for --mode=eval ("" = finetune.test_records)
+  c.eval.quantize = ""              # "" | int8 | int4: weight-only LLM projections (docs/train.md)
 
   # --- export to Hugging Face format ---------------------------------------------------
   c.export = ml_collections.ConfigDict()

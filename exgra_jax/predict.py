@@ -14,15 +14,12 @@ from absl import flags
 
 from exgra_jax import console, model_flags, run_config
 from exgra_jax.inference import prompts, single_question
-from exgra_jax.models import adapters
 
 _IMAGE = flags.DEFINE_string("image", None, "Image file (JPEG, PNG, TIFF, DICOM).")
 _QUESTION = flags.DEFINE_string("question", None, "The question.")
 _TEMPLATE = model_flags.define_template(prompts.TEMPLATES)
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Decoding limit.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_QUANTIZE = flags.DEFINE_enum("quantize", "", ["", *adapters.QUANTIZED],
-                              "Weight-only quantization of the LLM's projections (qwix).")
 
 
 def main(argv):
@@ -37,7 +34,7 @@ def main(argv):
   print(single_question.answer_from_checkpoint(
       model_flags.MODEL.value, _IMAGE.value, _QUESTION.value, template=_TEMPLATE.value,
       max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-      quantize=_QUANTIZE.value, **model_flags.loader_args()))
+      **model_flags.loader_args()))
 
 
 if __name__ == "__main__":

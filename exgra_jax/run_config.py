@@ -25,6 +25,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from exgra_jax import run_paths
+from exgra_jax.models import adapters
 from exgra_jax.models import config as model_config
 
 # The allowed values of the choice settings, each asked of the module that owns it where
@@ -45,6 +46,7 @@ CHOICES = {
     "data.demo_world": ("", "small", "medium"),
     "optim.schedule": ("cosine", "constant"),
     "eval.template": ("simple", "train", "none"),
+    "eval.quantize": ("", *adapters.QUANTIZED),
     "export.layout": ("llava", "release"),
     "distributed.mode": ("none", "auto", "explicit"),
     "distributed.cpu_collectives": ("gloo", "mpi"),

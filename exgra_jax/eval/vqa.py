@@ -23,7 +23,7 @@ from exgra_jax.data import text
 from exgra_jax.data import records as records_lib
 from exgra_jax.eval import answers, report, vqa_metrics
 from exgra_jax.inference import generate, prompts, single_question
-from exgra_jax.models.config import LlavaConfig, num_image_tokens
+from exgra_jax.models.config import num_image_tokens
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.weights import loading
 from exgra_jax.weights.checksum import parameter_checksum
@@ -123,7 +123,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
              checkpoint: str | None = None) -> dict[str, Any]:
   """`--mode=eval`: the test split (`eval.records`, else `finetune.test_records`) answered by
   `checkpoint` (default: the fine-tune's best, else the newest checkpoint of the last
-  stage); answers, metrics and the protocol report go to `workdir/eval/<split name>`.
+  stage), weight-only quantized as config.eval.quantize says; answers, metrics and the protocol report go to `workdir/eval/<split name>`.
   Returns the metrics with the `checkpoint` evaluated and that `output_dir`."""
   records = config.eval.records or config.finetune.test_records
   if not records:
@@ -132,9 +132,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   run = run_paths.RunDir(workdir)
   checkpoint = checkpoint or str(run.answering_checkpoint(config.stages))
   loaded = loading.load(checkpoint, tokenizer_dir=run_paths.tokenizer_dir(config))
-  model = LlavaModel(LlavaConfig.from_config(loaded.model_config))
+  model, params = single_question.answering_model(loaded.model_config, loaded.params,
+                                                  config.eval.quantize)
   output_dir = str(run.eval(epath.Path(records).stem))
-  metrics = evaluate_split(config, model, loaded.params, records=records,
+  metrics = evaluate_split(config, model, params, records=records,
                            image_root=config.finetune.image_root,
                            candidates=config.finetune.candidates, output_dir=output_dir,
                            checkpoint=checkpoint, load_report=loaded.report)

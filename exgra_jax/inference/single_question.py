@@ -46,22 +46,31 @@ def answer_question(model: LlavaModel, params, tokenizer, image_path: str, quest
   return answer
 
 
+def answering_model(model_config: Any, params: Any, quantize: str = ""
+                    ) -> tuple[LlavaModel, Any]:
+  """(model, params) that answer with loaded weights: `model_config` (a checkpoint's
+  `model_config`) built as a LlavaModel, and with quantize = int8 | int4 the LLM's projections
+  weight-only quantized (models/adapters.py: qwix PTQ, answering through its quantized
+  matmuls). The one hook every answering path takes (predict, chat, serve, --mode=eval)."""
+  model = LlavaModel(LlavaConfig.from_config(model_config))
+  if not quantize:
+    return model, params
+  model = adapters.quantized_model(model, quantize)
+  return model, adapters.quantize_params(model, params)
+
+
 def load_for_generation(model_dir: str, *, tokenizer_dir: str | None = None,
                         clip_dir: str | None = None, quantize: str = ""):
   """(model, params, tokenizer) of anything `weights.loading.load` reads (train /
   params-only checkpoint, HF directory). Refuses incomplete weights and a missing tokenizer.
 
-  quantize: "" (as stored) | int8 | int4: the LLM's projections weight-only quantized
-  (models/adapters.py); the model then answers through qwix's quantized matmuls.
+  quantize: "" (as stored) | int8 | int4 (`answering_model`).
   """
   loaded = loading.load(model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir)
   loading.require_complete_weights(loaded.report)
   if not loaded.tokenizer_dir:
     raise ValueError(f"{model_dir} holds no tokenizer: pass --tokenizer=DIR")
-  model, params = LlavaModel(LlavaConfig.from_config(loaded.model_config)), loaded.params
-  if quantize:
-    model = adapters.quantized_model(model, quantize)
-    params = adapters.quantize_params(model, params)
+  model, params = answering_model(loaded.model_config, loaded.params, quantize)
   return model, params, text.load_tokenizer(loaded.tokenizer_dir, model.cfg.image_tokens)
 
 
@@ -81,13 +90,14 @@ def answer_from_checkpoint(model_dir: str, image: str, question: str, *,
 def answer_from_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, *,
                         image: str | None, question: str | None) -> dict[str, Any]:
   """`main --mode=predict`: `answer_from_checkpoint` on the run's answering checkpoint
-  (`RunDir.answering_checkpoint`: the best, else the newest), with config.eval's template
-  and decoding."""
+  (`RunDir.answering_checkpoint`: the best, else the newest), with config.eval's template,
+  decoding and quantization."""
   if not image or not question:
     raise ValueError("--mode=predict needs --image and --question")
   checkpoint = str(run_paths.RunDir(workdir).answering_checkpoint(config.stages))
   answer = answer_from_checkpoint(checkpoint, image, question, template=config.eval.template,
                                   max_new_tokens=config.eval.max_new_tokens,
                                   temperature=config.eval.temperature, stop=config.eval.stop,
-                                  tokenizer_dir=run_paths.tokenizer_dir(config))
+                                  tokenizer_dir=run_paths.tokenizer_dir(config),
+                                  quantize=config.eval.quantize)
   return {"checkpoint": checkpoint, "image": image, "question": question, "answer": answer}

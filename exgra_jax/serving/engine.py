@@ -69,12 +69,13 @@ class ServedModel:
 def load_model(model_dir: str, *, tokenizer_dir: str | None = None,
                clip_dir: str | None = None, name: str | None = None,
                template: str = "simple", default_max_tokens: int = 512,
-               max_context: int | None = None) -> ServedModel:
-  """Anything `weights.loading.load` reads; refuses incomplete weights."""
+               max_context: int | None = None, quantize: str = "") -> ServedModel:
+  """Anything `weights.loading.load` reads; refuses incomplete weights. quantize: int8 |
+  int4 weight-only (`single_question.answering_model`)."""
   if template not in prompts.CHAT_TEMPLATES:
     raise ValueError(f"template must be one of {prompts.CHAT_TEMPLATES}, got {template!r}")
   model, params, tokenizer = single_question.load_for_generation(
-      model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir)
+      model_dir, tokenizer_dir=tokenizer_dir, clip_dir=clip_dir, quantize=quantize)
   return ServedModel(model=model, params=params, tokenizer=tokenizer,
                      name=name or os.path.basename(os.path.normpath(model_dir)),
                      template=template, default_max_tokens=default_max_tokens,
