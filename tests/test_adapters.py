@@ -12,16 +12,11 @@ import pytest
 from flax import linen as nn
 
 from exgra_jax.models import adapters
-from exgra_jax.models.config import LlavaConfig, LlmConfig, VisionConfig
+from exgra_jax.models.config import LlavaConfig
 from exgra_jax.models.llava import LlavaModel, init_boxed_params
 
-IMAGE_TOKEN = 63
-CFG = LlavaConfig(
-    vision=VisionConfig(image_size=28, patch_size=7, hidden_size=32, num_layers=3, num_heads=4,
-                        intermediate_size=64),
-    llm=LlmConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_layers=2,
-                  num_heads=4, num_kv_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6),
-    connector="none", projector="mlp2x_gelu")
+from test_models_llava import CFG, IMAGE_TOKEN  # the tiny LLaVA the model tests check
+
 PROJECTIONS = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
                "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
 SETTINGS = adapters.LoraSettings(rank=4, alpha=8.0, base="float32")
