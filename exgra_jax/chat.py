@@ -56,6 +56,7 @@ def main(argv):
   conversation = Conversation(read_image(_IMAGE.value) if _IMAGE.value else None)
   settings = dict(temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
   engine = engine_lib.Engine(served, 1)
+  engine.warm_up_and_say()
   try:
     _chat(served, engine, conversation, settings)
   finally:

@@ -88,9 +88,7 @@ def main(argv):
   # interval every decode step could wait that long for them.
   sys.setswitchinterval(0.0005)
   engine = engine_lib.Engine(served, _MAX_BATCH.value, decode_steps=_DECODE_STEPS.value)
-  report = engine.warm_up()
-  print(f"compiled {report.programs} programs in {report.seconds:.1f} s "
-        f"(context {served.context_length})", flush=True)
+  engine.warm_up_and_say()
   limits = Limits(max_image_bytes=int(_MAX_IMAGE_MB.value * 2**20),
                   max_image_pixels=_MAX_IMAGE_PIXELS.value)
   try:

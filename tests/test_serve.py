@@ -240,6 +240,7 @@ def test_no_compilation_under_traffic_after_warm_up(model_dir, demo_world):
   try:
     report = engine.warm_up()
     assert report.programs == len(engine.programs.all_shapes()) == len(compiles) > 0
+    assert engine.stats.steps == engine.stats.prefills == 0  # its requests are not traffic
     compiles.clear()
     names = [n for n in _images(demo_world) if n.endswith((".png", ".jpg"))][:3]
     questions = ["What is shown?", "Which organ is shown in this image, and on which side?",
@@ -367,7 +368,8 @@ def test_terminal_chat_answers_like_predict_and_keeps_the_conversation(server, m
        "--template=train", f"--max_tokens={MAX_TOKENS}"],
       input=session, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  lines = result.stdout.split("\n")
+  compiled, *lines = result.stdout.split("\n")  # warmed up before the first question
+  assert re.match(r"compiled \d+ programs in [\d.]+ s \(context \d+\)", compiled), compiled
   assert lines[1] == expected and lines[2].startswith("unknown command /bogus")
   assert lines[4] == "(new conversation)" and lines[5] == expected
   conversation = Conversation(b"image")
