@@ -15,6 +15,7 @@ process 0 appends anything.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from exgra_jax.eval.jsonl_store import JsonlStore
+from exgra_jax.inference import generate
+
+ANSWERS_FILE = "answers.jsonl"
 
 
 def answer_record(question_id: str, prompt: str, text: str, model_id: str,
@@ -66,3 +70,26 @@ def answer_all(questions: Sequence[tuple[str, str]],
     for (qid, prompt), text in zip(chunk, texts):
       store.add(answer_record(qid, prompt, text, model_id))
   return [store.records[str(qid)] for qid, _ in questions]
+
+
+def answer_about_images(questions: Sequence[tuple[str, str]],
+                        items: Mapping[str, Mapping[str, Any]],
+                        load_pixels: Callable[[Mapping[str, Any]], np.ndarray],
+                        model, params, tokenizer, settings: generate.GenerationSettings,
+                        output_dir: str, model_id: str,
+                        batch_sharding: jax.sharding.Sharding | None = None
+                        ) -> list[dict[str, Any]]:
+  """(question id, prompt) pairs about the image of `items[question id]` -> their records
+  (`answer_all`), `settings.batch_size` prompts per `generate.answer_prompts` call,
+  written resumably to `output_dir/answers.jsonl`.
+
+  `load_pixels(item)` returns the item's CLIP-preprocessed image [S, S, 3].
+  """
+  def answer_batch(chunk: Sequence[tuple[str, str]]) -> list[str]:
+    pixels = np.stack([load_pixels(items[qid]) for qid, _ in chunk])
+    return generate.answer_prompts(model, params, tokenizer, [p for _, p in chunk], pixels,
+                                   settings, batch_sharding=batch_sharding)
+
+  os.makedirs(output_dir, exist_ok=True)
+  return answer_all(questions, answer_batch, os.path.join(output_dir, ANSWERS_FILE),
+                    model_id, chunk_size=settings.batch_size)

@@ -56,15 +56,9 @@ def evaluate_loaded(model: LlavaModel, params, tokenizer, inputs: VqaInputs,
                                           num_image_tokens, model.cfg.image_tokens))
                for qid, item in by_id.items()]
 
-  def answer_batch(chunk: Sequence[tuple[str, str]]) -> list[str]:
-    pixels = np.stack([load_pixels(by_id[qid]) for qid, _ in chunk])
-    return generate.answer_prompts(model, params, tokenizer, [p for _, p in chunk], pixels,
-                                   settings, batch_sharding=batch_sharding)
-
-  os.makedirs(output_dir, exist_ok=True)
-  records = answers.answer_all(questions, answer_batch,
-                               os.path.join(output_dir, "answers.jsonl"), model_id,
-                               chunk_size=settings.batch_size)
+  records = answers.answer_about_images(questions, by_id, load_pixels, model, params,
+                                       tokenizer, settings, output_dir, model_id,
+                                       batch_sharding=batch_sharding)
   metrics = vqa_metrics.evaluate_answers(inputs.items, records, inputs.candidates)
   metrics["metrics_version"] = vqa_metrics.METRICS_VERSION
   decoding = {**dataclasses.asdict(settings), "greedy": settings.temperature == 0}
