@@ -64,7 +64,7 @@ flags.DEFINE_integer("bursts", 3, "Timed bursts per setting after the first.")
 flags.DEFINE_integer("max_tokens", 32, "Answer length (tokens).")
 flags.DEFINE_integer("max_batch", 16, "Server's --max_batch (and transformers' batch).")
 flags.DEFINE_integer("max_context", 256, "Server's --max_context.")
-flags.DEFINE_integer("decode_steps", 1, "Server's --decode_steps.")
+flags.DEFINE_integer("decode_steps", None, "Server's --decode_steps (default: the server's).")
 flags.DEFINE_list("torch_threads", ["2", "1"], "torch CPU threads (one baseline each; the "
                   "ratios are over the fastest).")
 flags.DEFINE_list("clients", ["16", "4", "1"], "Concurrent clients, in this order.")
@@ -186,7 +186,8 @@ def _start_server(model_dir: str, image_dir: str) -> tuple[subprocess.Popen, str
       [sys.executable, "-m", "exgra_jax.serve", f"--model={model_dir}", "--port=0",
        f"--template={FLAGS.template}", f"--image_root={image_dir}",
        f"--max_batch={FLAGS.max_batch}", f"--max_tokens={FLAGS.max_tokens}",
-       f"--max_context={FLAGS.max_context}", f"--decode_steps={FLAGS.decode_steps}"],
+       f"--max_context={FLAGS.max_context}",
+       *([f"--decode_steps={FLAGS.decode_steps}"] if FLAGS.decode_steps else [])],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   compiled, line = process.stdout.readline().strip(), process.stdout.readline()
   found = re.search(r"http://127\.0\.0\.1:\d+", line)
