@@ -125,6 +125,24 @@ def init_params(model: nn.Module, key: jax.Array) -> Any:
     return init_boxed_params(model.cfg, key, model)
 
 
+def abstract_params(model: nn.Module) -> Any:
+  """Boxed abstract params (`jax.ShapeDtypeStruct` leaves) of a wrapped LlavaModel: what
+  its checkpoints hold. A quantized (QLoRA / PTQ) kernel is a qwix `WithAux(QArray)` whose
+  leaves are `qvalue` (int8 / int4, the kernel's shape) and `scale` (float32, 1 on the
+  contracted axes); `leaf_paths` names them as Orbax stores them."""
+  return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+
+
+def leaf_paths(tree: Any) -> tuple[list[tuple[str, ...]], list[Any], Any]:
+  """(key-name paths, leaves, treedef) of a params tree, through qwix's containers:
+  `("llm", "layers_0", "self_attn", "q_proj", "kernel", "array", "qvalue")` for a QLoRA
+  kernel's int values, as in an Orbax checkpoint of the tree. `treedef` rebuilds the tree
+  (`WithAux(QArray)` included) from leaves in that order."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = [tuple(jax.tree_util.keystr((k,), simple=True) for k in path) for path, _ in flat]
+  return paths, [leaf for _, leaf in flat], treedef
+
+
 def frozen_base_dtype(params: Any, settings: LoraSettings) -> Any:
   """Params (boxed or not) with the frozen LLM held in bfloat16 for `lora.base="bf16"`.
 
@@ -162,7 +180,7 @@ def quantize_params(model: nn.Module, params: Any) -> Any:
   init recorded and applies them to the stacked [layers, ...] kernel (scales over the
   wrong axes), so scanned layers are quantized one layer at a time under `jax.vmap`.
   """
-  abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+  abstract = abstract_params(model)
   flat = flax.traverse_util.flatten_dict(nn.unbox(params))
   scanned = {p[2:]: v for p, v in flat.items() if _is_scanned(p)}
   rest = flax.traverse_util.unflatten_dict({p: v for p, v in flat.items()
@@ -178,10 +196,17 @@ def quantize_params(model: nn.Module, params: Any) -> Any:
   return flax.traverse_util.unflatten_dict(out)
 
 
-def _dequantized(kernel: Any) -> jax.Array:
-  """A plain kernel, or the float value of a qwix `WithAux(QArray)` one."""
-  quantized = getattr(kernel, "array", None)
-  return qwix.dequantize(quantized) if isinstance(quantized, qwix.QArray) else kernel
+def _is_quantized(leaf: Any) -> bool:
+  """Whether `leaf` is a qwix `WithAux(QArray)` kernel."""
+  return isinstance(getattr(leaf, "array", None), qwix.QArray)
+
+
+def dequantized(params: Any) -> Any:
+  """Params (boxed or not) with every qwix `WithAux(QArray)` kernel replaced by its float
+  value (float32: qwix's scale dtype); other leaves, adapters included, unchanged. For a
+  QLoRA checkpoint this is the base the adapters were trained against."""
+  return jax.tree.map(lambda leaf: qwix.dequantize(leaf.array) if _is_quantized(leaf) else leaf,
+                      nn.unbox(params), is_leaf=_is_quantized)
 
 
 def lora_delta(lora_a: jax.Array, lora_b: jax.Array, scale: float, shape: tuple[int, ...]
@@ -202,14 +227,13 @@ def merge_adapters(params: Any, scale: float) -> Any:
   dequantized first, so the merged model computes what the adapted one did. The merged
   kernel keeps the base kernel's dtype (float32 for a quantized base).
   """
-  flat = flax.traverse_util.flatten_dict(nn.unbox(params))
+  flat = flax.traverse_util.flatten_dict(dequantized(params))
   out = {}
-  for path, value in flat.items():
+  for path, kernel in flat.items():
     if is_adapter(path):
       continue
     a = flat.get((*path[:-1], path[-1] + "_lora_a"))
     b = flat.get((*path[:-1], path[-1] + "_lora_b"))
-    kernel = _dequantized(value)
     if a is not None and b is not None:
       merged = kernel.astype(jnp.float32) + lora_delta(a, b, scale, kernel.shape)
       kernel = merged.astype(kernel.dtype)

@@ -9,7 +9,9 @@
   pytree without the optimizer's structure (partial restore: the optimizer moments are
   never read), the stage-2 `gnn` collection is dropped; its tokenizer is the run's
   (`data.tokenizer_dir` of `workdir/config.json`, which main.py writes); LoRA adapters
-  are merged into their kernels (alpha / rank from the run's `<stage>.lora`);
+  are merged into their kernels (alpha / rank from the run's `<stage>.lora`), a QLoRA
+  base's quantized kernels (qwix `WithAux(QArray)`: int8 / int4 values and float scales)
+  dequantized first;
 - a stage directory `workdir/checkpoints/<stage>/`: its newest step;
 - a params-only checkpoint written by `save_params` (items `params`, `model_config`, and
   the tokenizer in `tokenizer/`): what tools/import_hf.py writes;
@@ -37,13 +39,15 @@ import orbax.checkpoint as ocp
 import transformers
 from absl import logging
 from etils import epath
+from flax import linen as nn
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from exgra_jax import run_paths
 from exgra_jax.hf import exporter, importer, placement
 from exgra_jax.hf.weights_io import replace_directory
-from exgra_jax.models import adapters
+from exgra_jax.models import adapters, partitioning
+from exgra_jax.models.llava import LlavaModel
 from exgra_jax.weights.checksum import NOT_MODEL_WEIGHTS
 
 TRAIN_STEP, STAGE, PARAMS, HF = "train_step", "stage", "params", "hf"
@@ -165,36 +169,67 @@ def _read_model_config(item_dir: str) -> dict[str, Any]:
     raise ValueError(f"{item_dir}: unreadable model config: {e}") from None
 
 
+def _expected(cfg, mesh, rules, lora: adapters.LoraSettings | None
+              ) -> tuple[dict[placement.Path, jax.ShapeDtypeStruct],
+                         dict[placement.Path, jax.sharding.Sharding], Any]:
+  """({flat path: abstract leaf}, {flat path: target sharding}, rebuild) of the params a
+  checkpoint holds; rebuild(flat leaves) -> the params tree.
+
+  A plain model's are `placement.expected_params`. A LoRA train checkpoint holds the
+  params of the run's adapted model (`adapters.lora_model` with `lora`, the run's
+  `<stage>.lora`): its adapters and, for a QLoRA base (int8 / int4), the matched kernels as
+  qwix `WithAux(QArray)` stored as `<kernel>/array/qvalue` and `<kernel>/array/scale`
+  (adapters.abstract_params); shardings from the same logical axes as the training's.
+  """
+  if lora is None:
+    abstract, shardings = placement.expected_params(cfg, mesh, rules)
+    return abstract, shardings, traverse_util.unflatten_dict
+  boxed = adapters.abstract_params(adapters.lora_model(LlavaModel(cfg), lora, train=False))
+  paths, leaves, treedef = adapters.leaf_paths(nn.unbox(boxed))
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    placements = [device] * len(paths)
+  elif rules is None:
+    raise ValueError("a mesh needs the logical axis rules (config.logical_axis_rules)")
+  else:
+    placements = adapters.leaf_paths(partitioning.param_shardings(boxed, mesh, rules))[1]
+  return (dict(zip(paths, leaves)), dict(zip(paths, placements)),
+          lambda flat: jax.tree_util.tree_unflatten(treedef, [flat[p] for p in paths]))
+
+
 def _restore_params(item_dir: str, key: str | None, cfg, mesh, rules, allow_missing: bool,
-                    seed: int) -> tuple[dict[str, Any], dict[str, list[str]]]:
-  """Params of the Orbax item `item_dir` (under `key` of it when given), partially restored."""
-  abstract, shardings = placement.expected_params(cfg, mesh, rules)
+                    seed: int) -> tuple[Any, dict[str, list[str]], adapters.LoraSettings | None]:
+  """Params of the Orbax item `item_dir` (under `key` of it when given), partially
+  restored, and the LoRA settings of a train checkpoint that holds adapters (None without):
+  its params are then the adapted model's (`_expected`), adapters apart, a QLoRA base still
+  quantized."""
   with ocp.PyTreeCheckpointer() as checkpointer:
     try:
       stored = checkpointer.metadata(item_dir).item_metadata.tree
     except (OSError, ValueError) as e:
       raise ValueError(f"{item_dir}: unreadable checkpoint metadata: {e}") from None
     stored = traverse_util.flatten_dict(stored[key] if key else stored)
-    stored = {p: m for p, m in stored.items() if p[0] not in NOT_MODEL_WEIGHTS}
-    # LoRA adapters of a train checkpoint (models/adapters.py): restored whole, merged by load.
-    adapter_paths = [p for p in stored if adapters.is_adapter(p)]
-    whole = (jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if mesh is None
-             else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    abstract = {**abstract, **{p: jax.ShapeDtypeStruct(tuple(stored[p].shape), stored[p].dtype)
-                               for p in adapter_paths}}
-    shardings = {**shardings, **{p: whole for p in adapter_paths}}
+    # qwix's absent zero_point (symmetric quantization) is stored as None: no leaf.
+    stored = {p: m for p, m in stored.items() if p[0] not in NOT_MODEL_WEIGHTS and m is not None}
+    lora = (run_lora_settings(os.path.dirname(item_dir))
+            if any(adapters.is_adapter(p) for p in stored) else None)
+    abstract, shardings, rebuild = _expected(cfg, mesh, rules, lora)
     missing = [p for p in abstract if p not in stored]
     unexpected = sorted(placement.path_name(p) for p in stored if p not in abstract)
+    # A LoRA checkpoint's tree comes from its run's <stage>.lora: a mismatch names it.
+    source = f"the model config with the run's {lora}" if lora else "the model config"
     for path in abstract.keys() & stored.keys():
       if tuple(stored[path].shape) != abstract[path].shape:
         raise importer.ShapeMismatchError(
-            f"{placement.path_name(path)}: the model config gives shape "
+            f"{placement.path_name(path)}: {source} gives shape "
             f"{abstract[path].shape}, the checkpoint {item_dir} holds {tuple(stored[path].shape)}")
     names = sorted(placement.path_name(p) for p in missing)
-    if missing and not allow_missing:
+    # A train checkpoint of an adapted model holds every leaf of it: nothing to initialise.
+    if missing and (lora or not allow_missing):
       raise importer.MissingTensorsError(
-          f"{len(missing)} parameters missing from {item_dir}: {names[:8]}; "
-          "allow_missing=True initialises them (and reports them)")
+          f"{len(missing)} parameters missing from {item_dir}: {names[:8]}; " +
+          (f"{source} makes them: is that the checkpoint's?" if lora else
+           "allow_missing=True initialises them (and reports them)"))
     present = [p for p in abstract if p in stored]
     target = traverse_util.unflatten_dict({p: abstract[p] for p in present})
     restore_args = traverse_util.unflatten_dict({p: ocp.ArrayRestoreArgs(
@@ -206,8 +241,7 @@ def _restore_params(item_dir: str, key: str | None, cfg, mesh, rules, allow_miss
         item=target, restore_args=restore_args, partial_restore=True))
   flat = traverse_util.flatten_dict(restored[key] if key else restored)
   flat.update(placement.init_leaves(cfg, missing, shardings, seed))
-  return traverse_util.unflatten_dict(flat), {"missing": names, "unexpected": unexpected,
-                                              "initialised": names}
+  return rebuild(flat), {"missing": names, "unexpected": unexpected, "initialised": names}, lora
 
 
 def load(path: str, *, tokenizer_dir: str | None = None,
@@ -222,9 +256,12 @@ def load(path: str, *, tokenizer_dir: str | None = None,
   clip_dir, overrides, text_only: for HF directories (importer.import_model; text_only:
     the LLM alone, so that a plain LLaMA needs no CLIP directory).
   allow_missing: initialise missing parameters (PRNGKey(seed), listed in the report)
-    instead of raising MissingTensorsError.
+    instead of raising MissingTensorsError (not for a LoRA train checkpoint: it holds
+    every leaf of its adapted model, and one it lacks says the run config is not its own).
   keep_adapters: a LoRA train checkpoint's adapters stay apart (`*_lora_a/b` leaves)
-    instead of merged into their kernels (`run_lora_settings` tells their scale).
+    instead of merged into their kernels (`run_lora_settings` tells their scale); a QLoRA
+    base (`lora.base` int8 / int4) comes dequantized either way (float32 kernels: the base
+    the adapters were trained against, not the float weights the run started from).
   """
   path = os.path.abspath(path)
   kind = checkpoint_kind(path)
@@ -239,11 +276,12 @@ def load(path: str, *, tokenizer_dir: str | None = None,
   item, key = (("state", "params") if kind in (TRAIN_STEP, STAGE) else ("params", None))
   model_config = ml_collections.ConfigDict(
       _read_model_config(os.path.join(path, "model_config")))
-  params, report = _restore_params(os.path.join(path, item), key,
-                                   placement.typed_config(model_config), mesh, rules,
-                                   allow_missing, seed)
-  if adapters.adapter_paths(params) and not keep_adapters:  # a LoRA train checkpoint
-    params = adapters.merge_adapters(params, run_lora_settings(path).scale)
+  params, report, lora = _restore_params(os.path.join(path, item), key,
+                                         placement.typed_config(model_config), mesh, rules,
+                                         allow_missing, seed)
+  if lora is not None:  # a LoRA train checkpoint
+    params = (adapters.dequantized(params) if keep_adapters
+              else adapters.merge_adapters(params, lora.scale))
   saved_tokenizer = os.path.join(path, TOKENIZER_SUBDIR)
   if tokenizer_dir is None and kind == PARAMS and os.path.isdir(saved_tokenizer):
     tokenizer_dir = saved_tokenizer
