@@ -49,6 +49,8 @@ def stage_config(kind: str) -> ml_collections.ConfigDict:
   s.lora.dropout = 0.0        # dropout on the adapters' input while training
   s.lora.modules = ""         # regex of adapted module paths ("" = LLM attention + MLP projections)
   s.lora.base = "float32"     # frozen LLM: float32 | bf16 | int8 | int4 (QLoRA) (docs/train.md)
+  s.lora.train_also = ""      # regex of LLM leaves trained beside the adapters (PEFT's
+                              # modules_to_save): "llm/lm_head/kernel" (docs/train.md)
   if kind == "stage1":
     s.trainable = "projector_and_new_tokens"
     s.global_batch = 128

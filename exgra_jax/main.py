@@ -118,10 +118,10 @@ def main(argv):
                jax.device_count(), jax.process_count())
 
   if _MODE.value == "train":
-    from exgra_jax.train import loop  # pylint: disable=g-import-not-at-top
+    from exgra_jax.train import loop, optimizer  # pylint: disable=g-import-not-at-top
     try:
       result = loop.train(config, workdir)
-    except records.RecordFileError as e:  # a whole file unreadable: the message says the fix
+    except (records.RecordFileError, optimizer.TrainAlsoError) as e:  # the message says the fix
       run_config.exit_usage(str(e))
     except bad_records.TooManyBadRecords as e:  # the data, not the program
       run_config.exit_usage(f"{e}\n(tools/check_data.py lists every bad record and image: "

@@ -64,9 +64,12 @@ def _peft_adapter() -> dict:
     run_config.exit_usage(f"{_CHECKPOINT.value} holds no LoRA adapters (--adapter_only "
                           "needs a train checkpoint of a stage with lora.rank > 0)")
   lora = loading.run_lora_settings(loaded.path)
-  return peft_adapter.write_peft_adapter(loaded.params, loaded.model_config.to_dict(),
-                                         _OUT.value, rank=lora.rank, alpha=lora.alpha,
-                                         dropout=lora.dropout)
+  try:
+    return peft_adapter.write_peft_adapter(loaded.params, loaded.model_config.to_dict(),
+                                           _OUT.value, rank=lora.rank, alpha=lora.alpha,
+                                           dropout=lora.dropout, train_also=lora.train_also)
+  except ValueError as e:  # train_also: the message says the fix
+    run_config.exit_usage(str(e))
 
 
 if __name__ == "__main__":

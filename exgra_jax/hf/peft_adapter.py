@@ -58,8 +58,17 @@ def peft_tensors(params: Mapping[str, Any], model_config: Mapping[str, Any]
 
 def write_peft_adapter(params: Mapping[str, Any], model_config: Mapping[str, Any], out_dir: str,
                        *, rank: int, alpha: float, dropout: float = 0.0,
-                       base_model: str = "") -> dict[str, Any]:
-  """Writes the adapters of `params` as a PEFT LoRA directory (replaced whole); -> summary."""
+                       base_model: str = "", train_also: str = "") -> dict[str, Any]:
+  """Writes the adapters of `params` as a PEFT LoRA directory (replaced whole); -> summary.
+
+  train_also: the run's `<stage>.lora.train_also`. LLM leaves trained beside the adapters
+  would be PEFT `modules_to_save`, which this writer does not produce: it refuses (a
+  ValueError) rather than write an adapter that silently answers with the old leaves.
+  """
+  if train_also:
+    raise ValueError(f"lora.train_also={train_also!r}: those LLM weights trained beside the "
+                     "adapters and a PEFT adapter from this exporter holds the adapters only; "
+                     "export the merged model instead (without --adapter_only)")
   tensors = peft_tensors(params, model_config)
   if not tensors:
     raise ValueError("the params hold no LoRA adapters (a checkpoint of <stage>.lora.rank > 0)")

@@ -51,12 +51,18 @@ ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")          # qwix's names of the adapter
 
 @dataclasses.dataclass(frozen=True)
 class LoraSettings:
-  """`<stage>.lora` (configs/base.py): rank 0 = no adapters (full fine-tuning)."""
+  """`<stage>.lora` (configs/base.py): rank 0 = no adapters (full fine-tuning).
+
+  train_also: a regex (re.fullmatch) over the "/"-joined paths of LLM leaves that train
+  beside the adapters, e.g. `llm/(embed_tokens/embedding|lm_head/kernel)` (PEFT's
+  `modules_to_save`); "" = the adapters alone. train/optimizer.py applies it.
+  """
   rank: int = 0
   alpha: float = 16.0
   dropout: float = 0.0
   modules: str = LLM_PROJECTIONS
   base: str = "float32"
+  train_also: str = ""
 
   def __post_init__(self):
     if self.rank < 0:
@@ -67,11 +73,12 @@ class LoraSettings:
       raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
     if self.base not in LORA_BASES:
       raise ValueError(f"lora.base={self.base!r} is not one of {LORA_BASES}")
-    try:
-      re.compile(self.modules)
-    except re.error as e:
-      raise ValueError(f"lora.modules={self.modules!r} is not a regular expression: {e}") \
-          from None
+    for field in ("modules", "train_also"):
+      try:
+        re.compile(getattr(self, field))
+      except re.error as e:
+        raise ValueError(f"lora.{field}={getattr(self, field)!r} is not a regular expression: "
+                         f"{e}") from None
 
   @property
   def enabled(self) -> bool:
@@ -82,10 +89,16 @@ class LoraSettings:
     """qwix's LoRA scale: the update is (alpha / rank) * x @ A @ B."""
     return self.alpha / self.rank
 
+  def trains_also(self, path: tuple[str, ...]) -> bool:
+    """Whether the LLM leaf at `path` (key names, "llm" first) trains beside the adapters."""
+    return bool(self.train_also) and re.fullmatch(self.train_also, "/".join(path)) is not None
+
   @classmethod
   def from_config(cls, lora: ml_collections.ConfigDict) -> LoraSettings:
+    # Run configs written before train_also existed hold no such field: the adapters alone.
     return cls(rank=int(lora.rank), alpha=float(lora.alpha), dropout=float(lora.dropout),
-               modules=str(lora.modules) or LLM_PROJECTIONS, base=str(lora.base))
+               modules=str(lora.modules) or LLM_PROJECTIONS, base=str(lora.base),
+               train_also=str(lora.get("train_also", "")))
 
 
 def lora_model(model: LlavaModel, settings: LoraSettings, *, train: bool) -> nn.Module:
@@ -147,14 +160,15 @@ def frozen_base_dtype(params: Any, settings: LoraSettings) -> Any:
   """Params (boxed or not) with the frozen LLM held in bfloat16 for `lora.base="bf16"`.
 
   With adapters the LLM's own leaves never change, so they need no float32 master copy;
-  the adapters keep the param dtype. Other settings return `params` unchanged.
+  the adapters (and the `train_also` leaves, which train) keep the param dtype. Other
+  settings return `params` unchanged.
   """
   if not settings.enabled or settings.base != "bf16":
     return params
 
   def cast(path, leaf):
     keys = tuple(str(getattr(k, "key", k)) for k in path)
-    if keys[0] != "llm" or is_adapter(keys):
+    if keys[0] != "llm" or is_adapter(keys) or settings.trains_also(keys):
       return leaf
     if isinstance(leaf, nn.meta.AxisMetadata):
       return leaf.replace_boxed(leaf.unbox().astype(jnp.bfloat16))

@@ -123,7 +123,7 @@ def build_stage(config: ml_collections.ConfigDict, name: str, mesh: jax.sharding
                                  align_fn=align_fn, alpha=config.align.alpha,
                                  group_size=group_size, text_mode=config.align.text_mode,
                                  frozen=optimizer.frozen_leaves(abstract_params, cfg.trainable,
-                                                                lora.enabled))
+                                                                lora))
   return Stage(name=name, cfg=cfg, model=model, lora=lora, init_boxed_params=init_boxed_params,
                tx=tx, schedule=schedule, abstract_state=abstract_state, shardings=shardings,
                total_steps=total, steps_per_epoch=per_epoch, step_fn=step_fn, mesh=mesh)

@@ -7,7 +7,8 @@ Stages (configs/base.py `stage_config.trainable`):
   gradient nor update, so they stay bit-for-bit unchanged.
 - `all_but_vision` (stage 2, finetune): everything except the `vision` tower (the GNN of
   stage 2 included).
-With `<stage>.lora.rank` > 0 the LLM trains only its LoRA adapters (`trainable_labels`).
+With `<stage>.lora.rank` > 0 the LLM trains only its LoRA adapters, plus the leaves
+`<stage>.lora.train_also` names (`trainable_labels`).
 Frozen leaves get `optax.set_to_zero` through `optax.multi_transform`, so they hold no Adam
 moments; clipping is over the trainable gradients only.
 """
@@ -26,31 +27,56 @@ EMBEDDING_PATH = ("llm", "embed_tokens", "embedding")   # [vocab, embed]: token 
 LM_HEAD_PATH = ("llm", "lm_head", "kernel")             # [embed, vocab]: token columns
 
 
+class TrainAlsoError(ValueError):
+  """`<stage>.lora.train_also` names no LLM leaf, or a quantized one (a user's mistake)."""
+
+
 def _keys(path) -> tuple[str, ...]:
   return tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
 
 
-def trainable_labels(params: Any, trainable: str, lora: bool = False) -> Any:
+def trainable_labels(params: Any, trainable: str,
+                     lora: adapters.LoraSettings | bool = False) -> Any:
   """Tree of "train" / "frozen" labels, one per parameter leaf.
 
-  lora: the LLM trains only its adapters (models/adapters.py); its other leaves, a
-  quantized base's included, are frozen whatever `trainable` says.
+  lora: with adapters (settings with rank > 0, or True: the adapters alone) the LLM trains
+  only its adapters and the floating-point leaves `lora.train_also` matches; its other
+  leaves, a quantized base's included, are frozen whatever `trainable` says. A train_also
+  that matches no LLM leaf, or matches a quantized one, is a TrainAlsoError.
   """
   if trainable not in TRAINABLE_KINDS:
     raise ValueError(f"trainable={trainable!r} is not one of {TRAINABLE_KINDS}")
+  settings = lora if isinstance(lora, adapters.LoraSettings) else None
+  with_adapters = settings.enabled if settings else bool(lora)
+  also = []
 
-  def label(path, _):
+  def label(path, leaf):
     keys = _keys(path)
-    if lora and keys[0] == "llm":
-      return "train" if adapters.is_adapter(keys) else "frozen"
+    if with_adapters and keys[0] == "llm":
+      if adapters.is_adapter(keys):
+        return "train"
+      if settings is None or not settings.trains_also(keys):
+        return "frozen"
+      # A QLoRA kernel is a qwix WithAux(QArray): leaves kernel/array/{qvalue, scale}.
+      if keys[-2] == "array" or not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise TrainAlsoError(f"lora.train_also={settings.train_also!r} matches "
+                         f"{'/'.join(keys)}, a leaf of a quantized (lora.base) kernel: "
+                         "only floating-point leaves can train")
+      also.append(keys)
+      return "train"
     if trainable == "all_but_vision":
       return "frozen" if keys[0] == "vision" else "train"
     return "train" if keys[0] == "projector" or keys in (EMBEDDING_PATH, LM_HEAD_PATH) \
         else "frozen"
-  return jax.tree_util.tree_map_with_path(label, params)
+  labels = jax.tree_util.tree_map_with_path(label, params)
+  if with_adapters and settings is not None and settings.train_also and not also:
+    raise TrainAlsoError(f"lora.train_also={settings.train_also!r} matches no LLM parameter (paths "
+                     f"such as {'/'.join(EMBEDDING_PATH)}, {'/'.join(LM_HEAD_PATH)})")
+  return labels
 
 
-def frozen_leaves(params: Any, trainable: str, lora: bool = False) -> Any:
+def frozen_leaves(params: Any, trainable: str,
+                  lora: adapters.LoraSettings | bool = False) -> Any:
   """Tree of bools, True where `trainable_labels` says "frozen" (no gradient is taken)."""
   return jax.tree_util.tree_map(lambda label: label == "frozen",
                                 trainable_labels(params, trainable, lora))
@@ -115,5 +141,6 @@ def build_optimizer(params: Any, optim: ml_collections.ConfigDict, stage: ml_col
     row_mask = mask_token_rows(new_token_ids)
     steps = [row_mask, *steps, row_mask]
   tx = optax.multi_transform({"train": optax.chain(*steps), "frozen": optax.set_to_zero()},
-                             trainable_labels(params, stage.trainable, stage.lora.rank > 0))
+                             trainable_labels(params, stage.trainable,
+                                              adapters.LoraSettings.from_config(stage.lora)))
   return tx, schedule
