@@ -2,23 +2,27 @@
 LLM leaves that train beside the LoRA adapters (PEFT's `modules_to_save`). A step moves
 exactly the adapters, the projector and those leaves; merging keeps the trained leaves; a
 bf16 base keeps them float32; a regex that matches nothing or a quantized kernel is refused,
-and so is a PEFT adapter export (it would hold the adapters without those leaves). The
+and so is a PEFT adapter export (it would hold the adapters without those leaves); adapters
+on the LM head itself (`lora.modules`) export to PEFT and give the adapted logits. The
 adapters' gradients are the chain rule of the merged model's kernel gradients (docs/train.md,
 "LoRA versus full fine-tuning on the demo": why adapters alone stall there)."""
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
+import transformers
 from flax import linen as nn
 
 from configs import base
-from exgra_jax.hf import peft_adapter
+from exgra_jax.hf import exporter, peft_adapter
 from exgra_jax.models import adapters
 from exgra_jax.models.llava import LlavaModel, init_boxed_params
 from exgra_jax.train import optimizer, state, step
 from test_adapters import CFG
 from test_adapters_train import _batch
+from hf_fixtures import batch, real, tiny_config, torch_llava_logits, write_tokenizer
 
 HEAD_AND_EMBEDDINGS = "llm/(embed_tokens/embedding|lm_head/kernel)"
 
@@ -141,3 +145,31 @@ def test_adapter_gradients_are_the_chain_rule_of_the_merged_kernel_gradients():
                                settings.scale * a.T @ dw, rtol=1e-4, atol=1e-7)
   for path in (p for p in flat if p[0] == "projector"):
     np.testing.assert_allclose(adapted[path], merged[path], rtol=1e-4, atol=1e-7)
+
+
+def test_adapters_on_the_lm_head_export_to_peft(tmp_path):
+  """lora.modules with the LM head: PEFT's adapter over the export without the adapters
+  gives the adapted exgra-jax logits (the head's adapter included, `lm_head`)."""
+  cfg = tiny_config()
+  settings = adapters.LoraSettings(rank=4, alpha=8.0, modules=f"({adapters.LLM_PROJECTIONS})"
+                                   "|llm/lm_head")
+  model = adapters.lora_model(LlavaModel(cfg), settings, train=False)
+  fresh = flax.traverse_util.flatten_dict(nn.unbox(jax.jit(
+      lambda: adapters.init_params(model, jax.random.key(1)))()))
+  rng = np.random.RandomState(0)
+  params = flax.traverse_util.unflatten_dict(
+      {p: jnp.asarray(0.3 * rng.randn(*v.shape), jnp.float32) if p[-1].endswith("_lora_b")
+       else v for p, v in fresh.items()})
+  assert "kernel_lora_a" in params["llm"]["lm_head"]
+  write_tokenizer(str(tmp_path / "tok"), image_tokens=True)
+  exporter.export(adapters.merge_adapters(params, 0.0), cfg.to_dict(), str(tmp_path / "base"),
+                  tokenizer_dir=str(tmp_path / "tok"))
+  summary = peft_adapter.write_peft_adapter(params, cfg.to_dict(), str(tmp_path / "adapter"),
+                                            rank=settings.rank, alpha=settings.alpha)
+  assert summary["modules"] == 2 * 7 + 1
+  hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "base")).eval()
+  with_adapter = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+  inputs = batch(cfg)
+  want = np.asarray(jax.jit(model.apply)({"params": params}, *inputs)["logits"])
+  np.testing.assert_allclose(real(torch_llava_logits(with_adapter, inputs), inputs[1]),
+                             real(want, inputs[1]), atol=1e-4, rtol=0)

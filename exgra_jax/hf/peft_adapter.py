@@ -3,7 +3,8 @@
 `peft.PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), dir)`
 then computes what the adapted exgra-jax model does, `base` being the `llava` export of the
 same params without the adapters. The directory holds:
-- `adapter_model.safetensors`: for each adapted projection,
+- `adapter_model.safetensors`: for each adapted projection (and the LM head, `lm_head`,
+  when `lora.modules` names it),
   `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r], where
   `<module>` is transformers' in-memory name (`model.language_model.layers.0.self_attn.
   q_proj`; layouts.py lists the hub names `language_model.model.*`);
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,11 +32,16 @@ from exgra_jax.hf.weights_io import replace_directory
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 _HUB_LLM, _IN_MEMORY_LLM = "language_model.model.", "model.language_model."
+_HUB_HEAD, _IN_MEMORY_HEAD = "language_model.lm_head", "lm_head"  # the LM head (lora.modules)
 
 
 def _module_name(hub_weight_name: str) -> str:
-  """`language_model.model.layers.0.self_attn.q_proj.weight` -> the in-memory module name."""
-  return _IN_MEMORY_LLM + hub_weight_name[len(_HUB_LLM):-len(".weight")]
+  """`language_model.model.layers.0.self_attn.q_proj.weight` (or the LM head's
+  `language_model.lm_head.weight`) -> the in-memory module name."""
+  module = hub_weight_name[:-len(".weight")]
+  if module == _HUB_HEAD:
+    return _IN_MEMORY_HEAD
+  return _IN_MEMORY_LLM + module[len(_HUB_LLM):]
 
 
 def peft_tensors(params: Mapping[str, Any], model_config: Mapping[str, Any]
@@ -73,10 +80,9 @@ def write_peft_adapter(params: Mapping[str, Any], model_config: Mapping[str, Any
   if not tensors:
     raise ValueError("the params hold no LoRA adapters (a checkpoint of <stage>.lora.rank > 0)")
   modules = sorted({name[len("base_model.model."):].rsplit(".lora_", 1)[0] for name in tensors})
-  names = sorted({m.rsplit(".", 1)[1] for m in modules})
   config = {"peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": alpha,
             "lora_dropout": dropout, "bias": "none", "fan_in_fan_out": False,
-            "target_modules": rf"model\.language_model\.layers\.\d+\..*\.({'|'.join(names)})",
+            "target_modules": "|".join(re.escape(m) for m in modules),
             "base_model_name_or_path": base_model, "inference_mode": True}
   out_dir = os.path.abspath(out_dir)
   tmp = temp_paths.new_dir(os.path.dirname(out_dir), os.path.basename(out_dir))
