@@ -13,7 +13,8 @@ on the small demo world, from random weights, 8 steps of 8, a checkpoint every 2
   8-step model from random weights writes eos first on those prompts (measured: 6 empty
   answers), so equal answers alone would say little;
 - `keep_adapters=True` (the PEFT adapter export) gives the dequantized base and the
-  adapters apart, and PEFT's adapter over the export of that base computes the merged model;
+  adapters apart, and PEFT's adapter (`--adapter_only`) over `tools/export_hf.py
+  --lora_base`'s export of that base computes the merged model;
 - a run config.json whose `finetune.lora` no longer fits the checkpoint is an error naming it.
 
 Measured: 6 passed in 170 s under a load of ~7 on 2 cores (the three runs: 116 s).
@@ -35,7 +36,7 @@ from flax import traverse_util
 
 import test_train_loop
 from exgra_jax.data import text
-from exgra_jax.hf import exporter, importer
+from exgra_jax.hf import importer
 from exgra_jax.inference import generate, prompts, single_question
 from exgra_jax.models import adapters
 from exgra_jax.models.config import LlavaConfig, num_image_tokens
@@ -170,27 +171,24 @@ def test_predict_and_the_hf_export_answer_alike(runs, demo_world, tmp_path):
 
 
 def test_peft_adapter_of_the_checkpoint_over_its_dequantized_base(runs, demo_world, tmp_path):
-  """`tools/export_hf.py --adapter_only`'s adapter applies over the export of the
-  dequantized int4 base (`load(keep_adapters=True)` without the adapters), not over the
-  float weights the run started from."""
+  """`tools/export_hf.py --adapter_only`'s adapter applies over `--lora_base`'s export
+  (the dequantized int4 base), not over the float weights the run started from."""
   step_dir = _step(runs[1])
-  kept = loading.load(step_dir, keep_adapters=True)
-  base = {p: v for p, v in traverse_util.flatten_dict(kept.params).items()
-          if not adapters.is_adapter(p)}
-  exporter.export(traverse_util.unflatten_dict(base), kept.model_config, str(tmp_path / "base"),
-                  tokenizer_dir=kept.tokenizer_dir)
-  adapter = subprocess.run([sys.executable, "tools/export_hf.py", f"--checkpoint={step_dir}",
-                            f"--out={tmp_path / 'adapter'}", "--adapter_only"], cwd=REPO,
-                           capture_output=True, text=True, timeout=300, check=False)
-  assert adapter.returncode == 0, adapter.stderr[-3000:]
-  assert json.loads(adapter.stdout)["modules"] == 2 * 7
+  exports = {flag: subprocess.run(
+      [sys.executable, "tools/export_hf.py", f"--checkpoint={step_dir}",
+       f"--out={tmp_path / flag}", f"--{flag}"], cwd=REPO, capture_output=True, text=True,
+      timeout=300, check=False) for flag in ("lora_base", "adapter_only")}
+  for done in exports.values():
+    assert done.returncode == 0, done.stderr[-3000:]
+  assert json.loads(exports["adapter_only"].stdout)["modules"] == 2 * 7
   model, params, tokenizer = single_question.load_for_generation(step_dir)
-  hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "base")).eval()
+  hf = transformers.LlavaForConditionalGeneration.from_pretrained(
+      str(tmp_path / "lora_base")).eval()
   _, inputs = _demo_prompts(demo_world, tokenizer, model.cfg)
   want = real(_logits(model, params, inputs), inputs[1])
   plain = real(torch_llava_logits(hf, inputs), inputs[1])  # before PEFT wraps `hf` in place
   assert np.abs(plain - want).max() > 100 * TOL  # the adapters matter
-  with_adapter = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+  with_adapter = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter_only")).eval()
   np.testing.assert_allclose(real(torch_llava_logits(with_adapter, inputs), inputs[1]), want,
                              atol=TOL, rtol=0)
 

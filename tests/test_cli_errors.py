@@ -270,3 +270,11 @@ def test_too_many_bad_records_in_training_is_one_error_line(demo_world, tmp_path
   assert re.match(r"bad record fraction [\d.]+ exceeds data.max_bad_fraction=0.01:\n"
                   r"\d+ of \d+ records skipped\n  corrupt_image: ", message), message
   assert message.endswith("fix or drop them, or raise --config.data.max_bad_fraction)\n")
+
+
+@pytest.mark.parametrize("flag", ["--adapter_only", "--lora_base"])
+def test_an_adapter_export_of_a_model_without_adapters_is_one_line(hf_dirs, tmp_path, flag):
+  out = run_cli("tools/export_hf.py", f"--checkpoint={hf_dirs / 'llava'}",
+                f"--out={tmp_path}/export", flag)
+  assert f"holds no LoRA adapters: {flag} needs a train checkpoint" in out.stderr
+  assert not os.path.exists(tmp_path / "export")

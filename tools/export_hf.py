@@ -8,8 +8,9 @@ WORKDIR/config.json), a params checkpoint (tools/import_hf.py, finetune_best; it
 tokenizer), or an HF directory. `llava` loads in transformers' LlavaForConditionalGeneration with no
 custom code (connector none / sci, projector mlp2x_gelu); `release` is the LLaVA-Med
 layout and holds every connector. A LoRA train checkpoint exports with its adapters
-merged; `--adapter_only` writes them as a PEFT adapter (for `peft.PeftModel` over the
-export of the base) instead. See docs/hf.md. Logic: exgra_jax/weights/loading.py,
+merged; `--adapter_only` writes them as a PEFT adapter instead, for `peft.PeftModel` over
+`--lora_base`'s export (the model the adapters apply over: for QLoRA, its dequantized
+base, not the float weights the run started from). See docs/hf.md. Logic: exgra_jax/weights/loading.py,
 exgra_jax/hf/exporter.py and exgra_jax/hf/peft_adapter.py.
 """
 import json
@@ -30,6 +31,11 @@ _ADAPTER_ONLY = flags.DEFINE_bool("adapter_only", False, "write the LoRA adapter
                                   "adapter_model.safetensors) instead of the merged model")
 
 
+_LORA_BASE = flags.DEFINE_bool("lora_base", False, "write the model a LoRA train "
+                               "checkpoint's adapters apply over (a QLoRA base dequantized): "
+                               "the base for the --adapter_only adapter")
+
+
 def main(argv):
   del argv
   console.setup(flags.FLAGS.verbosity)
@@ -48,8 +54,9 @@ def main(argv):
       return
     result = loading.export_checkpoint(
         _CHECKPOINT.value, _OUT.value, tokenizer_dir=_TOKENIZER.value, layout=_LAYOUT.value,
-        shard_size_gb=_SHARD.value, dtype=_DTYPE.value)
-  except (*importer.USER_ERRORS, loading.NoTokenizer) as e:  # the message says the fix
+        shard_size_gb=_SHARD.value, dtype=_DTYPE.value,
+        lora_base="--lora_base" if _LORA_BASE.value else "")
+  except (*importer.USER_ERRORS, loading.NoTokenizer, loading.NoAdapters) as e:  # says the fix
     run_config.exit_usage(str(e))
   print(json.dumps(result, indent=2))
 
@@ -60,9 +67,10 @@ def _peft_adapter() -> dict:
   from exgra_jax.models import adapters  # pylint: disable=g-import-not-at-top
   from exgra_jax.weights import loading  # pylint: disable=g-import-not-at-top
   loaded = loading.load(_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value, keep_adapters=True)
-  if not adapters.adapter_paths(loaded.params):
-    run_config.exit_usage(f"{_CHECKPOINT.value} holds no LoRA adapters (--adapter_only "
-                          "needs a train checkpoint of a stage with lora.rank > 0)")
+  try:
+    loading.require_adapters(loaded, "--adapter_only")
+  except loading.NoAdapters as e:
+    run_config.exit_usage(str(e))
   lora = loading.run_lora_settings(loaded.path)
   try:
     return peft_adapter.write_peft_adapter(loaded.params, loaded.model_config.to_dict(),

@@ -255,6 +255,13 @@ def merge_adapters(params: Any, scale: float) -> Any:
   return flax.traverse_util.unflatten_dict(out)
 
 
+def without_adapters(params: Any) -> Any:
+  """An adapted model's params less its adapters, a QLoRA base dequantized: the plain
+  `LlavaModel` params that a PEFT export of the adapters (hf/peft_adapter.py) applies over."""
+  flat = flax.traverse_util.flatten_dict(dequantized(params))
+  return flax.traverse_util.unflatten_dict({p: v for p, v in flat.items() if not is_adapter(p)})
+
+
 def adapter_paths(params: Any) -> list[tuple[str, ...]]:
   """Flattened paths of the adapter leaves in `params` (empty: a plain model's params)."""
   return [p for p in flax.traverse_util.flatten_dict(nn.unbox(params)) if is_adapter(p)]

@@ -323,16 +323,37 @@ class NoTokenizer(ValueError):
   """A checkpoint to export or answer with came with no tokenizer and none was given."""
 
 
+class NoAdapters(ValueError):
+  """An adapter export was asked of a checkpoint without LoRA adapters."""
+
+
+def require_adapters(loaded: LoadedModel, wanted: str) -> None:
+  """Raises NoAdapters, naming `wanted` (the flag asking), unless `loaded` (read with
+  keep_adapters=True) holds LoRA adapters."""
+  if not adapters.adapter_paths(loaded.params):
+    raise NoAdapters(f"{loaded.path} holds no LoRA adapters: {wanted} needs a train "
+                     "checkpoint of a stage with lora.rank > 0")
+
+
 def export_checkpoint(path: str, out_dir: str, *, tokenizer_dir: str | None = None,
                       layout: str = "llava", shard_size_gb: float = 5.0,
-                      dtype: str | None = None) -> dict[str, Any]:
+                      dtype: str | None = None, lora_base: str = "") -> dict[str, Any]:
   """Any checkpoint `load` reads -> an HF directory `out_dir` (hf/exporter.py); the one
-  export of `tools/export_hf.py` and `--mode=export`. Its result carries the load report."""
-  loaded = load(path, tokenizer_dir=tokenizer_dir)
+  export of `tools/export_hf.py` and `--mode=export`. Its result carries the load report.
+
+  lora_base: when set (the flag asking, for its errors), a LoRA train checkpoint's model
+  that its adapters apply over (`adapters.without_adapters`: a QLoRA base dequantized)
+  instead of the merged one: the base of its PEFT adapter export.
+  """
+  loaded = load(path, tokenizer_dir=tokenizer_dir, keep_adapters=bool(lora_base))
   if not loaded.tokenizer_dir:
     raise NoTokenizer(f"{path}: no tokenizer found with it (no saved tokenizer/, no run "
                       "config.json): pass --tokenizer=DIR")
-  result = exporter.export(loaded.params, loaded.model_config, out_dir,
+  params = loaded.params
+  if lora_base:
+    require_adapters(loaded, lora_base)
+    params = adapters.without_adapters(params)
+  result = exporter.export(params, loaded.model_config, out_dir,
                            tokenizer_dir=loaded.tokenizer_dir, layout=layout,
                            shard_size_gb=shard_size_gb, dtype=dtype)
   return {**result, "report": loaded.report}
