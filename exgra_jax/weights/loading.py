@@ -218,8 +218,8 @@ def _restore_params(item_dir: str, key: str | None, cfg, mesh, rules, allow_miss
     unexpected = sorted(placement.path_name(p) for p in stored if p not in abstract)
     # A LoRA checkpoint's tree comes from its run's <stage>.lora: a mismatch names it.
     source = f"the model config with the run's {lora}" if lora else "the model config"
-    for path in abstract.keys() & stored.keys():
-      if tuple(stored[path].shape) != abstract[path].shape:
+    for path in abstract:  # in the tree's order: the same first mismatch every time
+      if path in stored and tuple(stored[path].shape) != abstract[path].shape:
         raise importer.ShapeMismatchError(
             f"{placement.path_name(path)}: {source} gives shape "
             f"{abstract[path].shape}, the checkpoint {item_dir} holds {tuple(stored[path].shape)}")
