@@ -15,7 +15,7 @@ import sys
 from absl import app
 from absl import flags
 
-from exgra_jax import console, model_flags, run_config
+from exgra_jax import model_flags, run_config
 from exgra_jax.inference import prompts
 from exgra_jax.serving import engine as engine_lib
 from exgra_jax.serving.requests import Conversation, Limits, RequestError
@@ -45,12 +45,9 @@ def _lines():
 
 
 def main(argv):
-  if len(argv) > 1:
-    run_config.exit_usage(run_config.stray_arguments(argv[1:]))
-  console.setup(flags.FLAGS.verbosity)
+  run_config.start_command(argv)
   problems = model_flags.problems(_IMAGE.value)
-  if problems:
-    run_config.exit_usage("\n".join(problems))
+  run_config.exit_on_problems(problems)
   served = engine_lib.load_model(model_flags.MODEL.value, **model_flags.loader_args(),
                                  template=_TEMPLATE.value, default_max_tokens=_MAX_TOKENS.value)
   conversation = Conversation(read_image(_IMAGE.value) if _IMAGE.value else None)

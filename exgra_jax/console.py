@@ -93,8 +93,8 @@ def cpu_unless_accelerator() -> None:
 
 
 def setup(verbosity: int) -> None:
-  """The console setup of every command line: call it first thing in main() with
-  `flags.FLAGS.verbosity` (see the module docstring)."""
+  """The console setup of every command line (see the module docstring); entry points
+  that take no positional arguments reach it through `run_config.start_command`."""
   cpu_unless_accelerator()
   quiet_third_party(verbosity)
 

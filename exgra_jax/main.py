@@ -92,9 +92,7 @@ def checkpoint_problem(config, workdir: epath.Path) -> str | None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    run_config.exit_usage(run_config.stray_arguments(argv[1:]))
-  console.setup(flags.FLAGS.verbosity)
+  run_config.start_command(argv)
   config = _CONFIG.value
   if config is None:
     run_config.exit_usage("--config is required, e.g. --config=configs/demo.py")

@@ -12,7 +12,7 @@ expanded to the model's image tokens.
 from absl import app
 from absl import flags
 
-from exgra_jax import console, model_flags, run_config
+from exgra_jax import model_flags, run_config
 from exgra_jax.inference import prompts, single_question
 
 _IMAGE = flags.DEFINE_string("image", None, "Image file (JPEG, PNG, TIFF, DICOM).")
@@ -23,9 +23,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    run_config.exit_usage(run_config.stray_arguments(argv[1:]))
-  console.setup(flags.FLAGS.verbosity)
+  run_config.start_command(argv)
   # Checked before the model loads (minutes for a 7B model), all in one message.
   problems = model_flags.problems(_IMAGE.value, image_required=True)
   if problems:

@@ -24,7 +24,7 @@ from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
-from exgra_jax import run_paths
+from exgra_jax import console, run_paths
 from exgra_jax.models import adapters
 from exgra_jax.models import config as model_config
 
@@ -226,6 +226,22 @@ def exit_usage(message: str) -> None:
   """Writes `error: message` to stderr and exits with status 2 (a usage error)."""
   sys.stderr.write(f"error: {message}\n")
   sys.exit(2)
+
+
+def start_command(argv: Sequence[str]) -> None:
+  """What every command line's main() does first: positional arguments refused in one
+  line (exit 2), then the one console setup (`console.setup` at --verbosity)."""
+  if len(argv) > 1:
+    exit_usage(stray_arguments(argv[1:]))
+  console.setup(flags.FLAGS.verbosity)
+
+
+def exit_on_problems(problems: Sequence[str | None]) -> None:
+  """One usage error listing every problem (exit 2); None / "" entries are checks that
+  passed. Returns when there is none."""
+  found = [p for p in problems if p]
+  if found:
+    exit_usage("\n".join(found))
 
 
 LOCAL_ONLY = ("is read and written with local file operations (os, shutil, safetensors, "

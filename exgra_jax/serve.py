@@ -19,7 +19,7 @@ import sys
 from absl import app
 from absl import flags
 
-from exgra_jax import console, model_flags, run_config
+from exgra_jax import model_flags, run_config
 from exgra_jax.inference import prompts
 from exgra_jax.serving import engine as engine_lib
 from exgra_jax.serving import http_api
@@ -68,9 +68,7 @@ def bind_error(host: str, port: int, error: OSError) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    run_config.exit_usage(run_config.stray_arguments(argv[1:]))
-  console.setup(flags.FLAGS.verbosity)
+  run_config.start_command(argv)
   problems = model_flags.problems() + [p for p in (
       bind_problem(_HOST.value, _PORT.value),
       _IMAGE_ROOT.value and run_config.path_problem("--image_root", _IMAGE_ROOT.value, "dir"),
@@ -78,8 +76,7 @@ def main(argv):
       _DECODE_STEPS.value < 1 and f"--decode_steps={_DECODE_STEPS.value} must be >= 1",
       _MAX_CONTEXT.value is not None and _MAX_CONTEXT.value < 2
       and f"--max_context={_MAX_CONTEXT.value} must be >= 2") if p]
-  if problems:
-    run_config.exit_usage("\n".join(problems))
+  run_config.exit_on_problems(problems)
   served = engine_lib.load_model(model_flags.MODEL.value, **model_flags.loader_args(),
                                  name=_NAME.value, template=_TEMPLATE.value,
                                  default_max_tokens=_MAX_TOKENS.value,

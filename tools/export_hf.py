@@ -46,8 +46,7 @@ def main(argv):
       run_config.url_problem("--out", _OUT.value),
       _TOKENIZER.value and run_config.path_problem("--tokenizer", _TOKENIZER.value, "dir"))
       if p]
-  if problems:
-    run_config.exit_usage("\n".join(problems))
+  run_config.exit_on_problems(problems)
   try:
     if _ADAPTER_ONLY.value:
       print(json.dumps(_peft_adapter(), indent=2))

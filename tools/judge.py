@@ -13,7 +13,7 @@ import os
 
 from absl import app, flags
 
-from exgra_jax import console, run_config
+from exgra_jax import run_config
 from exgra_jax.eval.vqa_metrics import read_json_or_jsonl
 from exgra_jax.llm_clients import judge
 from exgra_jax.llm_clients.chat_client import ChatClient
@@ -35,13 +35,10 @@ def _texts(path: str) -> dict[str, str]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    run_config.exit_usage(run_config.stray_arguments(argv[1:]))
-  console.setup(flags.FLAGS.verbosity)
+  run_config.start_command(argv)
   problems = [run_config.path_problem(f"--{name}", holder.value) for name, holder in (
       ("questions", _QUESTIONS), ("references", _REFERENCES), ("answers", _ANSWERS))]
-  if any(problems):
-    run_config.exit_usage("\n".join(p for p in problems if p))
+  run_config.exit_on_problems(problems)
   client = ChatClient(url=_URL.value, model=_MODEL.value,
                       api_key=os.environ.get(_KEY_ENV.value, ""), timeout_s=_TIMEOUT.value)
   try:

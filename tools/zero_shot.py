@@ -13,7 +13,7 @@ import os
 
 from absl import app, flags
 
-from exgra_jax import console, model_flags, run_config
+from exgra_jax import model_flags, run_config
 from exgra_jax.inference import prompts
 
 _ITEMS = flags.DEFINE_string("items", None, "item file (JSON/JSONL)")
@@ -27,15 +27,12 @@ _BUCKETS = flags.DEFINE_list("length_buckets", ["512", "1024", "2048"],
 
 
 def main(argv):
-  if len(argv) > 1:
-    run_config.exit_usage(run_config.stray_arguments(argv[1:]))
-  console.setup(flags.FLAGS.verbosity)
+  run_config.start_command(argv)
   problems = model_flags.problems() + [p for p in (
       run_config.path_problem("--items", _ITEMS.value),
       run_config.path_problem("--image_root", _IMAGE_ROOT.value, "dir"),
       run_config.url_problem("--out", _OUT.value) if _OUT.value else "--out is required") if p]
-  if problems:
-    run_config.exit_usage("\n".join(problems))
+  run_config.exit_on_problems(problems)
   # Heavy (jax, the model) only once the command line is known to be right.
   from exgra_jax.data import records  # pylint: disable=g-import-not-at-top
   from exgra_jax.eval import vqa_metrics, zero_shot  # pylint: disable=g-import-not-at-top
