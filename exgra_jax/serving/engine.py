@@ -178,13 +178,15 @@ class Stream:
 
 @dataclasses.dataclass(eq=False)
 class _Row:
-  """A request in cache row `index`: its next token goes to `position`. `generated`: its
-  tokens handed to the detokenizer; `closed`: no more are (the row is free, or will be)."""
+  """A request in cache row `index`: its next token goes to `position`. `dispatched`: the
+  tokens that the calls dispatched for it will draw; `generated`: those handed to the
+  detokenizer; `closed`: no more are (the row is free, or will be)."""
   job: Job
   stream: Stream
   answer: AnswerText
   index: int
   position: int
+  dispatched: int = 0
   generated: int = 0
   closed: bool = False
 
@@ -235,7 +237,7 @@ class _Detokenizer:
       self._thread = threading.Thread(target=self._loop, name="detokenize", daemon=True)
       self._thread.start()
 
-  def put(self, drawn: list[tuple[_Row, int]]) -> None:
+  def put(self, drawn: list[tuple[_Row, list[int]]]) -> None:
     if self._queue is None:
       self._take(drawn)
     else:
@@ -250,17 +252,21 @@ class _Detokenizer:
     while (drawn := self._queue.get()) is not None:
       self._take(drawn)
 
-  def _take(self, drawn: list[tuple[_Row, int]]) -> None:
+  def _take(self, drawn: list[tuple[_Row, list[int]]]) -> None:
+    """Each row's tokens of one call become one chunk (a call of `decode_steps` steps
+    streams one piece per row, not one per token: a piece costs the HTTP thread an event
+    and a wake-up)."""
     start = time.perf_counter()
-    for row, token in drawn:
+    for row, tokens in drawn:
       answer = row.answer
-      if answer.finish_reason is not None or row.stream.done:
-        continue  # final already (a stop string), or failed: the rest is dropped
-      answer.add(token)
+      for token in tokens:
+        if answer.finish_reason is not None or row.stream.done:
+          break  # final already (a stop string), or failed: the rest is dropped
+        answer.add(token)
       piece = answer.new_text()
-      if piece:
+      if piece and not row.stream.done:
         row.stream._put(Chunk(piece, len(answer.tokens)))
-      if answer.finish_reason is not None:
+      if answer.finish_reason is not None and not row.stream.done:
         row.stream._finish(Completion(answer.text, answer.finish_reason,
                                       len(row.job.prompt_ids), len(answer.tokens)))
         self._finished.put(row)
@@ -461,6 +467,8 @@ class Engine:
           call, rows = rows[:size], rows[size:]
           self._in_flight.append((self._prefill([row.job for row in call],
                                                 [row.index for row in call]), call))
+          for row in call:
+            self._count_dispatched(row, 1)
     except Exception as e:  # pylint: disable=broad-except  (handed to the waiting requests)
       for _, (_, stream) in placed:
         stream._finish(None, e)
@@ -510,9 +518,18 @@ class Engine:
     for row in rows:
       if row is not None:
         row.position += self.decode_steps
+        self._count_dispatched(row, self.decode_steps)
     self.stats.steps += self.decode_steps
     self.stats.row_steps += self.decode_steps * len(busy)
     self._in_flight.append((drawn, rows))
+
+  def _count_dispatched(self, row: _Row, tokens: int) -> None:
+    """Frees the row's cache row once the calls dispatched for it reach its `max_tokens`:
+    the next request may take it at the next round (its prefill runs after those calls on
+    the device), instead of a round later, when their tokens have been read."""
+    row.dispatched += tokens
+    if row.dispatched >= row.job.max_tokens and self._rows[row.index] is row:
+      self._rows[row.index] = None
 
   def _read_in_flight(self) -> None:
     in_flight, self._in_flight = self._in_flight, []
@@ -531,13 +548,16 @@ class Engine:
     start = time.perf_counter()
     drawn = []
     for row, row_tokens in zip(rows, tokens):
-      for token in row_tokens if row is not None else ():
-        if row.closed:
-          break  # its answer was final: the rest of this call's tokens are dropped
-        drawn.append((row, token))
+      if row is None or row.closed:
+        continue  # its answer was final: this call's tokens for it are dropped
+      kept = []
+      for token in row_tokens:
+        kept.append(token)
         row.generated += 1
         if token == self._eos_id or row.generated >= row.job.max_tokens:
           self._close(row)
+          break
+      drawn.append((row, kept))
     self._detokenizer.put(drawn)
     return time.perf_counter() - start
 
