@@ -2,7 +2,7 @@
 
 Why continuous batching: a decode step of 16 rows costs less than 16 steps of one row
 (one dispatch, the weights read once), so every request being answered shares each step.
-Requests that arrive within a decode step of each other are prefilled together; a request
+Requests that arrive together are prefilled together (`Engine.arriving`); a request
 that arrives while others decode joins at the next step, and a request leaves its row as
 soon as its answer is final, freeing it for the next one. Each row has its own position,
 temperature and top-p (temperature 0 = greedy, token-identical to `predict`, whatever
@@ -12,8 +12,8 @@ Why the host work is off the device's critical path: JAX dispatch is asynchronou
 device state (cache, last tokens, key) stays on the device, so the engine thread
 dispatches step t + 1 before it reads step t's tokens; the device runs t + 1 while the
 host reads t. Detokenizing, stop strings and streaming (serving/answer.py, `Stream.chunks`)
-run on a second thread, which tells the engine when an answer is final; eos and
-`max_tokens` free a row at once. Every program a request can need is compiled at
+run on a second thread, which tells the engine when an answer is final; eos frees a row
+when it is read, and `max_tokens` when the call that reaches it is dispatched. Every program a request can need is compiled at
 start-up (`Engine.warm_up`): no request waits for a compilation. Warm-up ends with a
 burst of requests through the real path (image decoding, the engine and detokenizer
 threads), so that the first burst of traffic pays none of those first-use costs either.
@@ -21,6 +21,7 @@ threads), so that the first burst of traffic pays none of those first-use costs 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import queue
@@ -281,7 +282,7 @@ class Engine:
   waiting requests into free rows (one call per image / no-image group), dispatches one
   call of `decode_steps` steps of the busy rows and then reads the previous round's
   tokens, which go to the detokenizer. When nothing is decoding it waits for a request,
-  and then for up to one decode step more for others to prefill with it.
+  and then, for up to one decode step, for the requests still `arriving`.
 
   `decode_steps` > 1 runs that many steps per call (one host round trip per
   `decode_steps` tokens: requests join, leave and stream every `decode_steps` tokens).
@@ -310,6 +311,8 @@ class Engine:
     self._in_flight: list[tuple[jax.Array, list[_Row | None]]] = []
     self._finished: queue.Queue = queue.Queue()
     self._step_s = 0.0  # the last decode round's wall time: how long to wait for company
+    self._arriving = 0  # requests being prepared by the HTTP layer (`arriving`)
+    self._arrivals = threading.Condition()
     self.stats = EngineStats()
     self._detokenizer = _Detokenizer(self._finished, self.stats, threaded=start)
     self._thread = None
@@ -369,6 +372,21 @@ class Engine:
     self._queue.put((job, stream))
     return stream
 
+  @contextlib.contextmanager
+  def arriving(self) -> Iterator[None]:
+    """Wraps the preparing and submitting of one request (the HTTP layer's): while it
+    runs, the engine knows a request is on its way. With nothing decoding, the engine
+    waits for such requests (up to a decode step) to prefill them together with the
+    first, and for no one when none is on its way: a lone request never waits."""
+    with self._arrivals:
+      self._arriving += 1
+    try:
+      yield
+    finally:
+      with self._arrivals:
+        self._arriving -= 1
+        self._arrivals.notify_all()
+
   def close(self) -> None:
     """Stops the threads; requests still waiting or decoding fail with RuntimeError."""
     self._queue.put(None)
@@ -424,17 +442,18 @@ class Engine:
 
   def _take(self, room: int, block: bool) -> list | None:
     """Up to `room` waiting (job, stream) pairs; None when closed. Blocking (nothing is
-    decoding), it waits for one and then up to one decode step for others."""
-    taken, deadline = [], None
+    decoding), it waits for one, and then, for up to one decode step, for the requests
+    still `arriving`."""
+    taken = []
+    if block:
+      item = self._queue.get()
+      if item is None:
+        return None
+      taken.append(item)
+      self._await_arrivals(time.perf_counter() + self._step_s)
     while len(taken) < room:
       try:
-        if block and not taken:
-          item = self._queue.get()
-          deadline = time.perf_counter() + self._step_s
-        elif deadline is not None:
-          item = self._queue.get(timeout=max(deadline - time.perf_counter(), 0.0))
-        else:
-          item = self._queue.get_nowait()
+        item = self._queue.get_nowait()
       except queue.Empty:
         break
       if item is None:
@@ -443,6 +462,12 @@ class Engine:
         return None
       taken.append(item)
     return taken
+
+  def _await_arrivals(self, deadline: float) -> None:
+    """Returns when no request is `arriving` (all are submitted) or at `deadline`."""
+    with self._arrivals:
+      while self._arriving and (left := deadline - time.perf_counter()) > 0:
+        self._arrivals.wait(left)
 
   def _new_state(self) -> slots.State:
     return slots.new_state(self.served.model, self.served.params, self.max_batch,

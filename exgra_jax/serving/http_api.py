@@ -126,13 +126,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
       self._error(404, "not_found", f"no route POST {self.path}")
       return
     try:
-      request = parse_chat_request(parse_json(self._body()),
-                                   image_root=self.server.image_root, limits=self.server.limits)
-      job = engine_lib.prepare(request, self.server.served, self.server.limits)
+      with self.server.engine.arriving():  # so that requests arriving together prefill together
+        request = parse_chat_request(parse_json(self._body()), image_root=self.server.image_root,
+                                     limits=self.server.limits)
+        stream = self.server.engine.submit(
+            engine_lib.prepare(request, self.server.served, self.server.limits))
     except RequestError as e:
       self._error(e.status, e.code, str(e))
       return
-    stream = self.server.engine.submit(job)
     name, request_id, created = (self.server.served.name, f"chatcmpl-{uuid.uuid4().hex}",
                                  int(time.time()))
     try:
