@@ -6,9 +6,10 @@ tokens. Settings:
 - transformers `generate` one request at a time, and in batches of 16 (left padding):
   `LlavaForConditionalGeneration` + `AutoProcessor` on the model's Hugging Face export,
   torch on 2 CPU threads and on 1 (--torch_threads; on a loaded machine 2 threads can be
-  many times slower than 1: OpenMP threads wait for each other); run before and after the
-  servers, reported as one (so that a change of the machine's load weighs on both sides);
-  the ratios are over the fastest thread count;
+  many times slower than 1: OpenMP threads wait for each other); run between every two
+  bursts of the server (idle meanwhile) and reported as the mean of those runs, so that
+  the machine's load, which moves by tens of percent within minutes on a shared host,
+  weighs on both sides; the ratios are over the fastest thread count;
 - our server (`python -m exgra_jax.serve`, its own process, --max_batch 16) with 16, 4 and
   1 concurrent HTTP clients streaming, in that order, right after start-up (the server
   compiles its programs before it listens: no warm-up requests). Each setting's first
@@ -228,22 +229,25 @@ def main(argv):
     baselines = {(batch, n): [] for n in threads for batch in (1, FLAGS.max_batch)}
 
     def run_transformers():
-      theirs.run(FLAGS.max_batch, threads[-1])  # warm-up
       for batch, n in baselines:
         baselines[batch, n].append(theirs.run(batch, n))
 
-    run_transformers()
+    theirs.run(FLAGS.max_batch, threads[-1])  # warm-up
     process, base, compiled = _start_server(model_dir, image_dir)
     ours = {}
-    try:
+    try:  # transformers between the server's bursts: the machine's load weighs on both
       for clients in map(int, FLAGS.clients):
+        run_transformers()
         ours[f"ours, {clients} clients, first burst"] = _burst(base, images, clients)
-        ours[f"ours, {clients} clients, next {FLAGS.bursts}"] = _mean(
-            [_burst(base, images, clients) for _ in range(FLAGS.bursts)])
+        later = []
+        for _ in range(FLAGS.bursts):
+          run_transformers()
+          later.append(_burst(base, images, clients))
+        ours[f"ours, {clients} clients, next {FLAGS.bursts}"] = _mean(later)
+      run_transformers()
     finally:
       process.terminate()
       process.wait(timeout=60)
-    run_transformers()
   rows = {}
   for (batch, n), runs in baselines.items():
     kind = "one at a time" if batch == 1 else f"batches of {batch}"
