@@ -11,6 +11,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -195,6 +197,47 @@ def test_a_request_joins_a_running_batch_at_the_next_step(server, demo_world, de
   assert long.result().text == _predict(served, ct, long_question, 24)
   assert long.result().completion_tokens == 24  # prefill's token + 23 steps
   assert engine.stats.steps == -(-23 // decode_steps) * decode_steps
+
+
+def test_an_idle_engine_waits_for_arriving_requests_and_for_no_one_else(server, demo_world):
+  """With nothing decoding, a request on its way (`Engine.arriving`: the HTTP layer is
+  preparing it) is admitted in the same round as the one already submitted (prefilled with
+  it); a lone request is admitted without waiting. The last round's wall time, which bounds the wait, is made an hour, so
+  that a wait for the bound would hang the test instead of passing it."""
+  _, served, _ = server
+  image = os.path.join(demo_world, "images", "CT_small.dcm")
+  engine = engine_lib.Engine(served, 4, start=False)
+  engine._step_s = 3600.0
+
+  def one_round() -> None:
+    worker = threading.Thread(target=engine.run_once, kwargs={"block": True}, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the engine waited for a request that was not coming"
+
+  first = engine.submit(_job(served, image, "Which organ is shown?", 2))
+  on_its_way = threading.Event()
+
+  def arrive() -> None:
+    with engine.arriving():
+      on_its_way.set()
+      time.sleep(0.5)  # preparing: decoding, tokenizing
+      engine.submit(_job(served, image, "Is there a lesion?", 2))
+
+  sender = threading.Thread(target=arrive, daemon=True)
+  sender.start()
+  on_its_way.wait()
+  one_round()
+  assert engine.stats.prefill_requests == 2
+  while not first.done:
+    engine.run_once()
+  sender.join()
+  alone = engine.submit(_job(served, image, "Which organ is shown?", 2))
+  one_round()
+  assert engine.stats.prefill_requests == 3
+  while not alone.done:
+    engine.run_once()
+  assert alone.result().text == first.result().text
 
 
 def test_sixteen_concurrent_clients_are_batched_and_correct(server, demo_world):
