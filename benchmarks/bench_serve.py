@@ -162,9 +162,10 @@ def _request(base: str, image: str) -> tuple[float, float, int]:
                        headers={"Content-Type": "application/json"})
     response = connection.getresponse()
     for line in response:
-      if first is None and line.startswith(b"data: {"):
-        first = time.perf_counter() - start
-      if line.startswith(b'data: {') and b'"usage"' in line:
+      if not line.startswith(b"data: {"):
+        continue
+      first = first or time.perf_counter() - start
+      if b'"usage"' in line:
         usage = json.loads(line[len(b"data: "):]).get("usage") or usage
   finally:
     connection.close()

@@ -202,8 +202,9 @@ def test_a_request_joins_a_running_batch_at_the_next_step(server, demo_world, de
 def test_an_idle_engine_waits_for_arriving_requests_and_for_no_one_else(server, demo_world):
   """With nothing decoding, a request on its way (`Engine.arriving`: the HTTP layer is
   preparing it) is admitted in the same round as the one already submitted (prefilled with
-  it); a lone request is admitted without waiting. The last round's wall time, which bounds the wait, is made an hour, so
-  that a wait for the bound would hang the test instead of passing it."""
+  it); a lone request is admitted without waiting. The last round's wall time, which
+  bounds the wait, is made an hour, so that a wait for the bound would hang the test
+  instead of passing it."""
   _, served, _ = server
   image = os.path.join(demo_world, "images", "CT_small.dcm")
   engine = engine_lib.Engine(served, 4, start=False)

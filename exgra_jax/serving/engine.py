@@ -13,8 +13,8 @@ device state (cache, last tokens, key) stays on the device, so the engine thread
 dispatches step t + 1 before it reads step t's tokens; the device runs t + 1 while the
 host reads t. Detokenizing, stop strings and streaming (serving/answer.py, `Stream.chunks`)
 run on a second thread, which tells the engine when an answer is final; eos frees a row
-when it is read, and `max_tokens` when the call that reaches it is dispatched. Every program a request can need is compiled at
-start-up (`Engine.warm_up`): no request waits for a compilation. Warm-up ends with a
+when it is read, and `max_tokens` when the call that reaches it is dispatched. Every
+program a request can need is compiled at start-up (`Engine.warm_up`): no request waits for a compilation. Warm-up ends with a
 burst of requests through the real path (image decoding, the engine and detokenizer
 threads), so that the first burst of traffic pays none of those first-use costs either.
 """
@@ -259,15 +259,17 @@ class _Detokenizer:
     and a wake-up)."""
     start = time.perf_counter()
     for row, tokens in drawn:
+      if row.stream.done:
+        continue  # final already (a stop string), or failed: its tokens are dropped
       answer = row.answer
       for token in tokens:
-        if answer.finish_reason is not None or row.stream.done:
-          break  # final already (a stop string), or failed: the rest is dropped
+        if answer.finish_reason is not None:
+          break  # final within this call: the rest is dropped
         answer.add(token)
       piece = answer.new_text()
-      if piece and not row.stream.done:
+      if piece:
         row.stream._put(Chunk(piece, len(answer.tokens)))
-      if answer.finish_reason is not None and not row.stream.done:
+      if answer.finish_reason is not None:
         row.stream._finish(Completion(answer.text, answer.finish_reason,
                                       len(row.job.prompt_ids), len(answer.tokens)))
         self._finished.put(row)

@@ -75,7 +75,6 @@ class Server(http.server.ThreadingHTTPServer):
   hand-off holds up every connection behind it (reusing threads gave the demo model 7 %
   more tokens/s at 16 concurrent clients on a 2-core CPU, interleaved A/B).
   """
-  daemon_threads = True
   request_queue_size = 128  # listen backlog; the default 5 drops bursts of clients (1 s retries)
 
   def __init__(self, address: tuple[str, int], served: engine_lib.ServedModel,
