@@ -53,10 +53,10 @@ def _world(root: pathlib.Path, n: int) -> list[records.Record]:
 def _limit_rate(root: pathlib.Path, n: int) -> float:
   blobs = [(root / "images" / f"img{i}.jpg").read_bytes() for i in range(n)]
   for b in blobs[:4]:
-    images.clip_preprocess(images.decode_image(b), _SIZE)
+    images.clip_input(b, _SIZE)
   count, start = 0, time.perf_counter()
   while time.perf_counter() - start < 3.0:
-    images.clip_preprocess(images.decode_image(blobs[count % n]), _SIZE)
+    images.clip_input(blobs[count % n], _SIZE)
     count += 1
   return count / (time.perf_counter() - start)
 

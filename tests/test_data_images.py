@@ -91,12 +91,51 @@ def test_bad_bytes_raise_decode_error(data, match):
     images.decode_image(data)
 
 
-def test_decompression_bomb_is_a_decode_error(monkeypatch):
+def test_decompression_bomb_is_an_image_too_large(monkeypatch):
   monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # errors above 2x this
-  with pytest.raises(images.ImageDecodeError, match="too large"):
+  with pytest.raises(images.ImageTooLarge, match="too large"):  # an ImageDecodeError too
     images.decode_image(data_fixtures.png_bytes(RGB))  # 70 x 93 = 6510 pixels
 
 
 def test_clip_preprocess_rejects_wrong_input():
   with pytest.raises(ValueError, match="uint8"):
     images.clip_preprocess(np.zeros((5, 5), np.float32), SIZE)
+
+
+@pytest.mark.parametrize("shape", [(70, 93), (93, 70), (56, 56), (40, 30)])
+@pytest.mark.parametrize("kind", ["rgb", "gray", "gray16", "palette", "rgba", "jpeg",
+                                  "CT_small.dcm"])
+def test_clip_input_is_clip_preprocess_of_the_decoded_image_to_the_bit(kind, shape):
+  """The fast path (grayscale resized as one channel, the lookup table) changes no bit."""
+  rgb = RNG.integers(0, 256, (*shape, 3), dtype=np.uint8)
+  if kind == "CT_small.dcm":
+    data = open(get_testdata_file(kind), "rb").read()
+  elif kind == "gray16":
+    data = _encode(PIL.Image.fromarray(RNG.integers(0, 65536, shape, dtype=np.uint16)), "PNG")
+  elif kind == "rgba":
+    data = data_fixtures.png_bytes(np.concatenate([rgb, rgb[:, :, :1]], axis=2), mode="RGBA")
+  else:
+    image = {"rgb": PIL.Image.fromarray(rgb), "jpeg": PIL.Image.fromarray(rgb),
+             "gray": PIL.Image.fromarray(rgb[:, :, 0]),
+             "palette": PIL.Image.fromarray(rgb).quantize(17)}[kind]
+    data = _encode(image, "JPEG" if kind == "jpeg" else "PNG")
+  out = np.full((SIZE, SIZE, 3), np.nan, np.float32)
+  assert images.clip_input(data, SIZE, out=out) is out
+  np.testing.assert_array_equal(out, images.clip_preprocess(images.decode_image(data), SIZE))
+
+
+def test_normalisation_is_the_float32_arithmetic():
+  rgb = RNG.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)  # no resize at this size
+  mean, std = np.float32(images.CLIP_MEAN), np.float32(images.CLIP_STD)
+  expected = (rgb.astype(np.float32) * np.float32(1.0 / 255.0) - mean) / std
+  np.testing.assert_array_equal(images.clip_preprocess(rgb, SIZE), expected)
+
+
+def test_max_pixels_refused_from_the_header_before_decoding():
+  png = data_fixtures.png_bytes(RGB)  # 70 x 93 = 6510 pixels
+  assert images.decode_image(png, max_pixels=6510).shape == (70, 93, 3)
+  with pytest.raises(images.ImageTooLarge, match="6510 pixels"):
+    images.clip_input(png[:200], SIZE, max_pixels=6509)  # the header alone: no pixel read
+  dicom = open(get_testdata_file("CT_small.dcm"), "rb").read()  # 128 x 128
+  with pytest.raises(images.ImageTooLarge, match="16384 pixels"):
+    images.decode_image(dicom, max_pixels=128 * 128 - 1)

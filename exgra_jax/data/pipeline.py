@@ -246,8 +246,7 @@ class BatchMaker:
       while slot is not None:
         draw, element, example = slot
         try:
-          images.clip_preprocess(images.decode_image(element["image"]), size,
-                                 out=pixels[len(examples)])
+          images.clip_input(element["image"], size, out=pixels[len(examples)])
         except images.ImageDecodeError:
           met.append((bad.CORRUPT_IMAGE, example["record_id"]))
           slot = self._read_and_tokenize(position, draw + 1, met)

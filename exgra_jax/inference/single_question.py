@@ -26,7 +26,7 @@ from exgra_jax.weights import loading
 def load_pixels(path: str, image_size: int) -> np.ndarray:
   """An image file (any format data/ decodes, DICOM included) -> [S, S, 3] float32."""
   with open(path, "rb") as f:
-    return images.clip_preprocess(images.decode_image(f.read()), image_size)
+    return images.clip_input(f.read(), image_size)
 
 
 def answer_question(model: LlavaModel, params, tokenizer, image_path: str, question: str, *,

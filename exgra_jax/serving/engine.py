@@ -23,26 +23,25 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import io
 import os
 import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
 
-import io
-
 import jax
 import numpy as np
 import PIL.Image
 
-from exgra_jax.data import images, text
+from exgra_jax.data import text
 from exgra_jax.inference import prompts, single_question
 from exgra_jax.models.config import num_image_tokens
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.serving import slots
 from exgra_jax.serving.answer import AnswerText
 from exgra_jax.serving.requests import (ChatRequest, Conversation, Limits, RequestError,
-                                       decode_image)
+                                       clip_pixels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +113,7 @@ def prepare(request: ChatRequest, served: ServedModel, limits: Limits) -> Job:
   cfg = served.model.cfg
   pixels = None
   if request.image is not None:
-    pixels = images.clip_preprocess(decode_image(request.image, limits), cfg.vision.image_size)
+    pixels = clip_pixels(request.image, cfg.vision.image_size, limits)
   prompt = prompts.chat_prompt(request.turns, served.template,
                                num_image_tokens(cfg), system=request.system,
                                image_tokens=cfg.image_tokens)
@@ -511,7 +510,7 @@ class Engine:
                                                 self._patch_id, self._pad_id)
     padded = jobs + [jobs[0]] * (n - len(jobs))
     image = jobs[0].pixels is not None
-    pixels = np.stack([j.pixels for j in padded]).astype(np.float32) if image else None
+    pixels = np.stack([j.pixels for j in padded]) if image else None
     program = self._program(("prefill", n, length, image))
     self._state, first = program(
         self.served.params, self._state,

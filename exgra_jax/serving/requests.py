@@ -16,14 +16,11 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import io
 import json
 import os
 from typing import Any
 
 import numpy as np
-import PIL.Image
-import pydicom
 
 from exgra_jax.data import images
 from exgra_jax.data.records import IMAGE_TOKEN, Turn
@@ -116,29 +113,16 @@ def _read_under_root(path: str, image_root: str | None, limits: Limits) -> bytes
     return f.read()
 
 
-def _pixel_count(data: bytes) -> int:
-  """Width x height from the header only (no pixels decoded); 0 when unreadable."""
-  try:
-    if images.is_dicom(data):
-      header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-      return int(header.Rows) * int(header.Columns)
-    with PIL.Image.open(io.BytesIO(data)) as image:
-      return image.size[0] * image.size[1]
-  except PIL.Image.DecompressionBombError:
-    return 2**62
-  except Exception:  # pylint: disable=broad-except  (decode_image names the problem)
-    return 0
-
-
-def decode_image(data: bytes, limits: Limits) -> np.ndarray:
-  """Image bytes (PNG, JPEG, TIFF, DICOM, ...) -> [H, W, 3] uint8, size checked first."""
+def clip_pixels(data: bytes, size: int, limits: Limits) -> np.ndarray:
+  """Image bytes (PNG, JPEG, TIFF, DICOM, ...) -> the `[size, size, 3] float32` CLIP input;
+  bytes and pixels checked first (the pixels from the header, before decoding)."""
   if len(data) > limits.max_image_bytes:
     raise RequestError(413, "image_too_large", f"image over {limits.max_image_bytes} bytes")
-  if _pixel_count(data) > limits.max_image_pixels:
-    raise RequestError(413, "image_too_large",
-                       f"image over {limits.max_image_pixels} pixels")
   try:
-    return images.decode_image(data)
+    return images.clip_input(data, size, max_pixels=limits.max_image_pixels)
+  except images.ImageTooLarge as e:
+    raise RequestError(413, "image_too_large",
+                       f"image over {limits.max_image_pixels} pixels") from e
   except images.ImageDecodeError as e:
     raise _bad(f"the image does not decode: {e}", "invalid_image") from e
 

@@ -94,8 +94,8 @@ def load_pairs(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarra
   recs, _ = records.load_records(run_paths.resolve_path(config.data.root, stage.records))
   image_root = run_paths.resolve_path(config.data.root, stage.image_root)
   size = config.model.vision.image_size
-  pixels = np.stack([images.clip_preprocess(
-      images.decode_image((image_root / r.image).read_bytes()), size) for r in recs])
+  pixels = np.stack([images.clip_input((image_root / r.image).read_bytes(), size)
+                     for r in recs])
   captions = [[t.value for t in r.conversations if t.role == "gpt"][-1] for r in recs]
   tok = text.load_tokenizer(run_paths.tokenizer_dir(config), config.model.image_tokens)
   encoded = [text.encode(tok, c).ids[:config.data.text_max_length] for c in captions]
