@@ -173,6 +173,40 @@ def test_stream_sends_each_piece_during_generation(server, demo_world):
   assert sent_at[0] < completion.completion_tokens
 
 
+def test_streamed_pieces_ready_at_once_share_a_write_and_a_failure_comes_after_them():
+  """Stream.batches groups the pieces there at once (the HTTP layer writes each group at
+  once), says when the answer is complete, and hands out what came before a failure
+  before raising it; stream_events sends the last group with the finish reason."""
+  def whole():
+    stream = engine_lib.Stream()
+    stream._put(engine_lib.Chunk("liv", 1))
+    stream._put(engine_lib.Chunk("er", 2))
+    stream._finish(engine_lib.Completion("liver", "stop", 5, 2))
+    return stream
+
+  assert [([c.text for c in pieces], final) for pieces, final in whole().batches(1)] == [
+      (["liv", "er"], True)]
+  [(events, final)] = list(http_api.stream_events(whole(), "m", "id", 0, 1,
+                                                  include_usage=True))
+  assert final and [e["choices"][0]["delta"] for e in events[:3]] == [
+      {"role": "assistant", "content": ""}, {"content": "liv"}, {"content": "er"}]
+  assert events[3]["choices"][0]["finish_reason"] == "stop"
+  assert events[4]["usage"]["completion_tokens"] == 2
+
+  failing = engine_lib.Stream()
+  failing._put(engine_lib.Chunk("a", 1))
+  batches = http_api.stream_events(failing, "m", "id", 0, 1)
+  events, final = next(batches)
+  assert not final and [e["choices"][0]["delta"] for e in events] == [
+      {"role": "assistant", "content": ""}, {"content": "a"}]
+  failing._put(engine_lib.Chunk("b", 2))
+  failing._finish(None, RuntimeError("device lost"))
+  events, final = next(batches)
+  assert not final and [e["choices"][0]["delta"] for e in events] == [{"content": "b"}]
+  with pytest.raises(RuntimeError, match="device lost"):
+    next(batches)
+
+
 @pytest.mark.parametrize("decode_steps", [1, 4])
 def test_a_request_joins_a_running_batch_at_the_next_step(server, demo_world, decode_steps):
   """A short request submitted while a long one decodes joins at the next step (the next

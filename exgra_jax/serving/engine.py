@@ -145,15 +145,34 @@ class Stream:
   def chunks(self, timeout: float | None = None) -> Iterator[Chunk]:
     """The answer's pieces until it is complete (they concatenate to its text); raises
     what generation raised, or TimeoutError after `timeout` s without a piece."""
+    for pieces, _ in self.batches(timeout):
+      yield from pieces
+
+  def batches(self, timeout: float | None = None) -> Iterator[tuple[list[Chunk], bool]]:
+    """`chunks` grouped: (the pieces there at once, whether the answer is complete) each
+    time a piece arrives, so that a writer sends what is ready in one write (a short
+    answer often arrives whole). Pieces before a failure come out before it is raised."""
     while True:
       try:
         chunk = self._chunks.get(timeout=timeout)
       except queue.Empty as e:
         raise TimeoutError(f"no answer for {timeout} s") from e
-      if chunk is None:
-        self._done.result()  # raises the generation's exception, if any
-        return
-      yield chunk
+      pieces = []
+      while chunk is not None:
+        pieces.append(chunk)
+        try:
+          chunk = self._chunks.get_nowait()
+        except queue.Empty:
+          break
+      if chunk is not None:
+        yield pieces, False
+        continue
+      if pieces and self._done.exception() is not None:
+        yield pieces, False
+        pieces = []
+      self._done.result()  # raises the generation's exception, if any
+      yield pieces, True
+      return
 
   def result(self, timeout: float | None = None) -> Completion:
     return self._done.result(timeout)

@@ -7,8 +7,9 @@ with the package). Every refused request is a 4xx with an OpenAI-style JSON erro
 generation is a 500 for the requests being decoded with it.
 
 Streaming: each piece of the answer is sent as a server-sent event as soon as the engine
-settles it (usually one per generated token; serving/answer.py says which text is held
-back); the pieces concatenate to exactly the non-streamed answer.
+settles it (one per decode call; serving/answer.py says which text is held back), and the
+events ready at once share one write; the pieces concatenate to exactly the non-streamed
+answer.
 """
 from __future__ import annotations
 
@@ -49,31 +50,41 @@ def chunk_body(delta: dict[str, str], model: str, request_id: str, created: int,
 
 
 def stream_events(stream: engine_lib.Stream, model: str, request_id: str, created: int,
-                  timeout_s: float, include_usage: bool = False) -> Iterator[dict[str, Any]]:
-  """The chunks of an answer as the engine settles them: the role, one chunk per piece
-  of text, then the finish reason (and, with `include_usage`, OpenAI's last chunk: no
+                  timeout_s: float, include_usage: bool = False
+                  ) -> Iterator[tuple[list[dict[str, Any]], bool]]:
+  """The chunks of an answer as the engine settles them, in lists of those ready at once
+  (each list is one write), with whether it is the last: the role, one chunk per piece of
+  text, then the finish reason (and, with `include_usage`, OpenAI's last chunk: no
   choices, the usage). Raises what generation raised (before the role chunk when
   generation fails before its first piece)."""
-  pieces = stream.chunks(timeout_s)
-  first = next(pieces, None)  # so that a failed prefill is an HTTP error, not a stream
-  yield chunk_body({"role": "assistant", "content": ""}, model, request_id, created)
-  for piece in ([] if first is None else itertools.chain([first], pieces)):
-    yield chunk_body({"content": piece.text}, model, request_id, created)
+  batches = stream.batches(timeout_s)
+  pieces, final = next(batches)  # so that a failed prefill is an HTTP error, not a stream
+  events = [chunk_body({"role": "assistant", "content": ""}, model, request_id, created)]
+  while True:
+    events += [chunk_body({"content": piece.text}, model, request_id, created)
+               for piece in pieces]
+    if final:
+      break
+    yield events, False
+    (pieces, final), events = next(batches), []
   completion = stream.result()
-  yield chunk_body({}, model, request_id, created, completion.finish_reason)
+  events.append(chunk_body({}, model, request_id, created, completion.finish_reason))
   if include_usage:
-    yield {**chunk_body({}, model, request_id, created), "choices": [],
-           "usage": completion_body(completion, model, request_id, created)["usage"]}
+    events.append({**chunk_body({}, model, request_id, created), "choices": [],
+                   "usage": completion_body(completion, model, request_id, created)["usage"]})
+  yield events, True
 
 
 class Server(http.server.ThreadingHTTPServer):
   """A threading HTTP server that holds what its handlers need.
 
   Each connection is handled on a thread of its own, as in ThreadingHTTPServer, but the
-  threads are kept and reused: a new thread is started only when none is idle. Why: the
-  accept loop waits for each new thread to start, and under a burst of clients that
-  hand-off holds up every connection behind it (reusing threads gave the demo model 7 %
-  more tokens/s at 16 concurrent clients on a 2-core CPU, interleaved A/B).
+  threads are kept and reused: a new thread is started only when none is idle, and as
+  many as the engine has rows are started with the server, so that a first burst of
+  clients finds them there. Why: the accept loop waits for each new thread to start, and
+  under a burst of clients that hand-off holds up every connection behind it (reusing
+  threads gave the demo model 7 % more tokens/s at 16 concurrent clients on a 2-core CPU,
+  interleaved A/B).
   """
   request_queue_size = 128  # listen backlog; the default 5 drops bursts of clients (1 s retries)
 
@@ -87,19 +98,25 @@ class Server(http.server.ThreadingHTTPServer):
     self._connections: queue.SimpleQueue = queue.SimpleQueue()
     self._idle_threads = self._handler_threads = 0
     self._idle_lock = threading.Lock()
+    for _ in range(engine.max_batch):
+      self._start_handler_thread(idle=True)
 
   def process_request(self, request, client_address) -> None:
     """Hands the connection to an idle handler thread, or to a new one when none is."""
     with self._idle_lock:
       start = not self._idle_threads
-      if start:
-        self._handler_threads += 1
-      else:
+      if not start:
         self._idle_threads -= 1
     if start:
-      threading.Thread(target=self._handle_connections, name="http-handler",
-                       daemon=True).start()
+      self._start_handler_thread(idle=False)
     self._connections.put((request, client_address))
+
+  def _start_handler_thread(self, idle: bool) -> None:
+    with self._idle_lock:
+      self._handler_threads += 1
+      self._idle_threads += idle
+    threading.Thread(target=self._handle_connections, name="http-handler",
+                     daemon=True).start()
 
   def _handle_connections(self) -> None:
     while (connection := self._connections.get()) is not None:
@@ -125,6 +142,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
   """One request; `self.server` is a `Server`."""
   server: Server
   server_version = "exgra-jax"
+  wbufsize = -1  # buffered: a response's headers and body (or first events) in one write
 
   def log_message(self, format: str, *args) -> None:  # pylint: disable=redefined-builtin
     pass  # quiet: one line per request would drown the console under load
@@ -192,25 +210,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
                          f"request body over {self.server.max_body} bytes")
     return self.rfile.read(int(length))
 
-  def _stream(self, events: Iterator[dict[str, Any]]) -> None:
-    """Server-sent events; the status line waits for the first event, so that a request
+  def _stream(self, batches: Iterator[tuple[list[dict[str, Any]], bool]]) -> None:
+    """Server-sent events, each list of events in one write (the first with the headers,
+    the last with `[DONE]`); the status line waits for the first list, so that a request
     whose generation fails at once gets a 500. A failure later ends the stream with an
     OpenAI-style error event."""
-    first = next(events)
+    first = next(batches)
     self.send_response(200)
     self.send_header("Content-Type", "text/event-stream")
     self.send_header("Cache-Control", "no-cache")
     self.send_header("Connection", "close")
     self.end_headers()
     self.close_connection = True
+    events = lambda batch: "".join(f"data: {json.dumps(event)}\n\n" for event in batch)
     try:
-      for event in itertools.chain([first], events):
-        self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+      for batch, final in itertools.chain([first], batches):
+        self.wfile.write((events(batch) + ("data: [DONE]\n\n" if final else "")).encode())
         self.wfile.flush()
     except (BrokenPipeError, ConnectionResetError):
       return  # the client went away; nothing to tell it
     except Exception as e:  # pylint: disable=broad-except  (reported in the stream)
       error = {"message": f"generation failed: {type(e).__name__}: {e}",
                "type": "server_error", "code": "generation_failed"}
-      self.wfile.write(f"data: {json.dumps({'error': error})}\n\n".encode())
-    self.wfile.write(b"data: [DONE]\n\n")
+      self.wfile.write((events([{"error": error}]) + "data: [DONE]\n\n").encode())
