@@ -233,6 +233,27 @@ def test_a_request_joins_a_running_batch_at_the_next_step(server, demo_world, de
   assert engine.stats.steps == -(-23 // decode_steps) * decode_steps
 
 
+def test_decode_calls_take_half_the_steps_while_answers_are_short(server, demo_world):
+  """After 8 answers that the prefill's token and a short call hold, calls run half the
+  steps (and the answers are still predict's); before, and after warm-up, full calls."""
+  _, served, _ = server
+  image = os.path.join(demo_world, "images", "CT_small.dcm")
+  engine = engine_lib.Engine(served, 4, decode_steps=4, start=False)
+  assert slots.step_counts(4) == (2, 4) and engine._steps_per_call() == 4
+  short = [engine.submit(_job(served, image, "Which organ is shown?", 3)) for _ in range(8)]
+  while not all(stream.done for stream in short):
+    engine.run_once()
+  assert engine._steps_per_call() == 2
+  steps = engine.stats.steps
+  longer = engine.submit(_job(served, image, "Which organ is shown?", 7))
+  engine.run_once()  # admitted, and its first call dispatched
+  assert engine.stats.steps - steps == 2
+  while not longer.done:
+    engine.run_once()
+  assert longer.result().text == _predict(served, image, "Which organ is shown?", 7)
+  assert short[0].result().text == _predict(served, image, "Which organ is shown?", 3)
+
+
 def test_an_idle_engine_waits_for_arriving_requests_and_for_no_one_else(server, demo_world):
   """With nothing decoding, a request on its way (`Engine.arriving`: the HTTP layer is
   preparing it) is admitted in the same round as the one already submitted (prefilled with

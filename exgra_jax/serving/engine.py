@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import collections
 import dataclasses
 import io
 import os
 import queue
+import statistics
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -305,7 +307,8 @@ class Engine:
   and then, for up to one decode step, for the requests still `arriving`.
 
   `decode_steps` > 1 runs that many steps per call (one host round trip per
-  `decode_steps` tokens: requests join, leave and stream every `decode_steps` tokens).
+  `decode_steps` tokens: requests join, leave and stream every `decode_steps` tokens), or
+  half as many while the recent answers are short (`_steps_per_call`).
   `warm_up` compiles every program at once (the server calls it before serving); without
   it a program compiles on first use. With `start=False` no thread runs: `run_once`,
   called by hand (tests), runs one round and reads its tokens at once.
@@ -331,6 +334,7 @@ class Engine:
     self._in_flight: list[tuple[jax.Array, list[_Row | None]]] = []
     self._finished: queue.Queue = queue.Queue()
     self._step_s = 0.0  # the last decode round's wall time: how long to wait for company
+    self._answer_lengths: collections.deque[int] = collections.deque(maxlen=64)  # tokens
     self._arriving = 0  # requests being prepared by the HTTP layer (`arriving`)
     self._arrivals = threading.Condition()
     self.stats = EngineStats()
@@ -358,6 +362,7 @@ class Engine:
     for stream in streams:
       stream.result()
     self.stats.forget_traffic()
+    self._answer_lengths.clear()
     report = dataclasses.replace(report, seconds=report.seconds + time.perf_counter() - start)
     self.stats.compiled_at_start += report.programs
     self.stats.compile_s += report.seconds
@@ -550,10 +555,11 @@ class Engine:
     busy = [i for i, row in enumerate(self._rows) if row is not None]
     width = slots.bucket(busy[-1] + 1, self.programs.rows)
     rows = self._rows[:width]
+    steps = self._steps_per_call()
     column = lambda value, idle, dtype: np.array([value(r) if r else idle for r in rows],
                                                  dtype)
     try:
-      self._state, drawn = self._program(("step", width))(
+      self._state, drawn = self._program(("step", width, steps))(
           self.served.params, self._state, column(lambda r: r.position, 0, np.int32),
           column(lambda r: r.job.temperature, 0.0, np.float32),
           column(lambda r: r.job.top_p, 1.0, np.float32))
@@ -562,11 +568,27 @@ class Engine:
       return
     for row in rows:
       if row is not None:
-        row.position += self.decode_steps
-        self._count_dispatched(row, self.decode_steps)
-    self.stats.steps += self.decode_steps
-    self.stats.row_steps += self.decode_steps * len(busy)
+        row.position += steps
+        self._count_dispatched(row, steps)
+    self.stats.steps += steps
+    self.stats.row_steps += steps * len(busy)
     self._in_flight.append((drawn, rows))
+
+  def _steps_per_call(self) -> int:
+    """`decode_steps`, or half as many (`slots.step_counts`) while the last answers were
+    short: at least 8 of them and a median the prefill's token and one short call hold.
+
+    Why: the steps a call runs past a row's end are wasted, and many answers end within a
+    few tokens (a closed VQA question's yes, no or organ); a long answer wants full calls
+    (fewer host round trips). Measured on a 2-core CPU, 16 clients, interleaved A/B: 2
+    steps per call against 4 gave the demo model (2-3 token answers) 8 % more tokens/s and
+    a model that answers 32 tokens 6 % fewer; this choice gave them 11 % more and the same
+    (1.00x)."""
+    short = self.programs.step_counts[0]
+    lengths = self._answer_lengths
+    if len(lengths) >= 8 and statistics.median(lengths) <= 1 + short:
+      return short
+    return self.decode_steps
 
   def _count_dispatched(self, row: _Row, tokens: int) -> None:
     """Frees the row's cache row once the calls dispatched for it reach its `max_tokens`:
@@ -600,13 +622,16 @@ class Engine:
         kept.append(token)
         row.generated += 1
         if token == self._eos_id or row.generated >= row.job.max_tokens:
-          self._close(row)
+          self._close(row, row.generated)
           break
       drawn.append((row, kept))
     self._detokenizer.put(drawn)
     return time.perf_counter() - start
 
-  def _close(self, row: _Row) -> None:
+  def _close(self, row: _Row, answer_tokens: int) -> None:
+    """Frees the row of a final answer of `answer_tokens` tokens (counted once)."""
+    if not row.closed:
+      self._answer_lengths.append(answer_tokens)
     row.closed = True
     if self._rows[row.index] is row:
       self._rows[row.index] = None
@@ -615,7 +640,8 @@ class Engine:
     """Frees the rows whose answers the detokenizer found final (a stop string)."""
     while True:
       try:
-        self._close(self._finished.get_nowait())
+        row = self._finished.get_nowait()
+        self._close(row, len(row.answer.tokens))
       except queue.Empty:
         return
 

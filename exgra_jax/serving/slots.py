@@ -17,7 +17,8 @@ all compiled at start-up (`Programs.compile_all`):
   with copies of the first, whose writes are dropped), prompts right-padded to a
   `prompt_buckets` length; it writes the new rows of the cache and their first tokens;
 - step: (rows, steps per call): the first `rows` cache rows (a `row_buckets` size covering
-  the highest busy row: one request alone does not pay for sixteen) advance `steps` tokens.
+  the highest busy row: one request alone does not pay for sixteen) advance `steps` tokens
+  (a `step_counts` number).
 The device state is donated to every call, so the cache is updated in place, and it stays
 on the device between calls: a step's input tokens are the previous call's output there,
 so the host can dispatch step t + 1 before it reads step t's tokens.
@@ -58,6 +59,12 @@ def row_buckets(max_batch: int, base: int = 2) -> tuple[int, ...]:
     counts.add(n)
     n *= base
   return tuple(sorted(counts))
+
+
+def step_counts(decode_steps: int) -> tuple[int, ...]:
+  """Steps per decode call that programs take: `decode_steps`, and half as many for while
+  answers are short (`Engine` says why)."""
+  return tuple(sorted({max(1, decode_steps // 2), decode_steps}))
 
 
 def prompt_buckets(context: int) -> tuple[int, ...]:
@@ -167,8 +174,8 @@ class CompileReport:
 
 
 class Programs:
-  """The compiled programs of one server: `prefill_program(n, T, image)` and
-  `step_program(rows)` return executables compiled ahead of time for the state's shapes.
+  """The compiled programs of one server, by key: `("prefill", n, T, image)` and
+  `("step", rows, steps)`, executables compiled ahead of time for the state's shapes.
 
   `compile_all` compiles every program a request can need (in a thread pool: XLA compiles
   without the interpreter lock); a program not compiled yet compiles on first use (the
@@ -177,8 +184,9 @@ class Programs:
 
   def __init__(self, model: LlavaModel, params, state: State, *, max_batch: int,
                context: int, decode_steps: int):
-    self.model, self.params, self.decode_steps = model, params, decode_steps
+    self.model, self.params = model, params
     self.rows, self.lengths = row_buckets(max_batch), prompt_buckets(context)
+    self.step_counts = step_counts(decode_steps)
     self.prefill_rows = row_buckets(max_batch, base=4)
     self._state_shape = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
         x.shape, x.dtype, sharding=x.sharding), state)
@@ -190,7 +198,7 @@ class Programs:
     shortest_with_image = num_image_tokens(self.model.cfg) + 1
     return ([("prefill", n, length, image) for n in self.prefill_rows for length in self.lengths
              for image in (False, True) if length >= shortest_with_image or not image]
-            + [("step", rows) for rows in self.rows])
+            + [("step", rows, steps) for rows in self.rows for steps in self.step_counts])
 
   def compile_all(self) -> CompileReport:
     start = time.perf_counter()
@@ -224,5 +232,5 @@ class Programs:
   def _lower(self, key: tuple) -> jax.stages.Lowered:
     args = (self.model, self.params, self._state_shape, *self.example_args(key))
     if key[0] == "step":
-      return step.lower(*args, rows=key[1], steps=self.decode_steps)
+      return step.lower(*args, rows=key[1], steps=key[2])
     return prefill.lower(*args)
