@@ -20,9 +20,9 @@ threads), so that the first burst of traffic pays none of those first-use costs 
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
-import collections
 import dataclasses
 import io
 import os
