@@ -156,8 +156,8 @@ def _decode_8bit(data: bytes, max_pixels: int | None) -> PIL.Image.Image:
 def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
   """Encoded bytes (JPEG, PNG, TIFF, DICOM, ...) -> `[H, W, 3] uint8` RGB.
 
-  Raises ImageDecodeError for empty, unknown, truncated or corrupt data, ImageTooLarge
-  (one) for an image over `max_pixels` or a decompression bomb.
+  Raises ImageDecodeError for empty, unknown, truncated or corrupt data, and its subclass
+  ImageTooLarge for an image over `max_pixels` or a decompression bomb.
   """
   return np.asarray(_decode_8bit(data, max_pixels).convert("RGB"))
 

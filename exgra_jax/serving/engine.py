@@ -14,9 +14,10 @@ dispatches step t + 1 before it reads step t's tokens; the device runs t + 1 whi
 host reads t. Detokenizing, stop strings and streaming (serving/answer.py, `Stream.chunks`)
 run on a second thread, which tells the engine when an answer is final; eos frees a row
 when it is read, and `max_tokens` when the call that reaches it is dispatched. Every
-program a request can need is compiled at start-up (`Engine.warm_up`): no request waits for a compilation. Warm-up ends with a
-burst of requests through the real path (image decoding, the engine and detokenizer
-threads), so that the first burst of traffic pays none of those first-use costs either.
+program a request can need is compiled at start-up (`Engine.warm_up`): no request waits
+for a compilation. Warm-up ends with a burst of requests through the real path (image
+decoding, the engine and detokenizer threads), so that the first burst of traffic pays
+none of those first-use costs either.
 """
 from __future__ import annotations
 

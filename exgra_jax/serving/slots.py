@@ -62,8 +62,8 @@ def row_buckets(max_batch: int, base: int = 2) -> tuple[int, ...]:
 
 
 def step_counts(decode_steps: int) -> tuple[int, ...]:
-  """Steps per decode call that programs take: `decode_steps`, and half as many for while
-  answers are short (`Engine` says why)."""
+  """Steps per decode call that programs take: `decode_steps`, and half as many for the
+  calls made while answers are short (`Engine._steps_per_call` says why)."""
   return tuple(sorted({max(1, decode_steps // 2), decode_steps}))
 
 
